@@ -1,0 +1,3 @@
+from ovsd3.cli import main
+
+raise SystemExit(main())

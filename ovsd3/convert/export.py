@@ -1,0 +1,128 @@
+"""The one export core every component goes through.
+
+optimum-intel's exporter does the tracing (its export configs name the inputs and outputs exactly as
+openvino.genai and OpenVINO Model Server expect them). Around it, ovsd3 adds what it lacks: the IR is
+run against the PyTorch module on the same inputs and the export fails loudly if they disagree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ovsd3.errors import ParityError
+from ovsd3.layout import MODEL_XML
+from ovsd3.metrics import Agreement, worst
+
+# Below this the IR is not a faithful copy of the PyTorch module. fp16 weights on tiny and real models
+# land far above it (50-90 dB); a wrong graph lands far below (0-15 dB).
+DEFAULT_MIN_PSNR = 30.0
+
+ReferenceFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ExportOptions:
+    weight_format: str = "fp16"  # "fp16" or "fp32"
+    min_psnr: float = DEFAULT_MIN_PSNR
+    seed: int = 0
+
+
+@dataclass
+class ComponentResult:
+    name: str
+    seconds: float
+    agreement: Agreement
+    size_bytes: int
+
+    def as_dict(self) -> dict:
+        return {"max_abs_error": self.agreement.max_abs_error, "psnr": self.agreement.psnr,
+                "worst_output": self.agreement.output, "seconds": round(self.seconds, 2),
+                "size_bytes": self.size_bytes}
+
+
+def release_memory() -> None:
+    """Free what Python and the C allocator hold, so the next component starts from a low RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def export_config_for(module, model_type: str, task: str):
+    """optimum-intel's OpenVINO export config for ``module`` (the same ones its SD3 export uses)."""
+    import optimum.exporters.openvino.model_configs  # noqa: F401  (registers the OpenVINO configs)
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        model=module, exporter="openvino", library_name="diffusers", task=task, model_type=model_type)
+    return constructor(module.config, int_dtype="int64", float_dtype="fp32")
+
+
+def _trace(module, export_config, xml_path: Path, weight_format: str) -> None:
+    from optimum.exporters.openvino.convert import export
+    from optimum.intel.openvino.configuration import OVConfig
+
+    is_16bit = next(module.parameters()).dtype in (torch.float16, torch.bfloat16)
+    export(model=module, config=export_config, output=xml_path, ov_config=OVConfig(dtype=weight_format),
+           stateful=False, patch_16bit_model=is_16bit, library_name="diffusers")
+
+
+def _run_reference(module, reference: ReferenceFn, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    dtype = next(module.parameters()).dtype
+    torch_inputs = {
+        name: torch.from_numpy(value).to(dtype) if value.dtype.kind == "f" else torch.from_numpy(value)
+        for name, value in inputs.items()
+    }
+    with torch.no_grad():
+        outputs = reference(torch_inputs)
+    return {name: value.detach().float().numpy() for name, value in outputs.items()}
+
+
+def _run_ir(xml_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import openvino as ov
+
+    # f32 execution measures the export itself; the CPU would otherwise pick bf16 where it can.
+    compiled = ov.Core().compile_model(xml_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(inputs)
+    outputs = {}
+    for port in compiled.outputs:
+        for name in port.get_names():
+            outputs[name] = result[port]
+    return outputs
+
+
+def check_parity(xml_path: Path, module, reference: ReferenceFn, inputs: dict[str, np.ndarray]) -> Agreement:
+    """Worst agreement over every output the reference and the IR both have."""
+    expected = _run_reference(module, reference, inputs)
+    actual = _run_ir(xml_path, inputs)
+    agreements = [Agreement.of(name, expected[name], actual[name]) for name in expected if name in actual]
+    if not agreements:
+        raise ParityError(f"{xml_path}: none of the outputs {sorted(expected)} are in the IR ({sorted(actual)})")
+    return worst(agreements)
+
+
+def export_component(name: str, module, export_config, out_dir: Path, options: ExportOptions,
+                     inputs: dict[str, np.ndarray], reference: ReferenceFn) -> ComponentResult:
+    """Export ``module`` to ``out_dir/openvino_model.xml`` and check it against PyTorch on ``inputs``."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml_path = out_dir / MODEL_XML
+    if options.weight_format == "fp32" and next(module.parameters()).dtype != torch.float32:
+        module = module.float()
+    _trace(module, export_config, xml_path, options.weight_format)
+    release_memory()
+    agreement = check_parity(xml_path, module, reference, inputs)
+    if not agreement.psnr >= options.min_psnr:
+        raise ParityError(f"{name}: the OpenVINO model disagrees with PyTorch on output {agreement.output!r} "
+                          f"({agreement}; needs PSNR >= {options.min_psnr:.0f} dB)")
+    size = sum(path.stat().st_size for path in out_dir.iterdir() if path.suffix in (".xml", ".bin"))
+    return ComponentResult(name, time.perf_counter() - start, agreement, size)

@@ -1,0 +1,212 @@
+"""Random-weight SD3 pipelines built in code, for tests and full-size measurements.
+
+No model hub is needed: the tokenizers are generated from a small word list (a byte-level BPE for the
+two CLIPs, a unigram vocabulary for T5, both in the formats the real checkpoints use, so
+openvino-tokenizers converts them the same way), and the models are built from a preset's shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import string
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ovsd3.presets import SD3Arch
+
+# Words the generated tokenizers know as whole tokens; anything else falls back to characters.
+DEFAULT_CORPUS = (
+    "a photo of a cat sitting on a red sofa",
+    "an astronaut riding a horse on the moon",
+    "a watercolor painting of mountains at sunset",
+    "a bowl of fruit on a wooden table",
+    "a lighthouse on a rocky coast during a storm",
+    "a blue digit seven on a black background",
+)
+
+# Module names the Flash SD3 adapter targets (jasperai/flash-sd3, PEFT format).
+FLASH_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj", "proj_in", "proj_out",
+    "ff.net.0.proj", "ff.net.2", "linear", "linear_1", "linear_2",
+)
+
+
+def _byte_level_alphabet() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def _learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """A few rounds of plain BPE over whole words (with CLIP's end-of-word marker)."""
+    segmented = Counter(tuple(word[:-1]) + (word[-1] + "</w>",) for word in words if word)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for symbols, count in segmented.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(best)
+        merged: Counter = Counter()
+        for symbols, count in segmented.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += count
+        segmented = merged
+    return merges
+
+
+def build_clip_tokenizer(corpus=DEFAULT_CORPUS, *, pad_token: str = "<|endoftext|>", num_merges: int = 200):
+    """A CLIP byte-level BPE tokenizer with a small vocabulary learnt from ``corpus``.
+
+    ``pad_token="!"`` reproduces CLIP-G in the real SD3 checkpoints, which pads with ``!`` (id 0 there).
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_level_alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    for symbol in alphabet:
+        vocab[symbol + "</w>"] = len(vocab)
+    words = [word for sentence in corpus for word in sentence.lower().split()]
+    merges = _learn_bpe_merges(words, num_merges)
+    for first, second in merges:
+        vocab.setdefault(first + second, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def build_t5_tokenizer(corpus=DEFAULT_CORPUS):
+    """A T5 unigram tokenizer: every corpus word is one piece, other text falls back to characters."""
+    from transformers import T5Tokenizer
+
+    words = sorted({word for sentence in corpus for word in sentence.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -3.0 - 0.001 * i) for i, word in enumerate(words)]
+    pieces += [(char, -8.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Building directly in the target dtype keeps peak memory at one copy of the weights
+    # (T5-XXL would need 19 GB if built in fp32 and cast afterwards).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _clip_text_encoder(arch, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=max(arch.vocab_size, len(tokenizer)),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        projection_dim=arch.projection_dim,
+        hidden_act=arch.hidden_act,
+        max_position_embeddings=arch.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def _t5_encoder(arch, tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=max(arch.vocab_size, len(tokenizer)),
+        d_model=arch.d_model,
+        d_ff=arch.d_ff,
+        d_kv=arch.d_kv,
+        num_heads=arch.num_heads,
+        num_layers=arch.num_layers,
+        feed_forward_proj=arch.feed_forward_proj,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(config)
+
+
+def build_random_pipeline(arch: SD3Arch, *, with_t5: bool = True, seed: int = 0,
+                          dtype: torch.dtype = torch.float32, corpus=DEFAULT_CORPUS):
+    """A StableDiffusion3Pipeline of ``arch``'s shapes with random weights."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(corpus)
+    tokenizer_2 = build_clip_tokenizer(corpus, pad_token="!")
+    tokenizer_3 = build_t5_tokenizer(corpus) if with_t5 else None
+    with _default_dtype(dtype):
+        transformer = SD3Transformer2DModel(**arch.transformer.diffusers_config())
+        text_encoder = _clip_text_encoder(arch.clip_l, tokenizer)
+        text_encoder_2 = _clip_text_encoder(arch.clip_g, tokenizer_2)
+        text_encoder_3 = _t5_encoder(arch.t5, tokenizer_3) if with_t5 else None
+        vae = AutoencoderKL(**arch.vae.diffusers_config())
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=arch.scheduler_shift)
+    for module in (transformer, text_encoder, text_encoder_2, text_encoder_3, vae):
+        if module is not None:
+            module.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+
+
+def save_random_pipeline(arch: SD3Arch, path: str | Path, *, with_t5: bool = True, seed: int = 0,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random-weight pipeline as a diffusers folder (what ``from_pretrained`` reads)."""
+    path = Path(path)
+    pipeline = build_random_pipeline(arch, with_t5=with_t5, seed=seed, dtype=dtype)
+    pipeline.save_pretrained(path)
+    return path
+
+
+def save_random_lora(transformer, path: str | Path, *, rank: int = 4, lora_alpha: float = 8.0,
+                     seed: int = 0, targets=FLASH_LORA_TARGETS) -> Path:
+    """Write a random PEFT adapter shaped like Flash SD3's (same target modules) for ``transformer``.
+
+    PEFT initialises lora_B to zero (a no-op adapter); both factors are randomised here so that a
+    merge that is wrong, or missing, changes the output.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(targets), init_lora_weights=False)
+    peft_model = get_peft_model(transformer, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.2)
+    path = Path(path)
+    peft_model.save_pretrained(path)
+    # Undo the injection so the caller's transformer is left as it was.
+    peft_model.unload()
+    return path
+
+
+def describe(path: str | Path) -> dict:
+    """The model_index.json of a saved pipeline, for quick inspection."""
+    return json.loads((Path(path) / "model_index.json").read_text())
