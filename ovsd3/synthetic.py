@@ -147,40 +147,97 @@ def _t5_encoder(arch, tokenizer):
     return T5EncoderModel(config)
 
 
+def _tokenizers(with_t5: bool, corpus) -> dict:
+    return {
+        "tokenizer": build_clip_tokenizer(corpus),
+        "tokenizer_2": build_clip_tokenizer(corpus, pad_token="!"),  # as in the real CLIP-G tokenizer
+        "tokenizer_3": build_t5_tokenizer(corpus) if with_t5 else None,
+    }
+
+
+def _model_builders(arch: SD3Arch, tokenizers: dict) -> dict:
+    """Zero-argument builders, so a caller can hold one component at a time."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    builders = {
+        "transformer": lambda: SD3Transformer2DModel(**arch.transformer.diffusers_config()),
+        "text_encoder": lambda: _clip_text_encoder(arch.clip_l, tokenizers["tokenizer"]),
+        "text_encoder_2": lambda: _clip_text_encoder(arch.clip_g, tokenizers["tokenizer_2"]),
+        "vae": lambda: AutoencoderKL(**arch.vae.diffusers_config()),
+    }
+    if tokenizers["tokenizer_3"] is not None:
+        builders["text_encoder_3"] = lambda: _t5_encoder(arch.t5, tokenizers["tokenizer_3"])
+    return builders
+
+
+def _build(builder, dtype: torch.dtype):
+    with _default_dtype(dtype):
+        return builder().eval()
+
+
+def _scheduler(arch: SD3Arch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=arch.scheduler_shift)
+
+
 def build_random_pipeline(arch: SD3Arch, *, with_t5: bool = True, seed: int = 0,
                           dtype: torch.dtype = torch.float32, corpus=DEFAULT_CORPUS):
-    """A StableDiffusion3Pipeline of ``arch``'s shapes with random weights."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    """A StableDiffusion3Pipeline of ``arch``'s shapes with random weights, in memory."""
+    from diffusers import StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(corpus)
-    tokenizer_2 = build_clip_tokenizer(corpus, pad_token="!")
-    tokenizer_3 = build_t5_tokenizer(corpus) if with_t5 else None
-    with _default_dtype(dtype):
-        transformer = SD3Transformer2DModel(**arch.transformer.diffusers_config())
-        text_encoder = _clip_text_encoder(arch.clip_l, tokenizer)
-        text_encoder_2 = _clip_text_encoder(arch.clip_g, tokenizer_2)
-        text_encoder_3 = _t5_encoder(arch.t5, tokenizer_3) if with_t5 else None
-        vae = AutoencoderKL(**arch.vae.diffusers_config())
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=arch.scheduler_shift)
-    for module in (transformer, text_encoder, text_encoder_2, text_encoder_3, vae):
-        if module is not None:
-            module.eval()
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
-    )
+    tokenizers = _tokenizers(with_t5, corpus)
+    models = {name: _build(builder, dtype) for name, builder in _model_builders(arch, tokenizers).items()}
+    models.setdefault("text_encoder_3", None)
+    return StableDiffusion3Pipeline(scheduler=_scheduler(arch), **tokenizers, **models)
+
+
+def _model_index(with_t5: bool) -> dict:
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"] if with_t5 else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5Tokenizer"] if with_t5 else [None, None],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
 
 
 def save_random_pipeline(arch: SD3Arch, path: str | Path, *, with_t5: bool = True, seed: int = 0,
-                         dtype: torch.dtype = torch.float32) -> Path:
-    """Write a random-weight pipeline as a diffusers folder (what ``from_pretrained`` reads)."""
+                         dtype: torch.dtype = torch.float32, corpus=DEFAULT_CORPUS,
+                         log=lambda line: None) -> Path:
+    """Write a random-weight pipeline as a diffusers folder (what ``from_pretrained`` reads).
+
+    Components are built and written one at a time, so full-size SD3 with T5-XXL needs the memory of
+    its largest component only.
+    """
+    import gc
+
     path = Path(path)
-    pipeline = build_random_pipeline(arch, with_t5=with_t5, seed=seed, dtype=dtype)
-    pipeline.save_pretrained(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizers = _tokenizers(with_t5, corpus)
+    for name, tokenizer in tokenizers.items():
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path / name)
+    for name, builder in _model_builders(arch, tokenizers).items():
+        log(f"building {name}")
+        module = _build(builder, dtype)
+        module.save_pretrained(path / name)
+        del module
+        gc.collect()
+    _scheduler(arch).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps(_model_index(with_t5), indent=2, sort_keys=True) + "\n")
     return path
 
 

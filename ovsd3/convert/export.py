@@ -116,8 +116,6 @@ def export_component(name: str, module, export_config, out_dir: Path, options: E
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     xml_path = out_dir / MODEL_XML
-    if options.weight_format == "fp32" and next(module.parameters()).dtype != torch.float32:
-        module = module.float()
     _trace(module, export_config, xml_path, options.weight_format)
     release_memory()
     agreement = check_parity(xml_path, module, reference, inputs)

@@ -45,9 +45,14 @@ def peak_rss_bytes() -> int:
 def _quiet_libraries() -> None:
     # Tracing and loading print pages of warnings and progress bars that say nothing to a user of this
     # command; ovsd3 prints its own progress.
+    import os
     import warnings
 
     warnings.filterwarnings("ignore")
+    # Read when the libraries first configure logging (at import), so set before importing them.
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import diffusers
         import transformers

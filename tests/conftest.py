@@ -1,0 +1,85 @@
+"""Tiny random SD3 pipelines, built in code (no model hub), and their converted folders.
+
+Conversions take tens of seconds each, so each folder is made once per test session and shared.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+
+def _convert(model: Path, out: Path, **kwargs) -> Path:
+    from ovsd3.convert import ConvertRequest, convert_model
+
+    convert_model(ConvertRequest(model=str(model), output=out, **kwargs), log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ovsd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(workdir) -> Path:
+    from ovsd3.presets import get_preset
+    from ovsd3.synthetic import save_random_pipeline
+
+    return save_random_pipeline(get_preset("tiny"), workdir / "tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35(workdir) -> Path:
+    from ovsd3.presets import get_preset
+    from ovsd3.synthetic import save_random_pipeline
+
+    return save_random_pipeline(get_preset("tiny-sd3.5"), workdir / "tiny-sd3.5", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_without_t5(workdir) -> Path:
+    from ovsd3.presets import get_preset
+    from ovsd3.synthetic import save_random_pipeline
+
+    return save_random_pipeline(get_preset("tiny"), workdir / "tiny-sd3-no-t5", with_t5=False, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_flash_adapter(workdir, tiny_sd3) -> Path:
+    """A random PEFT adapter with the Flash SD3 adapter's target modules, for the tiny transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    from ovsd3.synthetic import save_random_lora
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    return save_random_lora(transformer, workdir / "tiny-flash-lora", seed=3)
+
+
+@pytest.fixture(scope="session")
+def ov_sd3(workdir, tiny_sd3) -> Path:
+    return _convert(tiny_sd3, workdir / "ov-sd3")
+
+
+@pytest.fixture(scope="session")
+def ov_sd3_fp32(workdir, tiny_sd3) -> Path:
+    return _convert(tiny_sd3, workdir / "ov-sd3-fp32", weight_format="fp32")
+
+
+@pytest.fixture(scope="session")
+def ov_sd35(workdir, tiny_sd35) -> Path:
+    return _convert(tiny_sd35, workdir / "ov-sd3.5")
+
+
+@pytest.fixture(scope="session")
+def ov_flash(workdir, tiny_sd3, tiny_flash_adapter) -> Path:
+    """The published recipe's shape: Flash LoRA merged, no T5."""
+    return _convert(tiny_sd3, workdir / "ov-flash", flash_lora=str(tiny_flash_adapter), with_t5=False)
