@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ovsd3 import __version__
 from ovsd3.errors import OvsdError
 from ovsd3.layout import DEFAULT_MODEL_ID, FLASH_LORA_ID
 
+EXIT_INTERNAL = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ovsd3 {args.command}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # a bug, or a library failing in a way not foreseen: still one line
+        if os.environ.get("OVSD3_DEBUG"):
+            raise
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        print(f"ovsd3 {args.command}: internal error: {type(error).__name__}: {first_line} "
+              f"(set OVSD3_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

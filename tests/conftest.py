@@ -54,6 +54,17 @@ def tiny_sd3_without_t5(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_fp16(workdir) -> Path:
+    """Stored in fp16, as the real SD3 checkpoints are: the transformer and T5 export from 16-bit."""
+    import torch
+
+    from ovsd3.presets import get_preset
+    from ovsd3.synthetic import save_random_pipeline
+
+    return save_random_pipeline(get_preset("tiny"), workdir / "tiny-sd3-fp16", dtype=torch.float16, seed=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_flash_adapter(workdir, tiny_sd3) -> Path:
     """A random PEFT adapter with the Flash SD3 adapter's target modules, for the tiny transformer."""
     from diffusers import SD3Transformer2DModel

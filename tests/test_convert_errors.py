@@ -124,6 +124,20 @@ def test_parity_gate_fails_and_writes_nothing(tmp_path, tiny_sd3, capsys):
     assert not out.exists() and not leftovers(out)
 
 
+def test_unexpected_failure_is_one_line_too(tmp_path, tiny_sd3, capsys, monkeypatch):
+    from ovsd3.convert import components
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside a library broke\nwith a second line")
+
+    monkeypatch.setattr(components, "convert_transformer", broken)
+    code = main(["convert", str(tiny_sd3), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == ("ovsd3 convert: internal error: RuntimeError: something inside a library broke "
+                                 "(set OVSD3_DEBUG=1 for the traceback)")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
+
+
 def _start_convert(model: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ovsd3", "convert", str(model), str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -46,6 +46,10 @@ def convert_text_encoder(source: ModelSource, component: str, out: Path, options
         result = module(input_ids=inputs["input_ids"], output_hidden_states=True)
         outputs = {"text_embeds": result.text_embeds, "last_hidden_state": result.last_hidden_state}
         outputs.update({f"hidden_states.{i}": hidden for i, hidden in enumerate(result.hidden_states)})
+        # optimum-intel's exporter writes last_hidden_state (after the final LayerNorm) as the last
+        # hidden_states output, where transformers returns the value before it. SD3 never reads that
+        # output (it takes the penultimate layer, or earlier with clip skip), so hold the IR to what it has.
+        outputs[f"hidden_states.{len(result.hidden_states) - 1}"] = result.last_hidden_state
         return outputs
 
     result = export_component(component, module, export_config, out / component, options,
