@@ -18,7 +18,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_convert(subparsers) -> None:
-    from ovsd3.convert.export import DEFAULT_MIN_PSNR
+    from ovsd3.convert import DEFAULT_MIN_PSNR
 
     parser = subparsers.add_parser(
         "convert", help="SD3 / SD3.5 (PyTorch, diffusers layout) to an OpenVINO model folder",
@@ -53,11 +53,18 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _add_run(subparsers) -> None:
+    from ovsd3.runtime.cli import add_parser
+
+    add_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsd3", description="Stable Diffusion 3 on OpenVINO")
     parser.add_argument("--version", action="version", version=f"ovsd3 {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(subparsers)
+    _add_run(subparsers)
     return parser
 
 

@@ -94,3 +94,13 @@ def ov_sd35(workdir, tiny_sd35) -> Path:
 def ov_flash(workdir, tiny_sd3, tiny_flash_adapter) -> Path:
     """The published recipe's shape: Flash LoRA merged, no T5."""
     return _convert(tiny_sd3, workdir / "ov-flash", flash_lora=str(tiny_flash_adapter), with_t5=False)
+
+
+@pytest.fixture(scope="session")
+def ov_sd35_fp32(workdir, tiny_sd35) -> Path:
+    return _convert(tiny_sd35, workdir / "ov-sd3.5-fp32", weight_format="fp32")
+
+
+@pytest.fixture(scope="session")
+def ov_no_t5_fp32(workdir, tiny_sd3) -> Path:
+    return _convert(tiny_sd3, workdir / "ov-no-t5-fp32", weight_format="fp32", with_t5=False)

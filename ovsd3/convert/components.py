@@ -7,7 +7,6 @@ returning, so only one component is ever in memory.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ovsd3 import layout
-from ovsd3.convert.export import ComponentResult, ExportOptions, export_component, export_config_for
+from ovsd3.convert.export import (ComponentExport, ComponentResult, ExportOptions, export_component,
+                                  export_config_for)
 from ovsd3.convert.source import ModelSource
 from ovsd3.errors import OvsdError, ParityError
 
@@ -33,46 +33,57 @@ def _rng(options: ExportOptions) -> np.random.Generator:
     return np.random.default_rng(options.seed)
 
 
-def convert_text_encoder(source: ModelSource, component: str, out: Path, options: ExportOptions) -> ComponentResult:
-    """CLIP-L (``text_encoder``) or CLIP-G (``text_encoder_2``): all hidden states are outputs, since SD3
-    takes the penultimate one (or an earlier one with clip skip)."""
+def _save_transformers_config(module, folder: Path) -> None:
+    module.config.save_pretrained(folder)
+
+
+def _save_diffusers_config(module, folder: Path) -> None:
+    module.save_config(folder)
+
+
+def clip_outputs(module, inputs) -> dict:
+    """A CLIP text encoder's outputs under the IR's output names."""
+    result = module(input_ids=inputs["input_ids"], output_hidden_states=True)
+    outputs = {"text_embeds": result.text_embeds, "last_hidden_state": result.last_hidden_state}
+    outputs.update({f"hidden_states.{i}": hidden for i, hidden in enumerate(result.hidden_states)})
+    # optimum-intel's exporter writes last_hidden_state (after the final LayerNorm) as the last
+    # hidden_states output, where transformers returns the value before it. SD3 never reads that
+    # output (it takes the penultimate layer, or earlier with clip skip), so hold the IR to what it has.
+    outputs[f"hidden_states.{len(result.hidden_states) - 1}"] = result.last_hidden_state
+    return outputs
+
+
+def _text_encoder_job(source: ModelSource, component: str, options: ExportOptions) -> ComponentExport:
     module = source.load_text_encoder(component, source.load_dtype(component, options.weight_format))
     module.config.output_hidden_states = True
     module.text_model.config.output_hidden_states = True
-    export_config = export_config_for(module, "clip-text-with-projection", "feature-extraction")
-    input_ids = _rng(options).integers(0, module.config.vocab_size, (1, CLIP_TOKENS), dtype=np.int64)
+    return ComponentExport(
+        name=component, module=module,
+        export_config=export_config_for(module, "clip-text-with-projection", "feature-extraction"),
+        inputs={"input_ids": _rng(options).integers(0, module.config.vocab_size, (1, CLIP_TOKENS), dtype=np.int64)},
+        reference=clip_outputs, save_config=_save_transformers_config)
 
-    def reference(inputs):
-        result = module(input_ids=inputs["input_ids"], output_hidden_states=True)
-        outputs = {"text_embeds": result.text_embeds, "last_hidden_state": result.last_hidden_state}
-        outputs.update({f"hidden_states.{i}": hidden for i, hidden in enumerate(result.hidden_states)})
-        # optimum-intel's exporter writes last_hidden_state (after the final LayerNorm) as the last
-        # hidden_states output, where transformers returns the value before it. SD3 never reads that
-        # output (it takes the penultimate layer, or earlier with clip skip), so hold the IR to what it has.
-        outputs[f"hidden_states.{len(result.hidden_states) - 1}"] = result.last_hidden_state
-        return outputs
 
-    result = export_component(component, module, export_config, out / component, options,
-                              {"input_ids": input_ids}, reference)
-    module.config.save_pretrained(out / component)
-    return result
+def convert_text_encoder(source: ModelSource, component: str, out: Path, options: ExportOptions) -> ComponentResult:
+    """CLIP-L (``text_encoder``) or CLIP-G (``text_encoder_2``): all hidden states are outputs, since SD3
+    takes the penultimate one (or an earlier one with clip skip)."""
+    return export_component(_text_encoder_job(source, component, options), out / component, options)
+
+
+def _t5_job(source: ModelSource, options: ExportOptions) -> ComponentExport:
+    module = source.load_text_encoder(layout.T5, source.load_dtype(layout.T5, options.weight_format))
+    export_config = export_config_for(module, "t5-encoder-model", "feature-extraction")
+    export_config.runtime_options = {"ACTIVATIONS_SCALE_FACTOR": "8.0"}
+    return ComponentExport(
+        name=layout.T5, module=module, export_config=export_config,
+        inputs={"input_ids": _rng(options).integers(0, module.config.vocab_size, (1, CLIP_TOKENS), dtype=np.int64)},
+        reference=lambda t5, inputs: {"last_hidden_state": t5(input_ids=inputs["input_ids"]).last_hidden_state},
+        save_config=_save_transformers_config)
 
 
 def convert_t5(source: ModelSource, out: Path, options: ExportOptions) -> ComponentResult:
     """T5-XXL encoder. Its activations overflow fp16, hence the runtime option optimum-intel also sets."""
-    component = layout.T5
-    module = source.load_text_encoder(component, source.load_dtype(component, options.weight_format))
-    export_config = export_config_for(module, "t5-encoder-model", "feature-extraction")
-    export_config.runtime_options = {"ACTIVATIONS_SCALE_FACTOR": "8.0"}
-    input_ids = _rng(options).integers(0, module.config.vocab_size, (1, CLIP_TOKENS), dtype=np.int64)
-
-    def reference(inputs):
-        return {"last_hidden_state": module(input_ids=inputs["input_ids"]).last_hidden_state}
-
-    result = export_component(component, module, export_config, out / component, options,
-                              {"input_ids": input_ids}, reference)
-    module.config.save_pretrained(out / component)
-    return result
+    return export_component(_t5_job(source, options), out / layout.T5, options)
 
 
 def transformer_parity_inputs(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -96,9 +107,7 @@ def run_transformer(module, inputs) -> dict:
     return {"out_sample": sample}
 
 
-def convert_transformer(source: ModelSource, out: Path, options: ExportOptions,
-                        lora_folder: Path | None = None) -> ComponentResult:
-    """The MMDiT transformer, with a LoRA adapter merged into its weights when one is given."""
+def _transformer_job(source: ModelSource, options: ExportOptions, lora_folder: Path | None) -> ComponentExport:
     module = source.load_transformer(source.load_dtype("transformer", options.weight_format))
     if lora_folder is not None:
         from ovsd3.convert.lora import merge_lora
@@ -108,37 +117,48 @@ def convert_transformer(source: ModelSource, out: Path, options: ExportOptions,
     module.config.text_encoder_projection_dim = module.config.joint_attention_dim
     module.config.requires_aesthetics_score = False
     module.config.time_cond_proj_dim = None
-    export_config = export_config_for(module, "sd3-transformer", "semantic-segmentation")
-    inputs = transformer_parity_inputs(module.config, _rng(options))
-    result = export_component("transformer", module, export_config, out / layout.TRANSFORMER, options,
-                              inputs, lambda torch_inputs: run_transformer(module, torch_inputs))
-    module.save_config(out / layout.TRANSFORMER)
-    return result
+    return ComponentExport(
+        name="transformer", module=module,
+        export_config=export_config_for(module, "sd3-transformer", "semantic-segmentation"),
+        inputs=transformer_parity_inputs(module.config, _rng(options)),
+        reference=run_transformer, save_config=_save_diffusers_config)
+
+
+def convert_transformer(source: ModelSource, out: Path, options: ExportOptions,
+                        lora_folder: Path | None = None) -> ComponentResult:
+    """The MMDiT transformer, with a LoRA adapter merged into its weights when one is given."""
+    return export_component(_transformer_job(source, options, lora_folder), out / layout.TRANSFORMER, options)
+
+
+def _vae_decoder_job(source: ModelSource, options: ExportOptions) -> ComponentExport:
+    vae = source.load_vae(source.load_dtype("vae", options.weight_format))
+    vae.forward = lambda latent_sample: vae.decode(z=latent_sample)
+    return ComponentExport(
+        name=layout.VAE_DECODER, module=vae,
+        export_config=export_config_for(vae, "vae-decoder", "semantic-segmentation"),
+        inputs={"latent_sample": _rng(options).standard_normal((1, vae.config.latent_channels, 16, 16),
+                                                               dtype=np.float32)},
+        reference=lambda model, inputs: {"sample": model.decode(inputs["latent_sample"]).sample},
+        save_config=_save_diffusers_config)
 
 
 def convert_vae_decoder(source: ModelSource, out: Path, options: ExportOptions) -> ComponentResult:
+    return export_component(_vae_decoder_job(source, options), out / layout.VAE_DECODER, options)
+
+
+def _vae_encoder_job(source: ModelSource, options: ExportOptions) -> ComponentExport:
     vae = source.load_vae(source.load_dtype("vae", options.weight_format))
-    vae.forward = lambda latent_sample: vae.decode(z=latent_sample)
-    export_config = export_config_for(vae, "vae-decoder", "semantic-segmentation")
-    latent = _rng(options).standard_normal((1, vae.config.latent_channels, 16, 16), dtype=np.float32)
-    result = export_component("vae_decoder", vae, export_config, out / layout.VAE_DECODER, options,
-                              {"latent_sample": latent},
-                              lambda inputs: {"sample": vae.decode(inputs["latent_sample"]).sample})
-    vae.save_config(out / layout.VAE_DECODER)
-    return result
+    vae.forward = lambda sample: {"latent_parameters": vae.encode(x=sample)["latent_dist"].parameters}
+    return ComponentExport(
+        name=layout.VAE_ENCODER, module=vae,
+        export_config=export_config_for(vae, "vae-encoder", "semantic-segmentation"),
+        inputs={"sample": _rng(options).uniform(-1.0, 1.0, (1, 3, 128, 128)).astype(np.float32)},
+        reference=lambda model, inputs: {"latent_parameters": model.encode(inputs["sample"]).latent_dist.parameters},
+        save_config=_save_diffusers_config)
 
 
 def convert_vae_encoder(source: ModelSource, out: Path, options: ExportOptions) -> ComponentResult:
-    vae = source.load_vae(source.load_dtype("vae", options.weight_format))
-    encoder = copy.copy(vae)  # own forward, shared weights
-    encoder.forward = lambda sample: {"latent_parameters": vae.encode(x=sample)["latent_dist"].parameters}
-    export_config = export_config_for(encoder, "vae-encoder", "semantic-segmentation")
-    image = _rng(options).uniform(-1.0, 1.0, (1, 3, 128, 128)).astype(np.float32)
-    result = export_component("vae_encoder", encoder, export_config, out / layout.VAE_ENCODER, options,
-                              {"sample": image},
-                              lambda inputs: {"latent_parameters": vae.encode(inputs["sample"]).latent_dist.parameters})
-    vae.save_config(out / layout.VAE_ENCODER)
-    return result
+    return export_component(_vae_encoder_job(source, options), out / layout.VAE_ENCODER, options)
 
 
 @dataclass

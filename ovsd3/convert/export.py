@@ -17,16 +17,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ovsd3.convert import DEFAULT_MIN_PSNR
 from ovsd3.errors import ParityError
 from ovsd3.layout import MODEL_XML
 from ovsd3.metrics import Agreement, worst
 
-# Below this the IR is not a faithful copy of the PyTorch module. fp16 weights on tiny and real models
-# land far above it (50-90 dB); a wrong graph lands far below (0-15 dB).
-DEFAULT_MIN_PSNR = 30.0
 
-ReferenceFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-
+ReferenceFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+SaveConfigFn = Callable[[torch.nn.Module, Path], None]
 
 @dataclass
 class ExportOptions:
@@ -41,11 +39,12 @@ class ComponentResult:
     seconds: float
     agreement: Agreement
     size_bytes: int
+    precision: str = "f32"  # OpenVINO execution precision of the parity check
 
     def as_dict(self) -> dict:
         return {"max_abs_error": self.agreement.max_abs_error, "psnr": self.agreement.psnr,
                 "worst_output": self.agreement.output, "seconds": round(self.seconds, 2),
-                "size_bytes": self.size_bytes}
+                "size_bytes": self.size_bytes, "checked_at": self.precision}
 
 
 def release_memory() -> None:
@@ -83,15 +82,36 @@ def _run_reference(module, reference: ReferenceFn, inputs: dict[str, np.ndarray]
         for name, value in inputs.items()
     }
     with torch.no_grad():
-        outputs = reference(torch_inputs)
+        outputs = reference(module, torch_inputs)
     return {name: value.detach().float().numpy() for name, value in outputs.items()}
 
 
-def _run_ir(xml_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def parity_precision(xml_path: Path) -> str:
+    """f32 execution measures the export itself, but expands fp16 weights to twice their size: T5-XXL
+    would need 19 GB of anonymous memory. Where that does not fit in half the available memory, the
+    check runs at the device's default precision (bf16 on CPUs that have it: 9.5 GB, and T5-XXL still
+    agrees at 55 dB there, far above the gate)."""
+    weights = xml_path.with_suffix(".bin").stat().st_size
+    available = _available_memory_bytes()
+    return "f32" if not available or 2 * weights <= available // 2 else "default"
+
+
+def _run_ir(xml_path: Path, inputs: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
     import openvino as ov
 
-    # f32 execution measures the export itself; the CPU would otherwise pick bf16 where it can.
-    compiled = ov.Core().compile_model(xml_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+    compiled = ov.Core().compile_model(xml_path, "CPU", config)
     result = compiled(inputs)
     outputs = {}
     for port in compiled.outputs:
@@ -108,19 +128,36 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], xml_
     return worst(agreements)
 
 
-def export_component(name: str, module, export_config, out_dir: Path, options: ExportOptions,
-                     inputs: dict[str, np.ndarray], reference: ReferenceFn) -> ComponentResult:
-    """Export ``module`` to ``out_dir/openvino_model.xml`` and check it against PyTorch on ``inputs``."""
+@dataclass
+class ComponentExport:
+    """Everything the core needs to export one component. The core owns ``module`` from here on and drops
+    it before running the IR, so PyTorch and OpenVINO copies of a big model are never alive together."""
+
+    name: str
+    module: torch.nn.Module
+    export_config: object
+    inputs: dict[str, np.ndarray]  # parity-check inputs, by IR input name
+    reference: ReferenceFn  # PyTorch outputs, by IR output name
+    save_config: SaveConfigFn
+
+
+def export_component(job: ComponentExport, out_dir: Path, options: ExportOptions) -> ComponentResult:
+    """Export ``job.module`` to ``out_dir/openvino_model.xml`` and check it against PyTorch."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     xml_path = out_dir / MODEL_XML
+    module, job.module = job.module, None
     # The reference runs first: tracing a 16-bit model leaves parts of it patched to fp32.
-    expected = _run_reference(module, reference, inputs)
-    _trace(module, export_config, xml_path, options.weight_format)
+    expected = _run_reference(module, job.reference, job.inputs)
+    job.save_config(module, out_dir)
+    _trace(module, job.export_config, xml_path, options.weight_format)
+    del module
     release_memory()
-    agreement = compare(expected, _run_ir(xml_path, inputs), xml_path)
+    precision = parity_precision(xml_path)
+    agreement = compare(expected, _run_ir(xml_path, job.inputs, precision), xml_path)
+    release_memory()
     if not agreement.psnr >= options.min_psnr:
-        raise ParityError(f"{name}: the OpenVINO model disagrees with PyTorch on output {agreement.output!r} "
+        raise ParityError(f"{job.name}: the OpenVINO model disagrees with PyTorch on output {agreement.output!r} "
                           f"({agreement}; needs PSNR >= {options.min_psnr:.0f} dB)")
     size = sum(path.stat().st_size for path in out_dir.iterdir() if path.suffix in (".xml", ".bin"))
-    return ComponentResult(name, time.perf_counter() - start, agreement, size)
+    return ComponentResult(job.name, time.perf_counter() - start, agreement, size, precision)

@@ -11,7 +11,8 @@ from typing import Callable
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.convert import components
-from ovsd3.convert.export import DEFAULT_MIN_PSNR, ComponentResult, ExportOptions, release_memory
+from ovsd3.convert import DEFAULT_MIN_PSNR
+from ovsd3.convert.export import ComponentResult, ExportOptions, release_memory
 from ovsd3.convert.source import ModelSource
 from ovsd3.errors import OvsdError
 
@@ -111,7 +112,8 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
             if isinstance(result, ComponentResult):
                 report.components.append(result)
                 log(f"      {result.size_bytes / 1e6:,.1f} MB, {result.seconds:.1f} s; "
-                    f"agreement with PyTorch: {result.agreement}")
+                    f"agreement with PyTorch: {result.agreement}"
+                    + ("" if result.precision == "f32" else " (checked at the device's default precision)"))
             else:
                 log(f"      checked against the original on {result.probes} probe prompts "
                     f"({time.perf_counter() - step_start:.1f} s)")

@@ -18,6 +18,7 @@ SD3_PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipe
                         "StableDiffusion3InpaintPipeline")
 REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
+LOADED_16BIT = ("transformer", "text_encoder_3")  # the components too big to load in fp32
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -125,9 +126,15 @@ class ModelSource:
         return torch.float32
 
     def load_dtype(self, component: str, weight_format: str) -> torch.dtype:
-        """16-bit checkpoints load as fp16 for an fp16 export (no fp32 copy ever exists), else fp32."""
+        """fp16 for the big components (transformer, T5) of a 16-bit checkpoint in an fp16 export, so no
+        fp32 copy of them ever exists; fp32 otherwise.
+
+        The CLIPs and the VAE (at most 0.7B parameters, under 3 GB in fp32) load in fp32 even from 16-bit
+        checkpoints: PyTorch's fp16 kernels on a CPU are slow (the full-size VAE's fp16 reference run
+        took minutes), and the IR is stored in fp16 all the same.
+        """
         stored = self.checkpoint_dtype(component)
-        if weight_format == "fp16" and stored in (torch.float16, torch.bfloat16):
+        if weight_format == "fp16" and component in LOADED_16BIT and stored in (torch.float16, torch.bfloat16):
             return torch.float16
         return torch.float32
 

@@ -1,0 +1,120 @@
+"""`ovsd3 run`: generate images from an OpenVINO SD3 folder (numpy runtime, no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ovsd3.errors import OvsdError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="generate images from an OpenVINO SD3 folder",
+        description="Generate images with the numpy runtime (openvino, openvino-tokenizers, numpy, Pillow). "
+                    "Steps and guidance default to the folder's (Flash folders: 4 steps, no guidance).")
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="folder from `ovsd3 convert` or optimum-intel")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="text prompt (repeat for several prompts in one batch)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the folder's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the folder's)")
+    parser.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt, batched")
+    parser.add_argument("--image", type=Path, default=None, help="start from this image (image-to-image)")
+    parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
+    parser.add_argument("--clip-skip", type=int, default=None)
+    parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    parser.add_argument("--device", default="AUTO",
+                        help="OpenVINO device (AUTO, CPU, GPU, NPU) or a plan like transformer=GPU,text=CPU,vae=GPU")
+    parser.add_argument("--static", action="store_true",
+                        help="fix batch, size and text length before compiling (NPU needs this)")
+    parser.add_argument("--precision", choices=("f32",), default=None,
+                        help="force full-precision execution (default: the device's choice, bf16 on recent CPUs)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="OpenVINO model cache (default ~/.cache/ovsd3/model_cache); makes a second start fast")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the model cache")
+    parser.add_argument("--preview-every", type=int, default=0, metavar="N",
+                        help="write OUTPUT/preview.png every N steps (a cheap linear preview)")
+    parser.add_argument("--output", type=Path, default=Path("outputs"), help="folder for the PNGs (default outputs/)")
+    parser.set_defaults(handler=run)
+
+
+class ProgressBar:
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.started = stream, width, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        per_step = elapsed / done if done else 0.0
+        filled = int(self.width * done / total)
+        self.stream.write(f"\r  [{'#' * filled}{'.' * (self.width - filled)}] step {done}/{total}, "
+                          f"{per_step:.2f} s/step, {per_step * (total - done):.0f} s left ")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _next_index(folder: Path) -> int:
+    numbers = [int(path.name.split("-")[0]) for path in folder.glob("*.png") if path.name.split("-")[0].isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def _write_preview(step, folder: Path) -> None:
+    from ovsd3.runtime.preview import preview_images
+
+    tmp = folder / ".preview.png.tmp"
+    preview_images(step.denoised[:1])[0].save(tmp, format="PNG")
+    tmp.replace(folder / "preview.png")  # atomic, so a viewer never sees half a file
+
+
+def run(args) -> int:
+    from ovsd3.runtime.images import save_png
+    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape
+
+    if args.steps is not None and args.steps < 1:
+        raise OvsdError(f"--steps must be at least 1 (got {args.steps})")
+    if args.preview_every < 0:
+        raise OvsdError("--preview-every must not be negative")
+    if args.image is not None and not args.image.is_file():
+        raise OvsdError(f"cannot read image {args.image}: no such file")
+    started = time.perf_counter()
+    static = None
+    if args.static:
+        if not (args.width and args.height):
+            raise OvsdError("--static needs --width and --height")
+        guidance_on = args.guidance is None or args.guidance > 1.0
+        static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
+                             guidance=guidance_on, max_sequence_length=args.max_sequence_length)
+    pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
+                            cache_dir=None if args.no_cache else (args.cache_dir or "default"))
+    if static is not None and args.guidance is None and pipe.defaults.guidance_scale <= 1.0:
+        pipe = SD3Pipeline.load(args.model_dir, device=args.device, precision=args.precision,
+                                static=StaticShape(args.width, args.height, static.batch, False,
+                                                   args.max_sequence_length),
+                                cache_dir=None if args.no_cache else (args.cache_dir or "default"))
+    print(f"loaded {args.model_dir} on {args.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    args.output.mkdir(parents=True, exist_ok=True)
+    progress = ProgressBar()
+
+    def on_step(step):
+        progress(step.index + 1, step.total)
+        if args.preview_every and (step.index + 1) % args.preview_every == 0:
+            _write_preview(step, args.output)
+
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
+                  num_images=args.num_images, image=args.image, strength=args.strength, clip_skip=args.clip_skip,
+                  max_sequence_length=args.max_sequence_length, callback=on_step)
+    first = _next_index(args.output)
+    for offset, (image, params) in enumerate(zip(result.images, result.params)):
+        path = save_png(image, args.output / f"{first + offset:05d}-{params['seed']}.png", params)
+        print(path)
+    timings = result.timings
+    print(f"{len(result.images)} image(s) in {timings['total_seconds']:.1f} s (seed {result.params[0]['seed']}; "
+          f"{timings['python_seconds'] / timings['total_seconds']:.1%} outside OpenVINO inference)", file=sys.stderr)
+    return 0

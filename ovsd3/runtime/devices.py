@@ -1,0 +1,124 @@
+"""Which OpenVINO device runs which component, and compiling them (model cache, static shapes)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ovsd3 import layout
+from ovsd3.errors import OvsdError
+
+# Names a user may give in a per-component device plan, and the components each one covers.
+COMPONENT_GROUPS = {
+    "transformer": (layout.TRANSFORMER,),
+    "text": (layout.CLIP_L, layout.CLIP_G, layout.T5),
+    "text_encoder": (layout.CLIP_L,),
+    "text_encoder_2": (layout.CLIP_G,),
+    "text_encoder_3": (layout.T5,),
+    "vae": (layout.VAE_DECODER, layout.VAE_ENCODER),
+    "vae_decoder": (layout.VAE_DECODER,),
+    "vae_encoder": (layout.VAE_ENCODER,),
+}
+_VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ovsd3" / "model_cache"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """``AUTO``, ``GPU``, ... for everything, or per component: ``transformer=GPU,text=CPU,vae=GPU``."""
+
+    default: str = "AUTO"
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "DevicePlan":
+        spec = spec.strip()
+        if "=" not in spec:
+            return cls(default=spec.upper())
+        default, overrides = "AUTO", {}
+        for part in filter(None, (piece.strip() for piece in spec.split(","))):
+            name, _, device = part.partition("=")
+            name, device = name.strip(), device.strip().upper()
+            if not device:
+                raise OvsdError(f"device plan {spec!r}: {part!r} names no device")
+            if name in ("default", "*"):
+                default = device
+            elif name in COMPONENT_GROUPS:
+                overrides.update({component: device for component in COMPONENT_GROUPS[name]})
+            else:
+                raise OvsdError(f"device plan {spec!r}: unknown component {name!r} "
+                                f"(use {', '.join(COMPONENT_GROUPS)} or default)")
+        return cls(default=default, overrides=overrides)
+
+    def device_for(self, component: str) -> str:
+        return self.overrides.get(component, self.default)
+
+    def devices(self) -> set[str]:
+        return {self.default, *self.overrides.values()}
+
+
+def check_available(core, plan: DevicePlan) -> None:
+    """Refuse devices this machine does not have, before compiling anything."""
+    available = core.available_devices
+    families = {re.sub(r"\.\d+$", "", device) for device in available}
+    for device in plan.devices():
+        base, _, inner = device.partition(":")
+        names = [base] if base not in _VIRTUAL_DEVICES else [name.strip() for name in inner.split(",") if name]
+        for name in names:
+            if name not in available and name not in families:
+                raise OvsdError(f"device {name} is not available here (available: {', '.join(available)}; "
+                                f"or AUTO)")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    plan: DevicePlan = field(default_factory=DevicePlan)
+    cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no model cache
+    precision: str | None = None  # "f32" forces full precision; None lets the device choose (bf16 on CPUs that have it)
+
+
+class ModelCompiler:
+    """Compiles the folder's models with one OpenVINO Core, its model cache and the device plan."""
+
+    def __init__(self, folder: Path, options: CompileOptions):
+        import openvino as ov
+        import openvino_tokenizers  # noqa: F401  (registers the tokenizer operations with OpenVINO)
+
+        self.folder = Path(folder)
+        self.options = options
+        self.core = ov.Core()
+        check_available(self.core, options.plan)
+        if options.cache_dir is not None:
+            options.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.core.set_property({"CACHE_DIR": str(options.cache_dir)})
+
+    def _config(self, device: str) -> dict:
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.options.precision:
+            config["INFERENCE_PRECISION_HINT"] = self.options.precision
+        return config
+
+    def compile(self, component: str, static_shapes: dict | None = None):
+        """Compile ``component``; ``static_shapes`` (input name -> shape) fixes every dimension first."""
+        xml = layout.model_xml(self.folder, component)
+        device = self.options.plan.device_for(component)
+        try:
+            if static_shapes is None:
+                return self.core.compile_model(xml, device, self._config(device))
+            model = self.core.read_model(xml)
+            model.reshape({name: shape for name, shape in static_shapes.items()
+                           if name in {port.any_name for port in model.inputs}})
+            return self.core.compile_model(model, device, self._config(device))
+        except RuntimeError as error:
+            raise OvsdError(f"cannot compile {component} for {device}: {str(error).splitlines()[0]}") from None
+
+    def compile_tokenizer(self, tokenizer_folder: str):
+        """(compiled tokenizer, its model). Tokenizers are string processing: always on the CPU."""
+        model = self.core.read_model(self.folder / tokenizer_folder / layout.TOKENIZER_XML)
+        return self.core.compile_model(model, "CPU"), model

@@ -1,0 +1,58 @@
+"""Reading input images and writing PNGs that carry their generation parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ovsd3.errors import OvsdError
+
+
+def load_image(source, width: int, height: int) -> np.ndarray:
+    """An image file (or PIL image) as a (1, 3, height, width) array in [-1, 1], as diffusers preprocesses it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (str, Path)):
+        try:
+            with Image.open(source) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise OvsdError(f"cannot read image {source}: {error}") from None
+    else:
+        image = source.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def to_pil(images: np.ndarray):
+    """(batch, 3, H, W) decoder output in [-1, 1] -> PIL images (diffusers' postprocessing)."""
+    from PIL import Image
+
+    pixels = np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return [Image.fromarray((pixel * 255.0).round().astype(np.uint8)) for pixel in pixels]
+
+
+def parameters_text(params: dict) -> str:
+    """The 'parameters' text chunk in the form most image tools read."""
+    lines = [params["prompt"]]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    lines.append(f"Steps: {params['num_inference_steps']}, Sampler: {params['sampler']}, "
+                 f"CFG scale: {params['guidance_scale']}, Seed: {params['seed']}, "
+                 f"Size: {params['width']}x{params['height']}, Model: {params['model']}")
+    return "\n".join(lines)
+
+
+def save_png(image, path: Path, params: dict) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters_text(params))
+    info.add_text("ovsd3", json.dumps(params, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path

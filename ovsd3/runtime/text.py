@@ -1,0 +1,100 @@
+"""Prompt encoding as diffusers' StableDiffusion3Pipeline does it, with OpenVINO tokenizers and encoders.
+
+CLIP-L and CLIP-G: 77 tokens, no attention mask, token embeddings from the penultimate layer (or earlier
+with clip skip), pooled embeddings from the projection. Their token embeddings are joined on the feature
+axis, zero-padded to the transformer's joint width, and followed on the sequence axis by T5's (or by
+zeros of the same shape when the folder has no T5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ovsd3 import layout
+
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass
+class PromptEmbeddings:
+    prompt_embeds: np.ndarray  # (batch, 77 + max_sequence_length, joint_attention_dim)
+    pooled_embeds: np.ndarray  # (batch, clip_l projection + clip_g projection)
+
+    def repeat(self, times: int) -> "PromptEmbeddings":
+        """Each prompt's embeddings ``times`` times in a row (several images per prompt)."""
+        return PromptEmbeddings(np.repeat(self.prompt_embeds, times, axis=0),
+                                np.repeat(self.pooled_embeds, times, axis=0))
+
+    @staticmethod
+    def concat(first: "PromptEmbeddings", second: "PromptEmbeddings") -> "PromptEmbeddings":
+        return PromptEmbeddings(np.concatenate([first.prompt_embeds, second.prompt_embeds]),
+                                np.concatenate([first.pooled_embeds, second.pooled_embeds]))
+
+
+class Tokenizer:
+    """An OpenVINO tokenizer model, padded and truncated in numpy as Hugging Face does it."""
+
+    def __init__(self, compiled_and_model):
+        self.compiled, model = compiled_and_model
+        # openvino-tokenizers records the special ids in the model's rt_info (the compiled model drops it).
+        self.pad_id = int(model.get_rt_info("pad_token_id").astype(int))
+        self.eos_id = int(model.get_rt_info("eos_token_id").astype(int))
+
+    def __call__(self, prompts: list[str], max_length: int) -> np.ndarray:
+        result = self.compiled(prompts)
+        ids, mask = result["input_ids"], result["attention_mask"]
+        out = np.full((len(prompts), max_length), self.pad_id, dtype=np.int64)
+        for row, (row_ids, row_mask) in enumerate(zip(ids, mask)):
+            tokens = row_ids[row_mask.astype(bool)]
+            if len(tokens) > max_length:  # keep the closing end-of-text token, as truncation does
+                tokens = np.append(tokens[: max_length - 1], tokens[-1])
+            out[row, : len(tokens)] = tokens
+        return out
+
+
+class TextEncoders:
+    """The two CLIPs and T5 (if the folder has it), compiled."""
+
+    def __init__(self, compiler, joint_attention_dim: int, has_t5: bool, static_batch: int | None = None,
+                 max_sequence_length: int = 256):
+        def shapes(length):
+            return None if static_batch is None else {"input_ids": [static_batch, length]}
+
+        self.joint_attention_dim = joint_attention_dim
+        self.clip_tokenizers = [Tokenizer(compiler.compile_tokenizer(layout.TOKENIZER_OF[name]))
+                                for name in (layout.CLIP_L, layout.CLIP_G)]
+        self.clip_encoders = [compiler.compile(name, shapes(CLIP_MAX_LENGTH)) for name in (layout.CLIP_L, layout.CLIP_G)]
+        self.t5_tokenizer = Tokenizer(compiler.compile_tokenizer(layout.TOKENIZER_OF[layout.T5])) if has_t5 else None
+        self.t5_encoder = compiler.compile(layout.T5, shapes(max_sequence_length)) if has_t5 else None
+        self.infer_seconds = 0.0
+
+    def _run(self, compiled, input_ids: np.ndarray) -> dict:
+        import time
+
+        start = time.perf_counter()
+        result = compiled({"input_ids": input_ids})
+        self.infer_seconds += time.perf_counter() - start
+        return {name: result[port] for port in compiled.outputs for name in port.get_names()}
+
+    def _clip(self, index: int, prompts: list[str], clip_skip: int | None) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self._run(self.clip_encoders[index], self.clip_tokenizers[index](prompts, CLIP_MAX_LENGTH))
+        num_states = sum(name.startswith("hidden_states.") for name in outputs)
+        layer = num_states - ((clip_skip or 0) + 2)  # hidden_states[-2], or [-(clip_skip + 2)]
+        return outputs[f"hidden_states.{layer}"], outputs["text_embeds"]
+
+    def encode(self, prompts: list[str], *, clip_skip: int | None = None,
+               max_sequence_length: int = 256) -> PromptEmbeddings:
+        clip_l, pooled_l = self._clip(0, prompts, clip_skip)
+        clip_g, pooled_g = self._clip(1, prompts, clip_skip)
+        clip_embeds = np.concatenate([clip_l, clip_g], axis=-1)
+        clip_embeds = np.pad(clip_embeds, ((0, 0), (0, 0), (0, self.joint_attention_dim - clip_embeds.shape[-1])))
+        if self.t5_encoder is not None:
+            t5_ids = self.t5_tokenizer(prompts, max_sequence_length)
+            t5_embeds = self._run(self.t5_encoder, t5_ids)["last_hidden_state"]
+        else:
+            t5_embeds = np.zeros((len(prompts), max_sequence_length, self.joint_attention_dim), dtype=np.float32)
+        prompt_embeds = np.concatenate([clip_embeds, t5_embeds], axis=1).astype(np.float32)
+        pooled_embeds = np.concatenate([pooled_l, pooled_g], axis=-1).astype(np.float32)
+        return PromptEmbeddings(prompt_embeds, pooled_embeds)

@@ -1,0 +1,202 @@
+"""The numpy runtime against diffusers' StableDiffusion3Pipeline (PyTorch, same weights, same noise)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovsd3.metrics import psnr
+from ovsd3.runtime import SD3Pipeline
+
+PROMPT = "a photo of a cat sitting on a red sofa"
+SIZE = dict(width=64, height=64)
+MIN_PSNR = 35.0
+
+
+def as_float(images) -> np.ndarray:
+    """uint8 PIL images as float arrays (PSNR on uint8 would wrap around)."""
+    return np.stack([np.asarray(image, dtype=np.float64) for image in images])
+
+
+class TorchNoise:
+    """Draws the standard normals diffusers draws, in the same order, from a seeded torch generator."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, shape):
+        return torch.randn(tuple(shape), generator=self.generator).numpy()
+
+
+def torch_pipeline(source: Path, **components):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(source, **components)
+
+
+def initial_latents(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 16, 8, 8), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def ov_pipe(ov_sd3_fp32):
+    return SD3Pipeline.load(ov_sd3_fp32, precision="f32", cache_dir=None)
+
+
+@pytest.mark.parametrize("folder_fixture, source_fixture, t5", [
+    ("ov_sd3_fp32", "tiny_sd3", True), ("ov_sd35_fp32", "tiny_sd35", True), ("ov_no_t5_fp32", "tiny_sd3", False)])
+def test_text_to_image_matches_diffusers(request, folder_fixture, source_fixture, t5):
+    folder, source = request.getfixturevalue(folder_fixture), request.getfixturevalue(source_fixture)
+    pipe = SD3Pipeline.load(folder, precision="f32", cache_dir=None)
+    latents = initial_latents(1)
+    got = pipe(PROMPT, latents=latents, num_inference_steps=4, guidance_scale=1.0, **SIZE).images
+    extra = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    expected = torch_pipeline(source, **extra)(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=4,
+                                               guidance_scale=1.0, **SIZE).images
+    assert psnr(as_float(expected), as_float(got), data_range=255.0) >= MIN_PSNR
+
+
+def test_guidance_with_negative_prompt_matches_diffusers(ov_pipe, tiny_sd3):
+    latents = initial_latents(1, seed=1)
+    settings = dict(negative_prompt="blurry, low quality", num_inference_steps=5, guidance_scale=4.5, **SIZE)
+    got = ov_pipe(PROMPT, latents=latents, **settings).images
+    expected = torch_pipeline(tiny_sd3)(PROMPT, latents=torch.from_numpy(latents), **settings).images
+    agreement = psnr(as_float(expected), as_float(got), data_range=255.0)
+    assert agreement >= MIN_PSNR
+    unguided = ov_pipe(PROMPT, latents=latents, num_inference_steps=5, guidance_scale=1.0, **SIZE).images
+    assert psnr(as_float(expected), as_float(unguided), data_range=255.0) < agreement - 10.0  # guidance mattered
+
+
+def test_several_prompts_and_images_per_call_match_diffusers(ov_pipe, tiny_sd3):
+    prompts = [PROMPT, "an astronaut riding a horse on the moon"]
+    latents = initial_latents(4, seed=2)
+    settings = dict(num_inference_steps=3, guidance_scale=3.0, **SIZE)
+    result = ov_pipe(prompts, num_images=2, latents=latents, **settings)
+    expected = torch_pipeline(tiny_sd3)(prompts, num_images_per_prompt=2, latents=torch.from_numpy(latents),
+                                        **settings).images
+    assert len(result.images) == 4
+    assert [params["prompt"] for params in result.params] == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    assert psnr(as_float(expected), as_float(result.images), data_range=255.0) >= MIN_PSNR
+
+
+def test_image_to_image_matches_diffusers(ov_pipe, tiny_sd3):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    settings = dict(strength=0.6, num_inference_steps=5, guidance_scale=3.0, **SIZE)
+    got = ov_pipe(PROMPT, image=init, noise=TorchNoise(7), **settings).images
+    expected = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_sd3)(
+        PROMPT, image=init, generator=torch.Generator().manual_seed(7), **settings).images
+    assert psnr(as_float(expected), as_float(got), data_range=255.0) >= MIN_PSNR
+
+
+def test_flash_folder_follows_the_flash_sampler(ov_flash, tiny_sd3, tiny_flash_adapter):
+    """Flash defaults (4 steps, no guidance) and the stochastic sampler, against diffusers running the
+    PEFT-merged transformer with stochastic_sampling (its per-step noise comes from torch's global RNG)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from peft import PeftModel
+
+    pipe = SD3Pipeline.load(ov_flash, precision="f32", cache_dir=None)
+    latents = initial_latents(1, seed=4)
+    result = pipe(PROMPT, latents=latents, noise=TorchNoise(11), **SIZE)
+    assert result.params[0]["num_inference_steps"] == 4 and result.params[0]["guidance_scale"] == 0.0
+    assert result.params[0]["sampler"] == "flash"
+
+    base = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    merged = PeftModel.from_pretrained(base, tiny_flash_adapter).merge_and_unload()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3, subfolder="scheduler",
+                                                                stochastic_sampling=True)
+    reference = torch_pipeline(tiny_sd3, transformer=merged, scheduler=scheduler, text_encoder_3=None,
+                               tokenizer_3=None)
+    torch.manual_seed(11)
+    expected = reference(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=4, guidance_scale=0.0,
+                         **SIZE).images
+    assert psnr(as_float(expected), as_float(result.images), data_range=255.0) >= MIN_PSNR
+
+
+def png_bytes(image, params) -> bytes:
+    from ovsd3.runtime.images import save_png
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # plain, to compare pixels and encoder output
+    return buffer.getvalue()
+
+
+def test_same_seed_same_bytes(ov_sd3):
+    first = SD3Pipeline.load(ov_sd3, cache_dir=None)
+    second = SD3Pipeline.load(ov_sd3, cache_dir=None)
+    settings = dict(seed=123, num_inference_steps=3, guidance_scale=3.0, **SIZE)
+    a, b = first(PROMPT, **settings), second(PROMPT, **settings)
+    assert png_bytes(a.images[0], a.params[0]) == png_bytes(b.images[0], b.params[0])
+    c = first(PROMPT, **dict(settings, seed=124))
+    assert png_bytes(a.images[0], a.params[0]) != png_bytes(c.images[0], c.params[0])
+
+
+def test_steps_are_yielded_for_progress_and_previews(ov_pipe):
+    from ovsd3.runtime.preview import latents_to_rgb
+
+    job = ov_pipe.prepare(PROMPT, seed=5, num_inference_steps=4, guidance_scale=2.0, **SIZE)
+    steps = list(ov_pipe.steps(job))
+    assert [step.index for step in steps] == [0, 1, 2, 3] and all(step.total == 4 for step in steps)
+    assert [step.sigma for step in steps] == pytest.approx([1.0, 0.857692, 0.602151, 0.008929], abs=1e-5)
+    assert latents_to_rgb(steps[-1].denoised).shape == (1, 8, 8, 3)
+    np.testing.assert_array_equal(steps[-1].latents, job.latents)
+
+
+def test_static_shapes_give_the_same_image(ov_sd3_fp32):
+    from ovsd3.runtime import StaticShape
+
+    dynamic = SD3Pipeline.load(ov_sd3_fp32, precision="f32", cache_dir=None)
+    static = SD3Pipeline.load(ov_sd3_fp32, precision="f32", cache_dir=None,
+                              static=StaticShape(width=64, height=64, batch=1, guidance=True))
+    settings = dict(seed=9, num_inference_steps=3, guidance_scale=3.0, **SIZE)
+    assert psnr(as_float(dynamic(PROMPT, **settings).images), as_float(static(PROMPT, **settings).images),
+                data_range=255.0) >= 50.0
+    with pytest.raises(Exception, match="compiled for static 64x64"):
+        static(PROMPT, **dict(settings, width=128))
+
+
+def test_model_cache_is_written_and_reused(ov_sd3, tmp_path):
+    SD3Pipeline.load(ov_sd3, cache_dir=tmp_path / "cache")
+    blobs = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    assert blobs
+    SD3Pipeline.load(ov_sd3, cache_dir=tmp_path / "cache")
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == blobs  # hits, nothing new compiled
+
+
+BLOCK_HEAVY_IMPORTS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "diffusers", "transformers", "optimum", "nncf", "peft", "accelerate"}:
+            raise ImportError(f"{name} is not installed (runtime-only install)")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_runtime_needs_no_torch_diffusers_or_transformers(ov_flash, tmp_path):
+    """As after `pip install ovsd3` without the convert extras: those packages cannot be imported at all."""
+    script = BLOCK_HEAVY_IMPORTS + f"""
+from ovsd3.cli import main
+code = main(["run", {str(ov_flash)!r}, "--prompt", "a cat", "--width", "64", "--height", "64", "--seed", "1",
+             "--no-cache", "--output", {str(tmp_path)!r}])
+heavy = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
+print("HEAVY", heavy)
+sys.exit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    image = Image.open(next(tmp_path.glob("*.png")))
+    assert image.size == (64, 64)
+    params = json.loads(image.text["ovsd3"])
+    assert params["seed"] == 1 and params["num_inference_steps"] == 4 and params["sampler"] == "flash"
+    assert image.text["parameters"].startswith("a cat\nSteps: 4, Sampler: flash, CFG scale: 0.0, Seed: 1")
