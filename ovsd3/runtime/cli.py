@@ -45,8 +45,9 @@ def add_parser(subparsers) -> None:
 
 
 class ProgressBar:
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width, self.started = stream, width, time.perf_counter()
+    def __init__(self, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr  # looked up now: callers may have replaced sys.stderr
+        self.width, self.started = width, time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
         elapsed = time.perf_counter() - self.started

@@ -1,0 +1,94 @@
+"""`ovsd3 run` answers bad input with one line and exit code 2."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ovsd3.cli import EXIT_ERROR, main
+from ovsd3.errors import OvsdError
+from ovsd3.runtime.devices import DevicePlan
+
+
+def run_cli(capsys, folder, *extra) -> tuple[int, str]:
+    code = main(["run", str(folder), "--prompt", "a cat", "--no-cache", "--steps", "2", *map(str, extra)])
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--width", "72", "--height", "64"), "multiples of 16 (got 72x64)"),
+    (("--steps", "0"), "steps must be at least 1"),
+    (("--image", "{image}", "--strength", "1.5"), "strength must be between 0 and 1"),
+    (("--image", "{image}", "--strength", "-0.1"), "strength must be between 0 and 1"),
+    (("--device", "NPU"), "device NPU is not available here"),
+    (("--device", "transformer=GPU"), "device GPU is not available here"),
+    (("--device", "unet=CPU"), "unknown component 'unet'"),
+    (("--image", "{missing}"), "cannot read image"),
+    (("--image", "{not_an_image}"), "cannot read image"),
+    (("--num-images", "0"), "number of images must be at least 1"),
+])
+def test_bad_input_is_one_line(ov_sd3, tmp_path, capsys, extra, needle):
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    (tmp_path / "junk.png").write_text("not an image")
+    paths = dict(image=image, missing=tmp_path / "nope.png", not_an_image=tmp_path / "junk.png")
+    extra = [value.format(**paths) for value in extra]
+    code, err = run_cli(capsys, ov_sd3, "--width", "64", "--height", "64", "--output", tmp_path / "out", *extra)
+    assert code == EXIT_ERROR
+    assert err.startswith("ovsd3 run: error: ") and needle in err, err
+
+
+def test_missing_component(ov_sd3, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(ov_sd3, broken)
+    shutil.rmtree(broken / "vae_decoder")
+    code, err = run_cli(capsys, broken)
+    assert code == EXIT_ERROR and "missing component 'vae_decoder'" in err
+
+
+def test_img2img_without_vae_encoder(ov_sd3, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "no-encoder"
+    shutil.copytree(ov_sd3, folder)
+    shutil.rmtree(folder / "vae_encoder")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    code, err = run_cli(capsys, folder, "--width", "64", "--height", "64", "--image", tmp_path / "in.png")
+    assert code == EXIT_ERROR and "has no vae_encoder" in err
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    code, err = run_cli(capsys, tmp_path)
+    assert code == EXIT_ERROR and "not an OpenVINO SD3 folder" in err
+
+
+def test_unsupported_scheduler_option_is_refused(ov_sd3, tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "dynamic-shift"
+    shutil.copytree(ov_sd3, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["use_dynamic_shifting"] = True
+    config_path.write_text(json.dumps(config))
+    code, err = run_cli(capsys, folder)
+    assert code == EXIT_ERROR and "use_dynamic_shifting" in err and "not supported" in err
+
+
+def test_device_plans():
+    plan = DevicePlan.parse("transformer=GPU, text=CPU, vae_decoder=NPU")
+    assert plan.device_for("transformer") == "GPU"
+    assert [plan.device_for(name) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")] == ["CPU"] * 3
+    assert plan.device_for("vae_decoder") == "NPU" and plan.device_for("vae_encoder") == "AUTO"
+    assert DevicePlan.parse("gpu").device_for("vae_encoder") == "GPU"
+    with pytest.raises(OvsdError, match="names no device"):
+        DevicePlan.parse("transformer=")
+
+
+def test_per_component_devices_generate(ov_sd3, tmp_path, capsys):
+    code = main(["run", str(ov_sd3), "--prompt", "a cat", "--no-cache", "--steps", "2", "--width", "64",
+                 "--height", "64", "--device", "transformer=CPU,text=AUTO,vae=CPU", "--output", str(tmp_path)])
+    assert code == 0 and len(list(tmp_path.glob("*.png"))) == 1
