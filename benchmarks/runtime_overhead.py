@@ -19,17 +19,18 @@ from pathlib import Path
 PROMPT = "a lighthouse on a rocky coast during a storm"
 
 
-def bench_ovsd3(folder: Path, size: int, steps: int, guidance: float, repeats: int) -> dict:
+def bench_ovsd3(folder: Path, size: int, steps: int, guidance: float, repeats: int,
+                max_sequence_length: int = 256) -> dict:
     from ovsd3.runtime import SD3Pipeline
 
     started = time.perf_counter()
     pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None)
     load = time.perf_counter() - started
-    pipe(PROMPT, width=size, height=size, num_inference_steps=1, guidance_scale=guidance, seed=0)  # warm-up
+    settings = dict(width=size, height=size, guidance_scale=guidance, max_sequence_length=max_sequence_length)
+    pipe(PROMPT, num_inference_steps=1, seed=0, **settings)  # warm-up
     totals, python = [], []
     for repeat in range(repeats):
-        result = pipe(PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=guidance,
-                      seed=repeat)
+        result = pipe(PROMPT, num_inference_steps=steps, seed=repeat, **settings)
         totals.append(result.timings["total_seconds"])
         python.append(result.timings["python_seconds"])
     return {"load": load, "total": statistics.median(totals), "python": statistics.median(python),
@@ -63,6 +64,9 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=None,
                         help="default: 0 for Flash folders, 7 otherwise (as each pipeline defaults)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-sequence-length", type=int, action="append", default=None,
+                        help="T5 tokens for ovsd3 (repeatable; default 256, as diffusers). Without T5, diffusers "
+                             "and ovsd3 append that many zero tokens; openvino.genai's sequence is shorter")
     args = parser.parse_args()
     from ovsd3.layout import FolderRecord, GenerationDefaults
 
@@ -71,15 +75,21 @@ def main() -> int:
         record.defaults if record else GenerationDefaults()).guidance_scale
     print(f"{args.folder}: {args.size}x{args.size}, {args.steps} steps, guidance {guidance}, "
           f"median of {args.repeats}, CPU", flush=True)
-    ours = bench_ovsd3(args.folder, args.size, args.steps, guidance, args.repeats)
-    gc.collect()
+    lengths = args.max_sequence_length or [256]
+    ours = {}
+    for length in lengths:
+        ours[length] = bench_ovsd3(args.folder, args.size, args.steps, guidance, args.repeats, length)
+        gc.collect()
     theirs = bench_genai(args.folder, args.size, args.steps, guidance, args.repeats)
-    print(f"{'':24s}{'ovsd3':>10s}{'genai':>10s}")
-    print(f"{'load + compile (s)':24s}{ours['load']:10.1f}{theirs['load']:10.1f}")
-    print(f"{'generation (s)':24s}{ours['total']:10.2f}{theirs['total']:10.2f}")
-    print(f"{'outside inference (s)':24s}{ours['python']:10.3f}{'':>10s}")
-    print(f"ovsd3 Python share of a generation: {ours['python_share']:.2%}; "
-          f"ovsd3 / genai time: {ours['total'] / theirs['total']:.3f}")
+    columns = [f"ovsd3 T5 {length}" for length in lengths] + ["genai"]
+    print(f"{'':24s}" + "".join(f"{name:>14s}" for name in columns))
+    print(f"{'load + compile (s)':24s}" + "".join(f"{ours[n]['load']:14.1f}" for n in lengths)
+          + f"{theirs['load']:14.1f}")
+    print(f"{'generation (s)':24s}" + "".join(f"{ours[n]['total']:14.2f}" for n in lengths)
+          + f"{theirs['total']:14.2f}")
+    print(f"{'outside inference (s)':24s}" + "".join(f"{ours[n]['python']:14.3f}" for n in lengths))
+    print(f"{'Python share':24s}" + "".join(f"{ours[n]['python_share']:14.2%}" for n in lengths))
+    print(f"{'time / genai':24s}" + "".join(f"{ours[n]['total'] / theirs['total']:14.3f}" for n in lengths))
     return 0
 
 
