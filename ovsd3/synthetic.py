@@ -11,6 +11,7 @@ import contextlib
 import json
 import string
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -114,36 +115,19 @@ def _default_dtype(dtype: torch.dtype):
 def _clip_text_encoder(arch, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=max(arch.vocab_size, len(tokenizer)),
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        projection_dim=arch.projection_dim,
-        hidden_act=arch.hidden_act,
-        max_position_embeddings=arch.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    # ClipArch's fields are CLIPTextConfig's own names.
+    config = CLIPTextConfig(**dict(asdict(arch), vocab_size=max(arch.vocab_size, len(tokenizer))),
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
     return CLIPTextModelWithProjection(config)
 
 
 def _t5_encoder(arch, tokenizer):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
-        vocab_size=max(arch.vocab_size, len(tokenizer)),
-        d_model=arch.d_model,
-        d_ff=arch.d_ff,
-        d_kv=arch.d_kv,
-        num_heads=arch.num_heads,
-        num_layers=arch.num_layers,
-        feed_forward_proj=arch.feed_forward_proj,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
+    # T5Arch's fields are T5Config's own names.
+    config = T5Config(**dict(asdict(arch), vocab_size=max(arch.vocab_size, len(tokenizer))),
+                      is_encoder_decoder=False, use_cache=False)
     return T5EncoderModel(config)
 
 
