@@ -59,12 +59,67 @@ def _add_run(subparsers) -> None:
     add_parser(subparsers)
 
 
+def _add_quantize(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="INT8 transformer, INT4 weights elsewhere, behind a quality gate",
+        description="Quantize an OpenVINO SD3 folder: the transformer to INT8 (NNCF, calibrated on its own "
+                    "recorded inputs), text encoders and VAE to INT4 weights; refuse the result if it draws "
+                    "too differently from the original.")
+    parser.add_argument("source", type=Path, metavar="IN", help="folder from `ovsd3 convert` or optimum-intel")
+    parser.add_argument("output", type=Path, metavar="OUT")
+    parser.add_argument("--calib", type=int, default=200, help="transformer-input samples (default 200)")
+    parser.add_argument("--calib-size", type=int, default=512, help="resolution of calibration and gate images")
+    parser.add_argument("--dataset", default="builtin",
+                        help="builtin (calibration/prompts.txt), conceptual_captions (streamed), or a file "
+                             "with one prompt a line")
+    parser.add_argument("--calib-cache", type=Path, default=None,
+                        help="where recorded inputs go (default ~/.cache/ovsd3/calibration/<key>)")
+    parser.add_argument("--preset", choices=("mixed", "performance"), default=None,
+                        help="NNCF preset (default: NNCF's for transformers, mixed)")
+    parser.add_argument("--smooth-quant-alpha", type=float, default=None)
+    parser.add_argument("--ignore", action="append", default=[], metavar="NODE",
+                        help="keep this transformer node in float too (repeatable)")
+    parser.add_argument("--weights", choices=("int4_sym", "int4_asym", "int8"), default="int4_sym")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--gate-prompts", type=int, default=4, help="held-out prompts the gate draws")
+    parser.add_argument("--min-psnr", type=float, default=None, help="gate: mean image PSNR, dB (default 15)")
+    parser.add_argument("--min-ssim", type=float, default=None, help="gate: mean image SSIM (default 0.4)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    try:
+        from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM
+        from ovsd3.quantize.pipeline import QuantizeRequest, quantize_folder
+        from ovsd3.quantize.transformer import TransformerQuantization
+        from ovsd3.quantize.weights import WeightCompression
+        import nncf  # noqa: F401
+    except ImportError as error:
+        raise OvsdError(f"quantization needs the convert extras ({error.name} is missing): "
+                        f"pip install 'ovsd3[convert]'") from None
+    quantize_folder(QuantizeRequest(
+        source=args.source, output=args.output, calib=args.calib, calib_size=args.calib_size,
+        dataset=args.dataset, calib_cache=args.calib_cache,
+        transformer=TransformerQuantization(subset_size=args.calib, preset=args.preset,
+                                            smooth_quant_alpha=args.smooth_quant_alpha, ignore=tuple(args.ignore)),
+        weights=WeightCompression(mode=args.weights, group_size=args.group_size, ratio=args.ratio),
+        gate_prompts=args.gate_prompts,
+        min_psnr=DEFAULT_MIN_PSNR if args.min_psnr is None else args.min_psnr,
+        min_ssim=DEFAULT_MIN_SSIM if args.min_ssim is None else args.min_ssim,
+        overwrite=args.overwrite,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsd3", description="Stable Diffusion 3 on OpenVINO")
     parser.add_argument("--version", action="version", version=f"ovsd3 {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(subparsers)
     _add_run(subparsers)
+    _add_quantize(subparsers)
     return parser
 
 

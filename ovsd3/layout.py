@@ -52,6 +52,7 @@ class FolderRecord:
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     parity: dict[str, dict] = field(default_factory=dict)
     ovsd3_version: str = ""
+    quantization: dict | None = None  # what `ovsd3 quantize` did, with its size table and quality gate
 
     def save(self, folder: Path) -> None:
         (Path(folder) / OVSD3_RECORD).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ovsd3.errors import OvsdError
+from ovsd3.progress import ProgressBar
 
 
 def add_parser(subparsers) -> None:
@@ -42,22 +43,6 @@ def add_parser(subparsers) -> None:
                         help="write OUTPUT/preview.png every N steps (a cheap linear preview)")
     parser.add_argument("--output", type=Path, default=Path("outputs"), help="folder for the PNGs (default outputs/)")
     parser.set_defaults(handler=run)
-
-
-class ProgressBar:
-    def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr  # looked up now: callers may have replaced sys.stderr
-        self.width, self.started = width, time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - self.started
-        per_step = elapsed / done if done else 0.0
-        filled = int(self.width * done / total)
-        self.stream.write(f"\r  [{'#' * filled}{'.' * (self.width - filled)}] step {done}/{total}, "
-                          f"{per_step:.2f} s/step, {per_step * (total - done):.0f} s left ")
-        if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _next_index(folder: Path) -> int:

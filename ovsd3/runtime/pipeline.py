@@ -251,19 +251,24 @@ class SD3Pipeline:
 
     # -- sampling ---------------------------------------------------------------------------------------
 
+    def run_transformer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One transformer call. Calibration and the quality gate subclass this to watch every call."""
+        started = time.perf_counter()
+        out = self.transformer(inputs)[0]
+        self.infer_seconds["transformer"] += time.perf_counter() - started
+        return out
+
     def velocity(self, latents: np.ndarray, timestep: float, embeds: PromptEmbeddings,
                  guidance_scale: float) -> np.ndarray:
         """The transformer's prediction, with classifier-free guidance when it is on."""
         guided = guidance_scale > 1.0
         hidden = np.concatenate([latents, latents]) if guided else latents
-        started = time.perf_counter()
-        out = self.transformer({
+        out = self.run_transformer({
             "hidden_states": hidden,
             "timestep": np.full((hidden.shape[0],), timestep, dtype=np.float32),
             "encoder_hidden_states": embeds.prompt_embeds,
             "pooled_projections": embeds.pooled_embeds,
-        })[0]
-        self.infer_seconds["transformer"] += time.perf_counter() - started
+        })
         if not guided:
             return out
         uncond, cond = np.split(out, 2)

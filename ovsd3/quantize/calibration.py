@@ -1,0 +1,152 @@
+"""Calibration data: the transformer's real inputs, recorded while the OpenVINO pipeline samples prompts.
+
+One sample is one transformer call (a batch of 2 with classifier-free guidance), as in the published
+recipe: 200 samples = 50 prompts x 4 steps for a Flash model. Samples are written to disk prompt by
+prompt, so a crash later (in quantization, say) does not repeat the sampling, and NNCF reads them back
+one at a time instead of holding hundreds of megabytes in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ovsd3 import layout
+from ovsd3.errors import OvsdError
+from ovsd3.progress import ProgressBar
+from ovsd3.runtime.pipeline import SD3Pipeline
+
+BUILTIN = "builtin"
+CONCEPTUAL_CAPTIONS = "conceptual_captions"
+CONCEPTUAL_CAPTIONS_REPO = "google-research-datasets/conceptual_captions"
+INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+
+
+def builtin_prompts() -> list[str]:
+    from calibration import calibration_prompts
+
+    return calibration_prompts()
+
+
+def load_prompts(dataset: str, count: int, log: Callable[[str], None] = print) -> list[str]:
+    """``count`` prompts from the built-in set, conceptual_captions (streamed), or a file (one a line)."""
+    if dataset == BUILTIN:
+        prompts = builtin_prompts()
+    elif dataset == CONCEPTUAL_CAPTIONS:
+        try:
+            from datasets import load_dataset
+
+            stream = load_dataset(CONCEPTUAL_CAPTIONS_REPO, split="train", streaming=True)
+            prompts = [row["caption"] for _, row in zip(range(count), stream)]
+        except Exception as error:  # no `datasets`, no network, hub refusing: all the same to the user
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            log(f"note: cannot stream {CONCEPTUAL_CAPTIONS_REPO} ({reason[:120]}); using ovsd3's built-in prompt "
+                f"set instead (calibration/prompts.txt, 400 captions of the same kind)")
+            prompts = builtin_prompts()
+    else:
+        path = Path(dataset)
+        try:
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise OvsdError(f"cannot read prompt file {dataset}: {getattr(error, 'strerror', None) or error}") from None
+        if not prompts:
+            raise OvsdError(f"prompt file {dataset} holds no prompts")
+    if not prompts:
+        raise OvsdError(f"no calibration prompts from {dataset}")
+    return [prompts[i % len(prompts)] for i in range(count)]  # a short list is reused in order
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    samples: int  # transformer calls to record
+    size: int  # pixels, square
+    steps: int
+    guidance_scale: float
+    seed: int = 0
+
+    @property
+    def prompts_needed(self) -> int:
+        return math.ceil(self.samples / self.steps)
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ovsd3" / "calibration"
+
+
+def cache_key(folder: Path, plan: CalibrationPlan, prompts: list[str]) -> str:
+    """Changes whenever the recorded inputs would: the transformer, the plan or the prompts."""
+    weights = layout.model_xml(folder, layout.TRANSFORMER).with_suffix(".bin").stat()
+    text = json.dumps([str(folder.resolve()), weights.st_size, weights.st_mtime_ns, asdict(plan), prompts])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _RecordingPipeline(SD3Pipeline):
+    """The runtime pipeline, keeping a copy of every transformer input."""
+
+    recorded: list
+
+    def run_transformer(self, inputs):
+        self.recorded.append({name: np.array(inputs[name]) for name in INPUT_NAMES})
+        return super().run_transformer(inputs)
+
+
+def record(folder: Path, plan: CalibrationPlan, prompts: list[str], cache_dir: Path,
+           log: Callable[[str], None] = print, device: str = "CPU") -> Path:
+    """Sample ``prompts`` with the folder's own pipeline and write each prompt's transformer inputs to
+    ``cache_dir``. Prompts already recorded there are skipped (resume after a crash)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = cache_dir / "plan.json"
+    manifest.write_text(json.dumps({"plan": asdict(plan), "prompts": prompts}, indent=1))
+    todo = [i for i in range(len(prompts)) if not (cache_dir / f"prompt_{i:05d}.npz").exists()]
+    if len(todo) < len(prompts):
+        log(f"calibration cache {cache_dir}: {len(prompts) - len(todo)} of {len(prompts)} prompts already recorded")
+    if not todo:
+        return cache_dir
+    pipe = _RecordingPipeline.load(folder, device=device, cache_dir=None)
+    progress = ProgressBar(unit="prompt")
+    for done, index in enumerate(todo, 1):
+        pipe.recorded = []
+        for _ in pipe.steps(pipe.prepare(prompts[index], num_inference_steps=plan.steps,
+                                         guidance_scale=plan.guidance_scale, width=plan.size, height=plan.size,
+                                         seed=plan.seed + index)):
+            pass  # only the transformer inputs matter; nothing is decoded
+        arrays = {name: np.stack([call[name] for call in pipe.recorded]) for name in INPUT_NAMES}
+        partial = cache_dir / f".prompt_{index:05d}.tmp.npz"
+        np.savez(partial, **arrays)
+        partial.replace(cache_dir / f"prompt_{index:05d}.npz")  # a killed run never leaves half a file
+        progress(done, len(todo))
+    return cache_dir
+
+
+def iterate_samples(cache_dir: Path, count: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first ``count`` recorded transformer calls, read from disk one prompt at a time."""
+    produced = 0
+    for path in sorted(cache_dir.glob("prompt_*.npz")):
+        with np.load(path) as arrays:
+            calls = {name: arrays[name] for name in INPUT_NAMES}
+        for call in range(len(calls["timestep"])):
+            if produced == count:
+                return
+            yield {name: calls[name][call] for name in INPUT_NAMES}
+            produced += 1
+
+
+class RecordedSamples:
+    """An iterable NNCF can go over several times (statistics, SmoothQuant, bias correction)."""
+
+    def __init__(self, cache_dir: Path, count: int):
+        self.cache_dir, self.count = cache_dir, count
+
+    def __iter__(self):
+        return iterate_samples(self.cache_dir, self.count)
+
+    def __len__(self) -> int:
+        return self.count

@@ -1,0 +1,88 @@
+"""The quality gate: the full-precision and the quantized folders draw the same held-out prompts with the
+same seeds, and their images and per-step transformer outputs are compared."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ovsd3.metrics import psnr, ssim
+from ovsd3.runtime.pipeline import SD3Pipeline
+
+# Defaults: loose enough for INT8 drift along a sampling trajectory, tight enough to catch a broken
+# quantization (which draws noise: well under 12 dB and SSIM near 0 against the original).
+DEFAULT_MIN_PSNR = 15.0
+DEFAULT_MIN_SSIM = 0.4
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    prompts: tuple[str, ...]
+    size: int
+    steps: int
+    guidance_scale: float
+    min_psnr: float = DEFAULT_MIN_PSNR  # mean image PSNR, dB
+    min_ssim: float = DEFAULT_MIN_SSIM  # mean image SSIM
+    seed: int = 1234
+
+
+@dataclass
+class GateReport:
+    image_psnr: list[float] = field(default_factory=list)
+    image_ssim: list[float] = field(default_factory=list)
+    step_psnr: list[float] = field(default_factory=list)  # transformer outputs, mean over prompts, per step
+    passed: bool = False
+
+    @property
+    def mean_psnr(self) -> float:
+        return float(np.mean(self.image_psnr))
+
+    @property
+    def mean_ssim(self) -> float:
+        return float(np.mean(self.image_ssim))
+
+    def as_dict(self) -> dict:
+        return {"image_psnr": self.image_psnr, "image_ssim": self.image_ssim, "step_psnr": self.step_psnr,
+                "mean_psnr": self.mean_psnr, "mean_ssim": self.mean_ssim, "passed": self.passed}
+
+
+class _ObservedPipeline(SD3Pipeline):
+    """Keeps every transformer output of a generation."""
+
+    outputs: list
+
+    def run_transformer(self, inputs):
+        out = super().run_transformer(inputs)
+        self.outputs.append(np.array(out))
+        return out
+
+
+def _generate(folder: Path, settings: GateSettings) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    pipe = _ObservedPipeline.load(folder, device="CPU", cache_dir=None)
+    images, outputs = [], []
+    for index, prompt in enumerate(settings.prompts):
+        pipe.outputs = []
+        result = pipe(prompt, width=settings.size, height=settings.size, num_inference_steps=settings.steps,
+                      guidance_scale=settings.guidance_scale, seed=settings.seed + index)
+        images.append(np.asarray(result.images[0], dtype=np.float64))
+        outputs.append(pipe.outputs)
+    del pipe
+    gc.collect()  # one pipeline in memory at a time
+    return images, outputs
+
+
+def run_gate(reference: Path, candidate: Path, settings: GateSettings) -> GateReport:
+    reference_images, reference_outputs = _generate(reference, settings)
+    candidate_images, candidate_outputs = _generate(candidate, settings)
+    report = GateReport(
+        image_psnr=[psnr(a, b, data_range=255.0) for a, b in zip(reference_images, candidate_images)],
+        image_ssim=[ssim(a, b, data_range=255.0) for a, b in zip(reference_images, candidate_images)],
+        step_psnr=[float(np.mean([psnr(ref[step], cand[step])
+                                  for ref, cand in zip(reference_outputs, candidate_outputs)]))
+                   for step in range(settings.steps)],
+    )
+    report.passed = report.mean_psnr >= settings.min_psnr and report.mean_ssim >= settings.min_ssim
+    return report

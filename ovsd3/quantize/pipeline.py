@@ -1,0 +1,171 @@
+"""`ovsd3 quantize`: an INT8 transformer and INT4-weight text encoders and VAE, checked before publishing."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ovsd3 import __version__, layout
+from ovsd3.atomic import AtomicOutput
+from ovsd3.errors import OvsdError
+from ovsd3.quantize import calibration
+from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM, GateSettings, run_gate
+from ovsd3.quantize.transformer import TransformerQuantization, quantize_transformer
+from ovsd3.quantize.weights import WeightCompression, compress
+
+WEIGHT_COMPRESSED = (layout.CLIP_L, layout.CLIP_G, layout.T5, layout.VAE_DECODER, layout.VAE_ENCODER)
+
+
+@dataclass
+class QuantizeRequest:
+    source: Path
+    output: Path
+    calib: int = 200  # transformer-input samples
+    calib_size: int = 512
+    dataset: str = calibration.BUILTIN
+    calib_cache: Path | None = None
+    transformer: TransformerQuantization = field(default_factory=TransformerQuantization)
+    weights: WeightCompression = field(default_factory=WeightCompression)
+    gate_prompts: int = 4
+    min_psnr: float = DEFAULT_MIN_PSNR
+    min_ssim: float = DEFAULT_MIN_SSIM
+    overwrite: bool = False
+
+
+@dataclass
+class SizeRow:
+    component: str
+    before_bytes: int
+    after_bytes: int
+
+    @property
+    def rate(self) -> float:
+        return self.before_bytes / self.after_bytes if self.after_bytes else float("nan")
+
+
+def _ir_bytes(folder: Path, component: str) -> int:
+    xml = layout.model_xml(folder, component)
+    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size if xml.exists() else 0
+
+
+def size_table(rows: list[SizeRow]) -> str:
+    lines = [f"{'component':16s}{'before MB':>12s}{'after MB':>12s}{'compression':>13s}"]
+    for row in rows:
+        lines.append(f"{row.component:16s}{row.before_bytes / 1e6:12,.1f}{row.after_bytes / 1e6:12,.1f}"
+                     f"{row.rate:12.3f}x")
+    before, after = sum(r.before_bytes for r in rows), sum(r.after_bytes for r in rows)
+    lines.append(f"{'total':16s}{before / 1e6:12,.1f}{after / 1e6:12,.1f}{before / after:12.3f}x")
+    return "\n".join(lines)
+
+
+def _copy_everything_but_models(source: Path, staging: Path) -> None:
+    def skip(folder, names):
+        return [name for name in names if name.startswith(layout.MODEL_XML.rsplit(".", 1)[0])
+                and Path(folder).name in layout.MODEL_COMPONENTS]
+
+    shutil.copytree(source, staging, ignore=skip, dirs_exist_ok=True)
+
+
+def _quiet_nncf() -> None:
+    # NNCF logs tables and per-node lines at INFO; ovsd3 prints its own summary.
+    import logging
+
+    from nncf.common.logging import nncf_logger
+
+    nncf_logger.setLevel(logging.ERROR)
+
+
+def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print) -> dict:
+    import openvino as ov
+
+    _quiet_nncf()
+
+    from ovsd3.runtime.pipeline import check_folder
+
+    source = Path(request.source)
+    try:
+        check_folder(source)
+    except OvsdError as error:
+        raise OvsdError(f"IN must be a folder from `ovsd3 convert` or optimum-intel: {error}") from None
+    if request.calib < 1:
+        raise OvsdError(f"--calib must be at least 1 (got {request.calib})")
+    if request.calib_size <= 0 or request.calib_size % 16:
+        raise OvsdError(f"--calib-size must be a positive multiple of 16 (got {request.calib_size})")
+    if request.gate_prompts < 1:
+        raise OvsdError("--gate-prompts must be at least 1: the quality gate always runs")
+    request.weights.check()
+    output = AtomicOutput(request.output, overwrite=request.overwrite)
+    output.check()
+    started = time.perf_counter()
+
+    record = layout.FolderRecord.load(source)
+    if record is None:  # an optimum-intel folder: its scheduler says whether it is a Flash model
+        from ovsd3.runtime.scheduler import FlowMatchSchedule
+
+        flash = FlowMatchSchedule.from_folder(source).stochastic_sampling
+        record = layout.FolderRecord(source=str(source), weight_format="unknown",
+                                     has_t5=layout.model_xml(source, layout.T5).exists(),
+                                     defaults=layout.FLASH_DEFAULTS if flash else layout.GenerationDefaults())
+    defaults = record.defaults
+    plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
+                                       steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)
+    prompts = calibration.load_prompts(request.dataset, plan.prompts_needed, log)
+    cache_dir = request.calib_cache or calibration.default_cache_root() / calibration.cache_key(source, plan, prompts)
+    log(f"[1/4] calibration: {request.calib} transformer inputs from {len(prompts)} prompts x "
+        f"{plan.steps} steps at {plan.size}x{plan.size} (guidance {plan.guidance_scale}), cached in {cache_dir}")
+    calibration.record(source, plan, prompts, cache_dir, log)
+
+    core = ov.Core()
+    rows: list[SizeRow] = []
+    with output as staging:
+        _copy_everything_but_models(source, staging)
+        log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
+        model = core.read_model(layout.model_xml(source, layout.TRANSFORMER))
+        quantized = quantize_transformer(model, calibration.RecordedSamples(cache_dir, request.calib),
+                                         request.transformer)
+        ov.save_model(quantized, layout.model_xml(staging, layout.TRANSFORMER))
+        del model, quantized
+        gc.collect()
+        rows.append(SizeRow(layout.TRANSFORMER, _ir_bytes(source, layout.TRANSFORMER),
+                            _ir_bytes(staging, layout.TRANSFORMER)))
+        log(f"[3/4] text encoders and VAE: {request.weights.mode} weights (group size "
+            f"{request.weights.group_size}, ratio {request.weights.ratio})")
+        for component in WEIGHT_COMPRESSED:
+            if not layout.model_xml(source, component).exists():
+                continue
+            compressed = compress(core.read_model(layout.model_xml(source, component)), request.weights)
+            ov.save_model(compressed, layout.model_xml(staging, component))
+            del compressed
+            gc.collect()
+            rows.append(SizeRow(component, _ir_bytes(source, component), _ir_bytes(staging, component)))
+        log(size_table(rows))
+
+        from calibration import heldout_prompts
+
+        gate = GateSettings(prompts=tuple(heldout_prompts()[: request.gate_prompts]), size=request.calib_size,
+                            steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
+                            min_psnr=request.min_psnr, min_ssim=request.min_ssim)
+        log(f"[4/4] quality gate: {len(gate.prompts)} held-out prompts, same seeds, original vs quantized")
+        report = run_gate(source, staging, gate)
+        log("      image PSNR " + ", ".join(f"{value:.1f}" for value in report.image_psnr)
+            + f" dB (mean {report.mean_psnr:.1f}); SSIM " + ", ".join(f"{v:.3f}" for v in report.image_ssim)
+            + f" (mean {report.mean_ssim:.3f})")
+        log("      transformer output PSNR per step: " + ", ".join(f"{v:.1f}" for v in report.step_psnr) + " dB")
+        if not report.passed:
+            raise OvsdError(f"quality gate failed: mean image PSNR {report.mean_psnr:.1f} dB (needs "
+                            f">= {gate.min_psnr}), mean SSIM {report.mean_ssim:.3f} (needs >= {gate.min_ssim}); "
+                            f"nothing was written")
+        summary = {"calibration": {**asdict(plan), "dataset": request.dataset},
+                   "transformer": asdict(request.transformer), "weights": asdict(request.weights),
+                   "sizes": {row.component: {"before_bytes": row.before_bytes, "after_bytes": row.after_bytes}
+                             for row in rows},
+                   "gate": report.as_dict()}
+        record.quantization = summary
+        record.ovsd3_version = __version__
+        record.save(staging)
+    log(f"wrote {output.target} in {time.perf_counter() - started:.0f} s")
+    return summary
