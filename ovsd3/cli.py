@@ -79,6 +79,9 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--smooth-quant-alpha", type=float, default=None)
     parser.add_argument("--ignore", action="append", default=[], metavar="NODE",
                         help="keep this transformer node in float too (repeatable)")
+    parser.add_argument("--slices", type=int, default=None,
+                        help="quantize the transformer in this many block ranges (default: by size, so "
+                             "SD3 Medium fits in 24 GB; 1 = whole)")
     parser.add_argument("--weights", choices=("int4_sym", "int4_asym", "int8"), default="int4_sym")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.8)
@@ -103,7 +106,8 @@ def _run_quantize(args) -> int:
         source=args.source, output=args.output, calib=args.calib, calib_size=args.calib_size,
         dataset=args.dataset, calib_cache=args.calib_cache,
         transformer=TransformerQuantization(subset_size=args.calib, preset=args.preset,
-                                            smooth_quant_alpha=args.smooth_quant_alpha, ignore=tuple(args.ignore)),
+                                            smooth_quant_alpha=args.smooth_quant_alpha, ignore=tuple(args.ignore),
+                                            slices=args.slices),
         weights=WeightCompression(mode=args.weights, group_size=args.group_size, ratio=args.ratio),
         gate_prompts=args.gate_prompts,
         min_psnr=DEFAULT_MIN_PSNR if args.min_psnr is None else args.min_psnr,

@@ -125,8 +125,9 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
         _copy_everything_but_models(source, staging)
         log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
         model = core.read_model(layout.model_xml(source, layout.TRANSFORMER))
+        weight_bytes = layout.model_xml(source, layout.TRANSFORMER).with_suffix(".bin").stat().st_size
         quantized = quantize_transformer(model, calibration.RecordedSamples(cache_dir, request.calib),
-                                         request.transformer)
+                                         request.transformer, weight_bytes=weight_bytes, log=log)
         ov.save_model(quantized, layout.model_xml(staging, layout.TRANSFORMER))
         del model, quantized
         gc.collect()
