@@ -184,7 +184,15 @@ def quantize_in_slices(model, samples: Iterable[dict], quantize_slice: Callable,
             blocks = f"blocks {start or 0}-{(end or block_count) - 1}"
             log(f"      slice {index + 1}/{len(bounds) - 1} ({blocks})")
             inputs = _stream(current)
-            quantized.append(quantize_slice(piece, inputs, index))
+            # Calibrate each slice with static shapes (those of the samples) and give it its dynamic ones
+            # back afterwards: OpenVINO's CPU plugin corrupted its heap running NNCF's statistics model of
+            # a dynamic-shape middle slice of SD3 Medium (openvino 2026.4.1).
+            dynamic = {p.get_friendly_name(): p.get_partial_shape() for p in piece.get_parameters()}
+            first = next(iter(inputs))
+            piece.reshape({name: ov.PartialShape(list(first[name].shape)) for name in dynamic})
+            done = quantize_slice(piece, inputs, index)
+            done.reshape({p.get_friendly_name(): dynamic[p.get_friendly_name()] for p in done.get_parameters()})
+            quantized.append(done)
             if end is not None:  # the next slice's inputs: this slice's float outputs
                 following = scratch / f"inputs_{index + 1}"
                 following.mkdir()

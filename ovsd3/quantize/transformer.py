@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -49,34 +48,6 @@ def patch_embedding_convolution(model) -> str:
     raise OvsdError("no Convolution is fed by hidden_states: is this an SD3 transformer?")
 
 
-@contextlib.contextmanager
-def statistics_at_device_precision():
-    """Let NNCF collect statistics at the CPU's default precision (bf16 where the CPU has it).
-
-    NNCF's OpenVINO engine forces f32, which expands the transformer's fp16 weights to 8.3 GB for every
-    statistics pass (SD3 Medium); together with the copy of the weights SmoothQuant writes, that exceeds
-    24 GB. Activation ranges measured in bf16 differ negligibly. NNCF offers no option for this, so its
-    engine factory is wrapped for the duration of the call and restored after.
-    """
-    from nncf.common.factory import EngineFactory
-    from nncf.openvino.engine import OVNativeEngine
-
-    original = EngineFactory.create
-
-    def create(model):
-        import openvino as ov
-
-        if isinstance(model, ov.Model):
-            return OVNativeEngine(model, use_fp32_precision=False)
-        return original(model)
-
-    EngineFactory.create = staticmethod(create)
-    try:
-        yield
-    finally:
-        EngineFactory.create = staticmethod(original)
-
-
 def quantize_transformer(model, samples, options: TransformerQuantization, weight_bytes: int = 0,
                          log=print):
     """``model`` (ov.Model) quantized to INT8 with ``samples`` (an iterable of input dicts), in slices of
@@ -99,11 +70,10 @@ def quantize_transformer(model, samples, options: TransformerQuantization, weigh
 
     def quantize(piece, piece_samples, index=0):
         names = sorted(keep_in_float & {op.get_friendly_name() for op in piece.get_ops()})
-        with statistics_at_device_precision():
-            return nncf.quantize(piece, nncf.Dataset(piece_samples), model_type=nncf.ModelType.TRANSFORMER,
-                                 subset_size=options.subset_size, preset=preset,
-                                 ignored_scope=nncf.IgnoredScope(names=names, validate=False),
-                                 advanced_parameters=advanced)
+        return nncf.quantize(piece, nncf.Dataset(piece_samples), model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=options.subset_size, preset=preset,
+                             ignored_scope=nncf.IgnoredScope(names=names, validate=False),
+                             advanced_parameters=advanced)
 
     slices = options.slices or slice_count(weight_bytes)
     if slices <= 1:
