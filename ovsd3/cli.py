@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -40,12 +41,19 @@ def _add_convert(subparsers) -> None:
     parser.set_defaults(handler=_run_convert)
 
 
-def _run_convert(args) -> int:
+@contextlib.contextmanager
+def _convert_extras_needed(task: str):
+    """A runtime-only install lacks torch, nncf and friends: say which and how to get them."""
     try:
-        from ovsd3.convert import ConvertRequest, convert_model
+        yield
     except ImportError as error:
-        raise OvsdError(f"conversion needs the convert extras ({error.name} is missing): "
+        raise OvsdError(f"{task} needs the convert extras ({error.name} is missing): "
                         f"pip install 'ovsd3[convert]'") from None
+
+
+def _run_convert(args) -> int:
+    with _convert_extras_needed("conversion"):
+        from ovsd3.convert import ConvertRequest, convert_model
     convert_model(ConvertRequest(
         model=args.model, output=args.output, flash_lora=args.flash_lora, with_t5=not args.no_t5,
         weight_format=args.weight_format, overwrite=args.overwrite, min_psnr=args.min_psnr,
@@ -93,15 +101,13 @@ def _add_quantize(subparsers) -> None:
 
 
 def _run_quantize(args) -> int:
-    try:
+    with _convert_extras_needed("quantization"):
+        import nncf  # noqa: F401
+
         from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM
         from ovsd3.quantize.pipeline import QuantizeRequest, quantize_folder
         from ovsd3.quantize.transformer import TransformerQuantization
         from ovsd3.quantize.weights import WeightCompression
-        import nncf  # noqa: F401
-    except ImportError as error:
-        raise OvsdError(f"quantization needs the convert extras ({error.name} is missing): "
-                        f"pip install 'ovsd3[convert]'") from None
     quantize_folder(QuantizeRequest(
         source=args.source, output=args.output, calib=args.calib, calib_size=args.calib_size,
         dataset=args.dataset, calib_cache=args.calib_cache,
