@@ -68,11 +68,9 @@ def main() -> int:
                         help="T5 tokens for ovsd3 (repeatable; default 256, as diffusers). Without T5, diffusers "
                              "and ovsd3 append that many zero tokens; openvino.genai's sequence is shorter")
     args = parser.parse_args()
-    from ovsd3.layout import FolderRecord, GenerationDefaults
+    from ovsd3.runtime.pipeline import folder_record
 
-    record = FolderRecord.load(args.folder)
-    guidance = args.guidance if args.guidance is not None else (
-        record.defaults if record else GenerationDefaults()).guidance_scale
+    guidance = args.guidance if args.guidance is not None else folder_record(args.folder).defaults.guidance_scale
     print(f"{args.folder}: {args.size}x{args.size}, {args.steps} steps, guidance {guidance}, "
           f"median of {args.repeats}, CPU", flush=True)
     lengths = args.max_sequence_length or [256]

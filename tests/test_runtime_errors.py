@@ -92,3 +92,10 @@ def test_per_component_devices_generate(ov_sd3, tmp_path, capsys):
     code = main(["run", str(ov_sd3), "--prompt", "a cat", "--no-cache", "--steps", "2", "--width", "64",
                  "--height", "64", "--device", "transformer=CPU,text=AUTO,vae=CPU", "--output", str(tmp_path)])
     assert code == 0 and len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_static_shapes_on_a_guidance_free_folder(ov_flash, tmp_path):
+    """--static takes guidance from the folder's defaults (Flash: none, so the transformer batch is 1)."""
+    code = main(["run", str(ov_flash), "--prompt", "a cat", "--static", "--width", "64", "--height", "64",
+                 "--no-cache", "--output", str(tmp_path)])
+    assert code == 0 and len(list(tmp_path.glob("*.png"))) == 1

@@ -84,7 +84,7 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
 
     _quiet_nncf()
 
-    from ovsd3.runtime.pipeline import check_folder
+    from ovsd3.runtime.pipeline import check_folder, folder_record
 
     source = Path(request.source)
     try:
@@ -102,14 +102,7 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     output.check()
     started = time.perf_counter()
 
-    record = layout.FolderRecord.load(source)
-    if record is None:  # an optimum-intel folder: its scheduler says whether it is a Flash model
-        from ovsd3.runtime.scheduler import FlowMatchSchedule
-
-        flash = FlowMatchSchedule.from_folder(source).stochastic_sampling
-        record = layout.FolderRecord(source=str(source), weight_format="unknown",
-                                     has_t5=layout.model_xml(source, layout.T5).exists(),
-                                     defaults=layout.FLASH_DEFAULTS if flash else layout.GenerationDefaults())
+    record = folder_record(source)
     defaults = record.defaults
     plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
                                        steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)

@@ -86,7 +86,7 @@ def extract(model, stage: dict, start: int | None, end: int | None):
 
     clone = model.clone()
     by_name = {op.get_friendly_name(): op for op in clone.get_ops()}
-    parameters = []
+    entering = {}  # tensor -> the Parameter standing for it in this slice
     if start is not None:
         for tensor in crossing(model, stage, start):
             output = by_name[tensor[0]].output(tensor[1])
@@ -94,35 +94,32 @@ def extract(model, stage: dict, start: int | None, end: int | None):
                                       name=cut_name(start, tensor))
             parameter.output(0).get_tensor().set_names({cut_name(start, tensor)})
             output.replace(parameter.output(0))
-            parameters.append(parameter)
+            entering[tensor] = parameter
     if end is None:
         results = list(clone.get_results())
     else:
         results = []
         for tensor in crossing(model, stage, end):
-            op = by_name[tensor[0]]
-            if start is not None and tensor in crossing(model, stage, start):  # passes straight through
-                parameter = next(p for p in parameters if p.get_friendly_name() == cut_name(start, tensor))
+            if tensor in entering:  # passes straight through
+                parameter = entering[tensor]
                 # Not the Parameter itself: a compiled model keeps only a Result's names where a Parameter
                 # feeds it directly, and the slice would lose this input's name.
                 source = ops.convert(parameter, parameter.get_element_type()).output(0)
             else:
-                source = op.output(tensor[1])
+                source = by_name[tensor[0]].output(tensor[1])
             result = ops.result(source)
             # A Result shares its input's tensor: add the name, or a pass-through would lose its input name.
             result.get_output_tensor(0).add_names({cut_name(end, tensor)})
             result.set_friendly_name(cut_name(end, tensor))
             results.append(result)
-    originals = [p for p in clone.get_parameters()]
-    sliced = ov.Model(results, parameters + originals, f"slice_{start}_{end}")
-    used = _reachable_parameters(sliced)
-    return ov.Model(results, [p for p in parameters + originals if p.get_friendly_name() in used],
-                    f"slice_{start}_{end}")
+    used = _reachable_parameters(results)
+    candidates = [*entering.values(), *clone.get_parameters()]
+    return ov.Model(results, [p for p in candidates if p.get_friendly_name() in used], f"slice_{start}_{end}")
 
 
-def _reachable_parameters(model) -> set[str]:
-    """Parameters the results actually depend on (walking back from them)."""
-    seen, stack, found = set(), list(model.get_results()), set()
+def _reachable_parameters(results) -> set[str]:
+    """Names of the Parameters the results actually depend on (walking back from them)."""
+    seen, stack, found = set(), list(results), set()
     while stack:
         op = stack.pop()
         name = op.get_friendly_name()  # Python wrappers are new on every access: compare names
@@ -130,7 +127,7 @@ def _reachable_parameters(model) -> set[str]:
             continue
         seen.add(name)
         if op.get_type_name() == "Parameter":
-            found.add(op.get_friendly_name())
+            found.add(name)
         stack.extend(value.get_node() for value in op.input_values())
     return found
 

@@ -60,7 +60,7 @@ def _write_preview(step, folder: Path) -> None:
 
 def run(args) -> int:
     from ovsd3.runtime.images import save_png
-    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape
+    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape, check_folder, folder_record
 
     if args.steps is not None and args.steps < 1:
         raise OvsdError(f"--steps must be at least 1 (got {args.steps})")
@@ -73,16 +73,12 @@ def run(args) -> int:
     if args.static:
         if not (args.width and args.height):
             raise OvsdError("--static needs --width and --height")
-        guidance_on = args.guidance is None or args.guidance > 1.0
+        check_folder(args.model_dir)
+        guidance = folder_record(args.model_dir).defaults.guidance_scale if args.guidance is None else args.guidance
         static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
-                             guidance=guidance_on, max_sequence_length=args.max_sequence_length)
+                             guidance=guidance > 1.0, max_sequence_length=args.max_sequence_length)
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
                             cache_dir=None if args.no_cache else (args.cache_dir or "default"))
-    if static is not None and args.guidance is None and pipe.defaults.guidance_scale <= 1.0:
-        pipe = SD3Pipeline.load(args.model_dir, device=args.device, precision=args.precision,
-                                static=StaticShape(args.width, args.height, static.batch, False,
-                                                   args.max_sequence_length),
-                                cache_dir=None if args.no_cache else (args.cache_dir or "default"))
     print(f"loaded {args.model_dir} on {args.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)
     progress = ProgressBar()

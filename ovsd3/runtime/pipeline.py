@@ -24,7 +24,7 @@ from ovsd3.runtime import images as image_io
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
 from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, flash_step, img2img_start,
                                      predicted_clean)
-from ovsd3.runtime.text import PromptEmbeddings, TextEncoders
+from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
 
 REQUIRED = (layout.TRANSFORMER, layout.CLIP_L, layout.CLIP_G, layout.VAE_DECODER)
 
@@ -51,6 +51,18 @@ def check_folder(folder: Path) -> None:
     for tokenizer in ("tokenizer", "tokenizer_2"):
         if not (folder / tokenizer / layout.TOKENIZER_XML).exists():
             raise OvsdError(f"{folder} is missing its OpenVINO {tokenizer} ({tokenizer}/{layout.TOKENIZER_XML})")
+
+
+def folder_record(folder: Path) -> layout.FolderRecord:
+    """The folder's ovsd3.json, or for an optimum-intel folder one derived from it: its scheduler says
+    whether it samples the Flash way (and so which defaults apply)."""
+    record = layout.FolderRecord.load(folder)
+    if record is not None:
+        return record
+    flash = FlowMatchSchedule.from_folder(folder).stochastic_sampling
+    return layout.FolderRecord(source=str(folder), weight_format="unknown",
+                               has_t5=layout.model_xml(folder, layout.T5).exists(),
+                               defaults=layout.FLASH_DEFAULTS if flash else layout.GenerationDefaults())
 
 
 @dataclass(frozen=True)
@@ -121,11 +133,7 @@ class SD3Pipeline:
         self.shift_factor = float(vae_config.get("shift_factor", 0.0609))
         self.schedule = FlowMatchSchedule.from_folder(folder)
         self.has_t5 = layout.model_xml(folder, layout.T5).exists() and (folder / "tokenizer_3").exists()
-        record = layout.FolderRecord.load(folder)
-        if record is not None:
-            self.defaults = record.defaults
-        else:  # an optimum-intel folder: its scheduler says whether it samples the Flash way
-            self.defaults = layout.FLASH_DEFAULTS if self.schedule.stochastic_sampling else layout.GenerationDefaults()
+        self.defaults = folder_record(folder).defaults
 
         latent_size = None if static is None else (static.height // self.vae_scale_factor,
                                                    static.width // self.vae_scale_factor)
@@ -136,7 +144,7 @@ class SD3Pipeline:
         self.transformer = compiler.compile(layout.TRANSFORMER, None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
             "timestep": [transformer_batch],
-            "encoder_hidden_states": [transformer_batch, 77 + static.max_sequence_length,
+            "encoder_hidden_states": [transformer_batch, CLIP_MAX_LENGTH + static.max_sequence_length,
                                       int(transformer_config["joint_attention_dim"])],
             "pooled_projections": [transformer_batch, int(transformer_config["pooled_projection_dim"])]})
         self.vae_decoder = compiler.compile(layout.VAE_DECODER, None if static is None else {
@@ -154,7 +162,6 @@ class SD3Pipeline:
         ``cache_dir``: OpenVINO's model cache (``None`` for none); a second start then skips compiling.
         ``precision``: ``"f32"`` to force full-precision execution."""
         folder = Path(folder)
-        check_folder(folder)
         options = CompileOptions(plan=DevicePlan.parse(device),
                                  cache_dir=default_cache_dir() if cache_dir == "default" else
                                  (Path(cache_dir) if cache_dir is not None else None),
@@ -241,9 +248,7 @@ class SD3Pipeline:
 
     def _encode_image(self, pixels: np.ndarray, noise) -> np.ndarray:
         """Image in [-1, 1] -> scaled latents, sampling the VAE posterior as diffusers does."""
-        started = time.perf_counter()
-        moments = self.vae_encoder({"sample": pixels})[0]
-        self.infer_seconds["vae"] += time.perf_counter() - started
+        moments = self._infer("vae", self.vae_encoder, {"sample": pixels})
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         sample = mean + std * noise(mean.shape)
@@ -251,12 +256,16 @@ class SD3Pipeline:
 
     # -- sampling ---------------------------------------------------------------------------------------
 
+    def _infer(self, part: str, compiled, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One inference, its time counted under ``part`` (what is not counted is Python overhead)."""
+        started = time.perf_counter()
+        out = compiled(inputs)[0]
+        self.infer_seconds[part] += time.perf_counter() - started
+        return out
+
     def run_transformer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One transformer call. Calibration and the quality gate subclass this to watch every call."""
-        started = time.perf_counter()
-        out = self.transformer(inputs)[0]
-        self.infer_seconds["transformer"] += time.perf_counter() - started
-        return out
+        return self._infer("transformer", self.transformer, inputs)
 
     def velocity(self, latents: np.ndarray, timestep: float, embeds: PromptEmbeddings,
                  guidance_scale: float) -> np.ndarray:
@@ -289,9 +298,8 @@ class SD3Pipeline:
             yield Step(index, total, sigma, job.latents, denoised)
 
     def decode(self, latents: np.ndarray) -> list:
-        started = time.perf_counter()
-        pixels = self.vae_decoder({"latent_sample": latents / self.scaling_factor + self.shift_factor})[0]
-        self.infer_seconds["vae"] += time.perf_counter() - started
+        pixels = self._infer("vae", self.vae_decoder,
+                             {"latent_sample": latents / self.scaling_factor + self.shift_factor})
         return image_io.to_pil(pixels)
 
     def __call__(self, prompt: str | list[str], *, callback: Callable[[Step], None] | None = None,
