@@ -123,6 +123,12 @@ def _run_quantize(args) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    from ovsd3.report.cli import add_parsers
+
+    add_parsers(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsd3", description="Stable Diffusion 3 on OpenVINO")
     parser.add_argument("--version", action="version", version=f"ovsd3 {__version__}")
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_run(subparsers)
     _add_quantize(subparsers)
+    _add_report(subparsers)
     return parser
 
 

@@ -69,3 +69,9 @@ class FolderRecord:
 
 def model_xml(folder: Path, component: str) -> Path:
     return Path(folder) / component / MODEL_XML
+
+
+def ir_bytes(folder: Path, component: str) -> int:
+    """Bytes of a component's IR (xml + bin) on disk; 0 when the folder has no such component."""
+    xml = model_xml(folder, component)
+    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size if xml.exists() else 0

@@ -226,7 +226,7 @@ def save_random_pipeline(arch: SD3Arch, path: str | Path, *, with_t5: bool = Tru
 
 
 def save_random_lora(transformer, path: str | Path, *, rank: int = 4, lora_alpha: float = 8.0,
-                     seed: int = 0, targets=FLASH_LORA_TARGETS) -> Path:
+                     seed: int = 0, targets=FLASH_LORA_TARGETS, std: float = 0.2) -> Path:
     """Write a random PEFT adapter shaped like Flash SD3's (same target modules) for ``transformer``.
 
     PEFT initialises lora_B to zero (a no-op adapter); both factors are randomised here so that a
@@ -240,7 +240,7 @@ def save_random_lora(transformer, path: str | Path, *, rank: int = 4, lora_alpha
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, std)
     path = Path(path)
     peft_model.save_pretrained(path)
     # Undo the injection so the caller's transformer is left as it was.

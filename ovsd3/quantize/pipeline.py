@@ -47,11 +47,6 @@ class SizeRow:
         return self.before_bytes / self.after_bytes if self.after_bytes else float("nan")
 
 
-def _ir_bytes(folder: Path, component: str) -> int:
-    xml = layout.model_xml(folder, component)
-    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size if xml.exists() else 0
-
-
 def size_table(rows: list[SizeRow]) -> str:
     lines = [f"{'component':16s}{'before MB':>12s}{'after MB':>12s}{'compression':>13s}"]
     for row in rows:
@@ -124,8 +119,8 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
         ov.save_model(quantized, layout.model_xml(staging, layout.TRANSFORMER))
         del model, quantized
         gc.collect()
-        rows.append(SizeRow(layout.TRANSFORMER, _ir_bytes(source, layout.TRANSFORMER),
-                            _ir_bytes(staging, layout.TRANSFORMER)))
+        rows.append(SizeRow(layout.TRANSFORMER, layout.ir_bytes(source, layout.TRANSFORMER),
+                            layout.ir_bytes(staging, layout.TRANSFORMER)))
         log(f"[3/4] text encoders and VAE: {request.weights.mode} weights (group size "
             f"{request.weights.group_size}, ratio {request.weights.ratio})")
         for component in WEIGHT_COMPRESSED:
@@ -135,7 +130,7 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
             ov.save_model(compressed, layout.model_xml(staging, component))
             del compressed
             gc.collect()
-            rows.append(SizeRow(component, _ir_bytes(source, component), _ir_bytes(staging, component)))
+            rows.append(SizeRow(component, layout.ir_bytes(source, component), layout.ir_bytes(staging, component)))
         log(size_table(rows))
 
         from calibration import heldout_prompts

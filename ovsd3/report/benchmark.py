@@ -1,0 +1,189 @@
+"""`ovsd3 benchmark`: images per second across batch sizes, and against openvino.genai and diffusers.
+
+    ovsd3 benchmark sd3-ov --batch 1,2,4 --steps 4 --size 512 --peers --torch-model ./sd3-medium
+
+Every runner (ovsd3, each peer) runs in its own child process, one after another, so only one pipeline is in
+memory at a time and each one's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ovsd3 import __version__, layout
+from ovsd3.atomic import AtomicOutput
+from ovsd3.errors import OvsdError
+from ovsd3.report import figures
+from ovsd3.report.children import run_child
+from ovsd3.report.compare import _processor_name
+from ovsd3.report.stats import Spread
+from ovsd3.runtime.pipeline import check_folder, folder_record
+
+OVSD3 = "ovsd3"
+PEERS = ("genai", "genai+taylorseer", "diffusers-fp32", "diffusers-bf16")
+PEER_FAMILIES = ("genai", "diffusers")
+PROMPT = "a lighthouse on a rocky coast during a storm, dramatic clouds"
+
+
+@dataclass
+class BenchmarkRequest:
+    folder: Path
+    out: Path
+    batches: list[int] = field(default_factory=lambda: [1, 2, 4])
+    steps: int | None = None  # default: the folder's
+    guidance_scale: float | None = None
+    size: int = 512
+    repeats: int = 3
+    device: str = "AUTO"
+    peers: tuple[str, ...] = ()  # of PEER_FAMILIES
+    torch_model: str | None = None  # the PyTorch (diffusers) model the folder came from, for the diffusers peers
+    overwrite: bool = False
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise OvsdError(f"--batch takes batch sizes separated by commas, such as 1,2,4 (got {text!r})") from None
+    if not batches or min(batches) < 1:
+        raise OvsdError(f"batch sizes must be positive (got {text!r})")
+    return sorted(set(batches))
+
+
+def parse_peers(text: str) -> tuple[str, ...]:
+    """``all``, or some of genai and diffusers, comma-separated."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["all"]:
+        return PEER_FAMILIES
+    unknown = [name for name in names if name not in PEER_FAMILIES]
+    if unknown or not names:
+        raise OvsdError(f"--peers takes all, or {' and '.join(PEER_FAMILIES)} separated by commas (got {text!r})")
+    return tuple(name for name in PEER_FAMILIES if name in names)
+
+
+def _is_torch_folder(path: Path) -> bool:
+    """A diffusers folder with PyTorch weights (an OpenVINO folder has a model_index.json too)."""
+    return (path / layout.MODEL_INDEX).exists() and not layout.model_xml(path, layout.TRANSFORMER).exists()
+
+
+def _torch_model(request: BenchmarkRequest, record: layout.FolderRecord, log) -> str | None:
+    """The diffusers peers need the PyTorch model: --torch-model, else the folder's source when it is a local
+    folder that still exists."""
+    if request.torch_model:
+        return request.torch_model
+    if Path(record.source).is_dir() and _is_torch_folder(Path(record.source)):
+        return record.source
+    log(f"note: no PyTorch model for the diffusers peers (the folder's source {record.source!r} is not a local "
+        f"folder here); pass --torch-model to time diffusers too")
+    return None
+
+
+def _tasks(request: BenchmarkRequest, record: layout.FolderRecord, settings: dict, log) -> dict[str, dict]:
+    common = {"folder": str(request.folder.resolve()), "device": request.device, "prompt": PROMPT,
+              "batches": request.batches, "repeats": request.repeats, **settings}
+    tasks = {OVSD3: {"name": "ovsd3_batches", **common}}
+    if "genai" in request.peers:
+        tasks["genai"] = {"name": "genai_batches", "taylorseer": False, **common}
+        tasks["genai+taylorseer"] = {"name": "genai_batches", "taylorseer": True, **common}
+    torch_model = _torch_model(request, record, log) if "diffusers" in request.peers else None
+    if torch_model is not None:
+        if request.device not in ("AUTO", "CPU"):
+            log(f"note: diffusers runs on the CPU, ovsd3 on {request.device}")
+        for dtype in ("fp32", "bf16"):
+            tasks[f"diffusers-{dtype}"] = {"name": "diffusers_batches", "torch_model": torch_model, "dtype": dtype,
+                                           "with_t5": record.has_t5, "flash_lora": record.flash_lora, **common}
+    return tasks
+
+
+def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
+    check_folder(request.folder)
+    if request.repeats < 1:
+        raise OvsdError(f"--repeats must be at least 1 (got {request.repeats})")
+    if request.size <= 0 or request.size % 16:
+        raise OvsdError(f"--size must be a positive multiple of 16 (got {request.size})")
+    record = folder_record(request.folder)
+    settings = {"steps": request.steps or record.defaults.num_inference_steps,
+                "guidance_scale": (record.defaults.guidance_scale if request.guidance_scale is None
+                                   else request.guidance_scale),
+                "width": request.size, "height": request.size, "max_sequence_length": 256}
+    if settings["steps"] < 1:
+        raise OvsdError(f"--steps must be at least 1 (got {settings['steps']})")
+    output = AtomicOutput(request.out, overwrite=request.overwrite)
+    output.check()
+    tasks = _tasks(request, record, settings, log)
+    runners = {}
+    for runner, task in tasks.items():
+        log(f"{runner}: batches {','.join(map(str, request.batches))}, {settings['steps']} steps, guidance "
+            f"{settings['guidance_scale']}, {request.size}x{request.size}, median of {request.repeats}")
+        result = run_child(task)
+        batches = {}
+        for batch in request.batches:
+            seconds = Spread.of(result["seconds"][str(batch)])
+            batches[str(batch)] = {"seconds_per_call": seconds.to_json(),
+                                   "seconds_per_image": seconds.median / batch,
+                                   "images_per_second": batch / seconds.median}
+            log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
+        runners[runner] = {"batches": batches, "peak_rss_bytes": result["peak_rss_bytes"],
+                           **{key: value for key, value in result.items() if key not in ("seconds", "peak_rss_bytes")}}
+    for runner in runners.values():  # time ratio: how many times longer than ovsd3 the same call takes
+        for batch, figures_ in runner["batches"].items():
+            ours = runners[OVSD3]["batches"][batch]["seconds_per_call"]["median"]
+            figures_["time_vs_ovsd3"] = figures_["seconds_per_call"]["median"] / ours
+    ovsd3_result = runners[OVSD3]
+    report = {
+        "ovsd3_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "folder": str(request.folder.resolve()),
+        "machine": {"openvino": ovsd3_result.pop("openvino"), "device": request.device,
+                    "execution_devices": ovsd3_result.pop("execution_devices"),
+                    "device_names": ovsd3_result.pop("device_names"), "cpu_count": os.cpu_count(),
+                    "processor": _processor_name()},
+        "settings": {"prompt": PROMPT, "batches": request.batches, "repeats": request.repeats, **settings},
+        "runners": runners,
+        "files": {"markdown": "benchmark.md", "chart": "benchmark.png"},
+    }
+    with output as staging:
+        figures.benchmark_chart({name: {int(batch): values["seconds_per_call"]["median"]
+                                        for batch, values in runner["batches"].items()}
+                                 for name, runner in runners.items()}, staging / "benchmark.png",
+                                f"{request.folder.resolve().name}: {settings['steps']} steps, "
+                                f"{request.size}x{request.size}, {report['machine']['processor']}")
+        (staging / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "benchmark.md").write_text(markdown(report))
+    log(markdown(report))
+    log(f"wrote {request.out}")
+    return report
+
+
+def markdown(report: dict) -> str:
+    settings, machine, runners = report["settings"], report["machine"], report["runners"]
+    batches = [str(batch) for batch in settings["batches"]]
+    lines = [f"# ovsd3 benchmark: {Path(report['folder']).name}", "",
+             f"{settings['steps']} steps, guidance {settings['guidance_scale']}, {settings['width']}x"
+             f"{settings['height']}, median of {settings['repeats']} calls per batch. Machine: "
+             f"{machine['processor']} ({machine['cpu_count']} CPUs); device {machine['device']} -> "
+             f"{', '.join(machine['execution_devices'])}; OpenVINO {machine['openvino']}.", "",
+             "| runner | " + " | ".join(f"batch {batch}: s/image" for batch in batches)
+             + " | " + " | ".join(f"batch {batch}: images/s" for batch in batches)
+             + " | time vs ovsd3 (per batch) | peak RSS (GiB) |",
+             "|---|" + "---|" * (2 * len(batches) + 2)]
+    for name, runner in runners.items():
+        ratios = ", ".join(f"{runner['batches'][batch]['time_vs_ovsd3']:.2f}" for batch in batches)
+        lines.append(f"| {name} | " + " | ".join(f"{runner['batches'][batch]['seconds_per_image']:.3f}"
+                                                  for batch in batches)
+                     + " | " + " | ".join(f"{runner['batches'][batch]['images_per_second']:.3f}" for batch in batches)
+                     + f" | {ratios} | {runner['peak_rss_bytes'] / 2**30:.2f} |")
+    for name, runner in runners.items():
+        if "transformer_calls" in runner:
+            lines.append("")
+            caching = runner["taylorseer"]
+            how = "off" if caching is None else ", ".join(f"{key} {value}" for key, value in caching.items())
+            lines.append(f"{name}: {runner['transformer_calls']} transformer calls for {settings['steps']} steps "
+                         f"at the last batch (TaylorSeer step caching: {how}).")
+    lines += ["", "![images per second](benchmark.png)", ""]
+    return "\n".join(lines)

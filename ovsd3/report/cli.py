@@ -1,0 +1,80 @@
+"""`ovsd3 report` and `ovsd3 benchmark` on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parsers(subparsers) -> None:
+    report = subparsers.add_parser(
+        "report", help="compare folders: size, speed, quality (report.md/json, image grid, chart)",
+        description="Generate the same prompts with the same seeds, steps and size from two or more folders "
+                    "(typically FP16 and quantized) and compare size, speed and image quality against the first.")
+    report.add_argument("folders", nargs="+", type=Path, metavar="FOLDER", help="the first is the reference")
+    report.add_argument("--out", type=Path, required=True, help="report folder (created atomically)")
+    report.add_argument("--prompts", type=int, default=3, help="number of prompts (default 3)")
+    report.add_argument("--prompt-file", type=Path, default=None,
+                        help="prompts, one a line (default: calibration/heldout_prompts.txt)")
+    report.add_argument("--seed", type=int, default=0, help="prompt i is drawn with seed + i")
+    report.add_argument("--steps", type=int, default=None, help="default: the first folder's")
+    report.add_argument("--guidance", type=float, default=None, help="default: the first folder's")
+    report.add_argument("--size", type=int, default=None, help="square image size (default: the model's)")
+    report.add_argument("--device", default="AUTO")
+    report.add_argument("--clip", default=None, metavar="MODEL",
+                        help="CLIP model (hub id or local folder) for CLIP scores; needs the convert extras")
+    report.add_argument("--label", action="append", default=[], help="a column label per folder (repeat)")
+    report.add_argument("--overwrite", action="store_true")
+    report.set_defaults(handler=_run_report)
+
+    benchmark = subparsers.add_parser(
+        "benchmark", help="images per second across batch sizes, optionally against openvino.genai and diffusers",
+        description="Time generation at several batch sizes; with --peers also openvino.genai (step caching "
+                    "off and on) on the same folder and diffusers on its PyTorch model (fp32 and bf16).")
+    benchmark.add_argument("folder", type=Path, metavar="MODEL_DIR")
+    benchmark.add_argument("--batch", default="1,2,4", help="batch sizes, comma-separated (default 1,2,4)")
+    benchmark.add_argument("--steps", type=int, default=None, help="default: the folder's")
+    benchmark.add_argument("--guidance", type=float, default=None, help="default: the folder's")
+    benchmark.add_argument("--size", type=int, default=512)
+    benchmark.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (default 3)")
+    benchmark.add_argument("--device", default="AUTO")
+    benchmark.add_argument("--peers", nargs="?", const="all", default=None, metavar="PEERS",
+                           help="also run the peers: all (default), or genai and/or diffusers, comma-separated; "
+                                "diffusers needs the PyTorch model")
+    benchmark.add_argument("--torch-model", default=None, metavar="MODEL",
+                           help="the diffusers model the folder was converted from (default: its source, when "
+                                "that is a local folder)")
+    benchmark.add_argument("--out", type=Path, default=None, help="default: benchmark-<folder name>")
+    benchmark.add_argument("--overwrite", action="store_true")
+    benchmark.set_defaults(handler=_run_benchmark)
+
+
+def _needs_report_extras():
+    from ovsd3.errors import OvsdError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise OvsdError("reports draw charts with matplotlib: pip install 'ovsd3[report]'") from None
+
+
+def _run_report(args) -> int:
+    _needs_report_extras()
+    from ovsd3.report.compare import ReportRequest, make_report
+
+    make_report(ReportRequest(folders=args.folders, out=args.out, prompts=args.prompts, prompt_file=args.prompt_file,
+                              seed=args.seed, steps=args.steps, guidance_scale=args.guidance, size=args.size,
+                              device=args.device, clip=args.clip, labels=args.label, overwrite=args.overwrite))
+    return 0
+
+
+def _run_benchmark(args) -> int:
+    _needs_report_extras()
+    from ovsd3.report.benchmark import BenchmarkRequest, parse_batches, parse_peers, run_benchmark
+
+    out = args.out or Path(f"benchmark-{args.folder.resolve().name}")
+    run_benchmark(BenchmarkRequest(folder=args.folder, out=out, batches=parse_batches(args.batch), steps=args.steps,
+                                   guidance_scale=args.guidance, size=args.size, repeats=args.repeats,
+                                   device=args.device,
+                                   peers=parse_peers(args.peers) if args.peers else (), torch_model=args.torch_model,
+                                   overwrite=args.overwrite))
+    return 0

@@ -1,0 +1,265 @@
+"""`ovsd3 report`: two or more folders on the same prompts, seeds, steps and size; size, speed, quality.
+
+    ovsd3 report sd3-ov sd3-int8 --prompts 5 --out report/
+
+The first folder is the reference: compression, speed-up and image agreement are all against it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ovsd3 import __version__, layout
+from ovsd3.atomic import AtomicOutput
+from ovsd3.errors import OvsdError
+from ovsd3.report import figures
+from ovsd3.report.children import run_child
+from ovsd3.report.quality import ClipScorer, image_agreement
+from ovsd3.report.stats import Spread
+from ovsd3.runtime.pipeline import check_folder, folder_record
+
+
+@dataclass
+class ReportRequest:
+    folders: list[Path]
+    out: Path
+    prompts: int = 3
+    prompt_file: Path | None = None  # default: the held-out prompts of calibration/
+    seed: int = 0  # prompt i is drawn with seed + i
+    steps: int | None = None  # default: the first folder's
+    guidance_scale: float | None = None
+    size: int | None = None  # square images; default: the first folder's native size
+    device: str = "AUTO"
+    clip: str | None = None  # CLIP model (hub id or folder) for CLIP scores
+    labels: list[str] = field(default_factory=list)
+    overwrite: bool = False
+
+
+def folder_labels(folders: list[Path], labels: list[str]) -> list[str]:
+    """The folders' names, made unique; or the user's labels, one per folder."""
+    if labels:
+        if len(labels) != len(folders):
+            raise OvsdError(f"{len(labels)} labels for {len(folders)} folders")
+        return list(labels)
+    names = [folder.resolve().name for folder in folders]
+    return [name if names.count(name) == 1 else f"{index + 1}:{name}" for index, name in enumerate(names)]
+
+
+def component_sizes(folder: Path) -> dict[str, int]:
+    return {component: layout.ir_bytes(folder, component) for component in layout.MODEL_COMPONENTS
+            if layout.model_xml(folder, component).exists()}
+
+
+def _prompts(request: ReportRequest) -> list[str]:
+    if request.prompts < 1:
+        raise OvsdError(f"--prompts must be at least 1 (got {request.prompts})")
+    if request.prompt_file is None:
+        from calibration import heldout_prompts
+
+        prompts = heldout_prompts()
+    else:
+        from ovsd3.quantize.calibration import load_prompts
+
+        prompts = load_prompts(str(request.prompt_file), request.prompts)
+    if len(prompts) < request.prompts:
+        raise OvsdError(f"{len(prompts)} prompts available, --prompts asks for {request.prompts}")
+    return prompts[: request.prompts]
+
+
+def _settings(request: ReportRequest) -> dict:
+    first = request.folders[0]
+    defaults = folder_record(first).defaults
+    transformer = json.loads((first / layout.TRANSFORMER / "config.json").read_text())
+    vae_blocks = json.loads((first / layout.VAE_DECODER / "config.json").read_text()).get(
+        "block_out_channels", [0] * 4)
+    native = int(transformer.get("sample_size", 128)) * 2 ** (len(vae_blocks) - 1)
+    size = request.size or native
+    return {"steps": request.steps or defaults.num_inference_steps,
+            "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+            "width": size, "height": size, "max_sequence_length": 256}
+
+
+def _first_starts(folder: Path, device: str) -> dict:
+    """Load time without a model cache is measured by the generation child; here: filling an empty cache,
+    then a new process starting from it."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="ovsd3-report-cache-"))
+    try:
+        task = {"name": "ovsd3_first_start", "folder": str(folder), "device": device, "cache_dir": str(cache_dir)}
+        filling = run_child(task)["load_seconds"]
+        cached = run_child(task)["load_seconds"]
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return {"cache_fill_seconds": filling, "cached_seconds": cached}
+
+
+def measure_folder(folder: Path, label: str, prompts: list[str], seeds: list[int], settings: dict,
+                   device: str, image_dir: Path) -> dict:
+    generated = run_child({"name": "ovsd3_generate", "folder": str(folder), "device": device, "prompts": prompts,
+                           "seeds": seeds, "image_dir": str(image_dir), **settings})
+    runs = generated["generations"]
+    speed = {
+        "total_seconds": Spread.of(run["total_seconds"] for run in runs).to_json(),
+        "text_seconds": Spread.of(run["text_seconds"] for run in runs).to_json(),
+        "step_seconds": Spread.of(step for run in runs for step in run["step_seconds"]).to_json(),
+        "decode_seconds": Spread.of(run["decode_seconds"] for run in runs).to_json(),
+        "first_start": {"no_cache_seconds": generated["load_seconds"], **_first_starts(folder, device)},
+        "peak_rss_bytes": generated["peak_rss_bytes"],
+    }
+    record = folder_record(folder)
+    return {"label": label, "path": str(folder.resolve()), "weight_format": record.weight_format,
+            "quantized": record.quantization is not None, "speed": speed, "images": generated["images"],
+            "machine": {key: generated[key] for key in ("openvino", "execution_devices", "device_names")}}
+
+
+def _relative(folders: list[dict], reference: dict, clip_scores: list[list[float]] | None) -> None:
+    """Fill in what each folder is against the first: compression, speed-up, image agreement."""
+    for index, folder in enumerate(folders):
+        folder["size"]["compression"] = reference["size"]["total_bytes"] / folder["size"]["total_bytes"]
+        folder["size"]["component_compression"] = {
+            name: reference["size"]["components"][name] / size
+            for name, size in folder["size"]["components"].items() if name in reference["size"]["components"]}
+        folder["speed"]["speedup"] = {
+            part: reference["speed"][f"{part}_seconds"]["median"] / folder["speed"][f"{part}_seconds"]["median"]
+            for part in ("total", "text", "step", "decode")}
+        quality = {"reference": index == 0, "psnr_db": None, "ssim": None, "mean_psnr_db": None, "mean_ssim": None}
+        if index:
+            agreement = image_agreement(reference["images"], folder["images"])
+            quality.update(agreement, mean_psnr_db=_mean(agreement["psnr_db"]), mean_ssim=_mean(agreement["ssim"]))
+        quality["clip_score"] = None if clip_scores is None else clip_scores[index]
+        quality["mean_clip_score"] = None if clip_scores is None else _mean(clip_scores[index])
+        folder["quality"] = quality
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> dict:
+    if len(request.folders) < 2:
+        raise OvsdError("a report compares two or more folders (the first is the reference)")
+    for folder in request.folders:
+        check_folder(folder)
+    labels = folder_labels(request.folders, request.labels)
+    prompts = _prompts(request)
+    seeds = [request.seed + index for index in range(len(prompts))]
+    settings = _settings(request)
+    scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
+    output = AtomicOutput(request.out, overwrite=request.overwrite)
+    output.check()
+    with output as staging:
+        folders = []
+        for folder, label in zip(request.folders, labels):
+            log(f"{label}: {len(prompts)} prompts, {settings['steps']} steps, guidance {settings['guidance_scale']}, "
+                f"{settings['width']}x{settings['height']}, device {request.device}")
+            measured = measure_folder(folder, label, prompts, seeds, settings, request.device,
+                                      staging / "images" / f"{len(folders):02d}")
+            sizes = component_sizes(folder)
+            measured["size"] = {"components": sizes, "total_bytes": sum(sizes.values())}
+            folders.append(measured)
+            log(f"  step {Spread(**_spread(measured['speed']['step_seconds']))}, "
+                f"peak RSS {measured['speed']['peak_rss_bytes'] / 2**30:.2f} GiB")
+        clip_scores = [scorer.scores(folder["images"], prompts) for folder in folders] if scorer else None
+        _relative(folders, folders[0], clip_scores)
+        for folder in folders:  # paths inside the report folder, relative, so the folder can be moved
+            folder["images"] = [str(Path(path).relative_to(staging)) for path in folder["images"]]
+        report = {
+            "ovsd3_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {**folders[0].pop("machine"), "device": request.device, "cpu_count": os.cpu_count(),
+                        "platform": platform.platform(), "processor": _processor_name()},
+            "settings": {"prompts": prompts, "seeds": seeds, **settings, "clip_model": request.clip},
+            "folders": folders,
+            "files": {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"},
+        }
+        for folder in folders[1:]:
+            folder.pop("machine", None)
+        grid = figures.image_grid([[str(staging / folder["images"][row]) for folder in folders]
+                                   for row in range(len(prompts))], prompts, labels, staging / "grid.png")
+        report["grid"] = grid.to_json()
+        figures.report_chart(labels, [folder["speed"]["step_seconds"] for folder in folders],
+                             [{name: size / 1e6 for name, size in folder["size"]["components"].items()}
+                              for folder in folders],
+                             staging / "chart.png", f"{settings['width']}x{settings['height']}, "
+                                                    f"{report['machine']['processor']}")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "report.md").write_text(markdown(report))
+    log(markdown(report))
+    log(f"wrote {request.out}")
+    return report
+
+
+def _spread(values: dict) -> dict:
+    return {key: values[key] for key in ("median", "min", "max", "n")}
+
+
+def _processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f}"
+
+
+def markdown(report: dict) -> str:
+    folders, settings, machine = report["folders"], report["settings"], report["machine"]
+    labels = [folder["label"] for folder in folders]
+    header = "| | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
+    lines = [f"# ovsd3 report: {' vs '.join(labels)}", "",
+             f"{len(settings['prompts'])} prompts, seeds {settings['seeds'][0]}..{settings['seeds'][-1]}, "
+             f"{settings['steps']} steps, guidance {settings['guidance_scale']}, "
+             f"{settings['width']}x{settings['height']}. Reference: {labels[0]}.", "",
+             f"Machine: {machine['processor']} ({machine['cpu_count']} CPUs), device {machine['device']} -> "
+             f"{', '.join(machine['execution_devices'])}; OpenVINO {machine['openvino']}; ovsd3 "
+             f"{report['ovsd3_version']}.", "", "## Size (MB)", "", header.rstrip("\n")]
+    components = list(dict.fromkeys(name for folder in folders for name in folder["size"]["components"]))
+    for name in components:
+        lines.append(f"| {name} | " + " | ".join(
+            _mb(folder["size"]["components"][name]) if name in folder["size"]["components"] else "-"
+            for folder in folders) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{_mb(folder['size']['total_bytes'])}**" for folder in folders)
+                 + " |")
+    lines.append("| compression | " + " | ".join(f"{folder['size']['compression']:.3f}x" for folder in folders)
+                 + " |")
+    lines += ["", "## Speed (seconds: median, min-max)", "", header.rstrip("\n")]
+    for part, title in (("total", "generation"), ("text", "text encoding"), ("step", "transformer step"),
+                        ("decode", "VAE decode")):
+        lines.append(f"| {title} | " + " | ".join(
+            f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+            for s in (folder["speed"][f"{part}_seconds"] for folder in folders)) + " |")
+    lines.append("| speed-up (generation) | " + " | ".join(
+        f"{folder['speed']['speedup']['total']:.2f}x" for folder in folders) + " |")
+    lines.append("| speed-up (step) | " + " | ".join(
+        f"{folder['speed']['speedup']['step']:.2f}x" for folder in folders) + " |")
+    for key, title in (("no_cache_seconds", "first start, no model cache"),
+                       ("cache_fill_seconds", "first start, filling the cache"),
+                       ("cached_seconds", "first start, from the cache")):
+        lines.append(f"| {title} | " + " | ".join(
+            f"{folder['speed']['first_start'][key]:.2f}" for folder in folders) + " |")
+    lines.append("| peak RSS (GiB) | " + " | ".join(
+        f"{folder['speed']['peak_rss_bytes'] / 2**30:.2f}" for folder in folders) + " |")
+    lines += ["", "## Quality against the reference", "", header.rstrip("\n")]
+    lines.append("| mean PSNR (dB) | " + " | ".join(
+        "reference" if folder["quality"]["reference"] else f"{folder['quality']['mean_psnr_db']:.2f}"
+        for folder in folders) + " |")
+    lines.append("| mean SSIM | " + " | ".join(
+        "reference" if folder["quality"]["reference"] else f"{folder['quality']['mean_ssim']:.4f}"
+        for folder in folders) + " |")
+    if settings["clip_model"]:
+        lines.append(f"| CLIP score ({settings['clip_model']}) | " + " | ".join(
+            f"{folder['quality']['mean_clip_score']:.2f}" for folder in folders) + " |")
+    lines += ["", "![images](grid.png)", "", "![speed and size](chart.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""ovsd3's own runtime, measured (run in child processes by :mod:`ovsd3.report.children`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ovsd3.runtime import SD3Pipeline
+
+
+def device_info(pipe: SD3Pipeline) -> dict:
+    """Which devices actually ran the transformer (AUTO picks one), with their full names."""
+    import openvino as ov
+
+    core = ov.Core()
+    devices = list(pipe.transformer.get_property("EXECUTION_DEVICES"))
+    return {"openvino": ov.get_version(), "execution_devices": devices,
+            "device_names": {device: core.get_property(device.split(".")[0], "FULL_DEVICE_NAME")
+                             for device in devices}}
+
+
+def _settings(task: dict) -> dict:
+    return dict(num_inference_steps=task["steps"], guidance_scale=task["guidance_scale"], width=task["width"],
+                height=task["height"], max_sequence_length=task.get("max_sequence_length", 256))
+
+
+def generate(task: dict) -> dict:
+    """Load without a model cache (first start, compiling), then draw each prompt once, timing each part.
+
+    One warm-up generation of one step comes first: the first inference of a compiled model allocates its
+    buffers, which no later generation pays.
+    """
+    started = time.perf_counter()
+    pipe = SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=None)
+    load_seconds = time.perf_counter() - started
+    settings = _settings(task)
+    pipe(task["prompts"][0], seed=0, **dict(settings, num_inference_steps=1))
+
+    image_dir = Path(task["image_dir"])
+    image_dir.mkdir(parents=True, exist_ok=True)
+    generations, images = [], []
+    for index, (prompt, seed) in enumerate(zip(task["prompts"], task["seeds"])):
+        started = time.perf_counter()
+        job = pipe.prepare(prompt, seed=seed, **settings)
+        text_done = time.perf_counter()
+        step_seconds, last = [], text_done
+        for _ in pipe.steps(job):
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            last = now
+        image = pipe.decode(job.latents)[0]
+        finished = time.perf_counter()
+        path = image_dir / f"{index:02d}.png"
+        image.save(path)
+        images.append(str(path))
+        generations.append({"text_seconds": text_done - started, "step_seconds": step_seconds,
+                            "decode_seconds": finished - last, "total_seconds": finished - started})
+    return {"load_seconds": load_seconds, "generations": generations, "images": images, **device_info(pipe)}
+
+
+def first_start(task: dict) -> dict:
+    """Seconds from nothing to a pipeline ready to generate, with the model cache in ``task["cache_dir"]``."""
+    started = time.perf_counter()
+    SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=task["cache_dir"])
+    return {"load_seconds": time.perf_counter() - started}
+
+
+def batches(task: dict) -> dict:
+    """Seconds per call for each batch size (images per call), median over ``task["repeats"]`` after a warm-up."""
+    pipe = SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=None)
+    settings = _settings(task)
+    results = {}
+    for batch in task["batches"]:
+        pipe(task["prompt"], seed=0, num_images=batch, **dict(settings, num_inference_steps=1))  # warm-up
+        seconds = []
+        for repeat in range(task["repeats"]):
+            started = time.perf_counter()
+            pipe(task["prompt"], seed=repeat, num_images=batch, **settings)
+            seconds.append(time.perf_counter() - started)
+        results[str(batch)] = seconds
+    return {"seconds": results, **device_info(pipe)}
