@@ -251,3 +251,25 @@ def save_random_lora(transformer, path: str | Path, *, rank: int = 4, lora_alpha
 def describe(path: str | Path) -> dict:
     """The model_index.json of a saved pipeline, for quick inspection."""
     return json.loads((Path(path) / "model_index.json").read_text())
+
+
+def save_random_clip(path: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel (text and vision towers) with its processor, as `ovsd3 report --clip` loads
+    a real one (for example openai/clip-vit-large-patch14)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16)
+    path = Path(path)
+    CLIPModel(config).eval().save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -104,3 +104,13 @@ def ov_sd35_fp32(workdir, tiny_sd35) -> Path:
 @pytest.fixture(scope="session")
 def ov_no_t5_fp32(workdir, tiny_sd3) -> Path:
     return _convert(tiny_sd3, workdir / "ov-no-t5-fp32", weight_format="fp32", with_t5=False)
+
+
+@pytest.fixture(scope="session")
+def q_sd3(workdir, ov_sd3) -> Path:
+    """Quantized in two slices of blocks, the path SD3 Medium takes on a 24 GB machine."""
+    from helpers import quantize
+
+    out = workdir / "q-sd3"
+    assert quantize(ov_sd3, out, "--slices", "2") == 0
+    return out

@@ -14,33 +14,15 @@ from ovsd3 import layout
 from ovsd3.cli import EXIT_ERROR, main
 from ovsd3.quantize.transformer import patch_embedding_convolution
 
+from helpers import quantize
+
 FOUR_BIT = {"i4", "u4"}
-
-
-# The gate's defaults are for real models. These tiny ones have random weights (the Flash one a strong
-# random LoRA on top), which INT8 moves further; the mechanics are what these tests check, and
-# test_forced_gate_failure_writes_nothing checks that the gate refuses.
-TINY_GATE = ("--min-psnr", "10", "--min-ssim", "0.2")
-
-
-def quantize(source: Path, out: Path, *extra) -> int:
-    return main(["quantize", str(source), str(out), "--calib", "8", "--calib-size", "64", "--group-size", "8",
-                 "--gate-prompts", "2", "--calib-cache", str(out.parent / f"{out.name}-calib"), *TINY_GATE,
-                 *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
 def q_flash(workdir, ov_flash) -> Path:
     out = workdir / "q-flash"
     assert quantize(ov_flash, out) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def q_sd3(workdir, ov_sd3) -> Path:
-    """Quantized in two slices of blocks, the path SD3 Medium takes on a 24 GB machine."""
-    out = workdir / "q-sd3"
-    assert quantize(ov_sd3, out, "--slices", "2") == 0
     return out
 
 

@@ -45,6 +45,9 @@ def check_folder(folder: Path) -> None:
     class_name = _read_json(folder / layout.MODEL_INDEX).get("_class_name", "?")
     if not class_name.startswith("StableDiffusion3"):
         raise OvsdError(f"{folder} holds a {class_name}, not Stable Diffusion 3")
+    if any((folder / layout.TRANSFORMER).glob("diffusion_pytorch_model*")):
+        raise OvsdError(f"{folder} holds a PyTorch (diffusers) model, not OpenVINO IR: convert it first "
+                        f"(ovsd3 convert {folder} OUT)")
     for component in REQUIRED:
         if not layout.model_xml(folder, component).exists():
             raise OvsdError(f"{folder} is missing component {component!r} ({layout.model_xml(folder, component)})")

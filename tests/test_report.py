@@ -1,0 +1,294 @@
+"""`ovsd3 report` and `ovsd3 benchmark` on tiny folders: every report field checked against what it
+measures (files on disk, the images themselves, independent recomputation), the pictures' layout, the peers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+from PIL import Image
+
+from ovsd3 import layout
+from ovsd3.cli import EXIT_ERROR, main
+from ovsd3.metrics import psnr, ssim
+
+SIZE, STEPS, PROMPTS = 64, 3, 2
+SPREAD_KEYS = {"median", "min", "max", "n", "relative_range"}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(workdir) -> Path:
+    from ovsd3.synthetic import save_random_clip
+
+    return save_random_clip(workdir / "tiny-clip", seed=4)
+
+
+@pytest.fixture(scope="module")
+def report_dir(workdir, ov_sd3, q_sd3, tiny_clip) -> Path:
+    out = workdir / "report"
+    assert main(["report", str(ov_sd3), str(q_sd3), "--out", str(out), "--prompts", str(PROMPTS), "--size",
+                 str(SIZE), "--steps", str(STEPS), "--clip", str(tiny_clip), "--label", "fp16", "--label",
+                 "int8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(report_dir) -> dict:
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def check_spread(spread: dict, n: int) -> None:
+    assert set(spread) == SPREAD_KEYS
+    assert spread["n"] == n
+    assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+    assert spread["relative_range"] == pytest.approx((spread["max"] - spread["min"]) / spread["median"])
+
+
+def test_report_top_level(report, report_dir):
+    from calibration import heldout_prompts
+
+    from ovsd3 import __version__
+
+    assert set(report) == {"ovsd3_version", "created", "machine", "settings", "folders", "files", "grid"}
+    assert report["ovsd3_version"] == __version__
+    assert set(report["machine"]) == {"openvino", "execution_devices", "device_names", "device", "cpu_count",
+                                      "platform", "processor"}
+    assert report["machine"]["openvino"] == ov.get_version()
+    assert report["machine"]["device"] == "AUTO" and report["machine"]["execution_devices"] == ["CPU"]
+    assert report["machine"]["device_names"]["CPU"] == ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    assert report["machine"]["cpu_count"] == os.cpu_count() and report["machine"]["processor"]
+    assert report["settings"] == {"prompts": heldout_prompts()[:PROMPTS], "seeds": [0, 1], "steps": STEPS,
+                                  "guidance_scale": 7.0, "width": SIZE, "height": SIZE, "max_sequence_length": 256,
+                                  "clip_model": report["settings"]["clip_model"]}
+    assert Path(report["settings"]["clip_model"]).name == "tiny-clip"
+    assert report["files"] == {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"}
+    assert all((report_dir / name).exists() for name in report["files"].values())
+    assert [folder["label"] for folder in report["folders"]] == ["fp16", "int8"]
+
+
+def test_report_sizes_are_the_files_on_disk(report, ov_sd3, q_sd3):
+    reference, quantized = report["folders"]
+    for entry, folder in ((reference, ov_sd3), (quantized, q_sd3)):
+        assert set(entry) == {"label", "path", "weight_format", "quantized", "speed", "images", "size", "quality"}
+        assert entry["path"] == str(folder.resolve())
+        assert set(entry["size"]) == {"components", "total_bytes", "compression", "component_compression"}
+        on_disk = {component: (folder / component / "openvino_model.xml").stat().st_size
+                   + (folder / component / "openvino_model.bin").stat().st_size
+                   for component in layout.MODEL_COMPONENTS if (folder / component).exists()}
+        assert entry["size"]["components"] == on_disk
+        assert entry["size"]["total_bytes"] == sum(on_disk.values())
+    assert reference["quantized"] is False and quantized["quantized"] is True
+    assert reference["weight_format"] == "fp16"
+    assert reference["size"]["compression"] == 1.0
+    assert quantized["size"]["compression"] == pytest.approx(
+        reference["size"]["total_bytes"] / quantized["size"]["total_bytes"])
+    for component, rate in quantized["size"]["component_compression"].items():
+        assert rate == pytest.approx(reference["size"]["components"][component]
+                                     / quantized["size"]["components"][component])
+
+
+def test_report_speed_fields(report):
+    for entry in report["folders"]:
+        speed = entry["speed"]
+        assert set(speed) == {"total_seconds", "text_seconds", "step_seconds", "decode_seconds", "first_start",
+                              "peak_rss_bytes", "speedup"}
+        for part in ("total", "text", "decode"):
+            check_spread(speed[f"{part}_seconds"], PROMPTS)
+        check_spread(speed["step_seconds"], PROMPTS * STEPS)
+        # the parts of a generation fit inside it
+        assert speed["text_seconds"]["min"] + STEPS * speed["step_seconds"]["min"] + speed["decode_seconds"]["min"] \
+            <= speed["total_seconds"]["max"]
+        assert set(speed["first_start"]) == {"no_cache_seconds", "cache_fill_seconds", "cached_seconds"}
+        assert all(seconds > 0 for seconds in speed["first_start"].values())
+        assert 50e6 < speed["peak_rss_bytes"] < 8e9
+    reference, quantized = report["folders"]
+    assert reference["speed"]["speedup"] == {"total": 1.0, "text": 1.0, "step": 1.0, "decode": 1.0}
+    for part in ("total", "text", "step", "decode"):
+        assert quantized["speed"]["speedup"][part] == pytest.approx(
+            reference["speed"][f"{part}_seconds"]["median"] / quantized["speed"][f"{part}_seconds"]["median"])
+
+
+def test_report_images_are_the_generations(report, report_dir, ov_sd3):
+    """The reference column is exactly what ovsd3's runtime draws for each prompt and seed."""
+    from ovsd3.runtime import SD3Pipeline
+
+    pipe = SD3Pipeline.load(ov_sd3, device="AUTO", cache_dir=None)
+    for index, prompt in enumerate(report["settings"]["prompts"]):
+        image = pipe(prompt, seed=index, num_inference_steps=STEPS, width=SIZE, height=SIZE).images[0]
+        assert np.array_equal(np.asarray(image), rgb(report_dir / report["folders"][0]["images"][index]))
+    for entry in report["folders"]:
+        assert len(entry["images"]) == PROMPTS
+        assert all(Image.open(report_dir / path).size == (SIZE, SIZE) for path in entry["images"])
+
+
+def test_report_quality_against_the_reference(report, report_dir):
+    reference, quantized = report["folders"]
+    keys = {"reference", "psnr_db", "ssim", "mean_psnr_db", "mean_ssim", "clip_score", "mean_clip_score"}
+    assert set(reference["quality"]) == keys and set(quantized["quality"]) == keys
+    assert reference["quality"]["reference"] is True and reference["quality"]["psnr_db"] is None
+    assert quantized["quality"]["reference"] is False
+    pairs = [(rgb(report_dir / a), rgb(report_dir / b)) for a, b in zip(reference["images"], quantized["images"])]
+    assert quantized["quality"]["psnr_db"] == pytest.approx([psnr(a, b, data_range=255.0) for a, b in pairs])
+    assert quantized["quality"]["ssim"] == pytest.approx([ssim(a, b, data_range=255.0) for a, b in pairs])
+    assert quantized["quality"]["mean_psnr_db"] == pytest.approx(np.mean(quantized["quality"]["psnr_db"]))
+    assert 10 < quantized["quality"]["mean_psnr_db"] < 60  # INT8 changes the images, but not into noise
+    assert quantized["quality"]["mean_ssim"] == pytest.approx(np.mean(quantized["quality"]["ssim"]))
+
+
+def test_clip_score_matches_transformers(report, report_dir, tiny_clip):
+    """100 x max(cosine, 0) of CLIP image and text embeddings, computed here directly with transformers."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    prompts = report["settings"]["prompts"]
+    for entry in report["folders"]:
+        images = [Image.open(report_dir / path).convert("RGB") for path in entry["images"]]
+        inputs = processor(text=prompts, images=images, return_tensors="pt", padding="max_length", max_length=77)
+        with torch.no_grad():
+            out = model(**inputs)
+        cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).numpy()
+        expected = 100 * np.maximum(cosine, 0)
+        assert entry["quality"]["clip_score"] == pytest.approx(expected.tolist(), abs=1e-3)
+        assert entry["quality"]["mean_clip_score"] == pytest.approx(expected.mean(), abs=1e-3)
+
+
+def test_grid_layout_holds_each_image_in_its_cell(report, report_dir):
+    grid = report["grid"]
+    assert (grid["rows"], grid["columns"]) == (PROMPTS, 2)
+    with Image.open(report_dir / "grid.png") as opened:
+        picture = opened.convert("RGB")
+    assert picture.size == (grid["width"], grid["height"])
+    cell = (grid["cell_width"], grid["cell_height"])
+    for row in range(PROMPTS):
+        for column, entry in enumerate(report["folders"]):
+            left = grid["label_width"] + grid["gap"] + column * (grid["cell_width"] + grid["gap"])
+            top = grid["header_height"] + grid["gap"] + row * (grid["cell_height"] + grid["gap"])
+            crop = np.asarray(picture.crop((left, top, left + cell[0], top + cell[1])), dtype=np.float64)
+            with Image.open(report_dir / entry["images"][row]) as image:
+                expected = np.asarray(image.convert("RGB").resize(cell, Image.LANCZOS), dtype=np.float64)
+            assert np.array_equal(crop, expected), (row, column)
+    header = np.asarray(picture.crop((grid["label_width"], 0, grid["width"], grid["header_height"])))
+    labels = np.asarray(picture.crop((0, grid["header_height"], grid["label_width"], grid["height"])))
+    assert (header < 128).any() and (labels < 128).any()  # the labels are drawn (dark text on white)
+
+
+def test_chart_and_markdown(report, report_dir):
+    with Image.open(report_dir / "chart.png") as chart:
+        assert chart.size == (1100, 420)
+        colours = np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)
+    assert len(colours) > 20  # bars, text and a legend, not a blank canvas
+    text = (report_dir / "report.md").read_text()
+    quantized = report["folders"][1]
+    for expected in ("fp16", "int8", f"{quantized['size']['compression']:.3f}x",
+                     f"{quantized['quality']['mean_psnr_db']:.2f}", report["machine"]["processor"],
+                     "grid.png", "chart.png"):
+        assert expected in text
+
+
+@pytest.mark.parametrize("case", ["one folder", "missing folder", "not SD3", "bad clip", "zero prompts"])
+def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
+    out = tmp_path / "report"
+    args = {"one folder": [str(ov_sd3)],
+            "missing folder": [str(ov_sd3), str(tmp_path / "nowhere")],
+            "not SD3": [str(ov_sd3), str(tiny_sd3)],
+            "bad clip": [str(ov_sd3), str(ov_sd3), "--clip", str(tmp_path / "no-clip")],
+            "zero prompts": [str(ov_sd3), str(ov_sd3), "--prompts", "0"]}[case]
+    assert main(["report", *args, "--out", str(out), "--size", "64", "--steps", "1"]) == EXIT_ERROR
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ovsd3 report: error: ") and "\n" not in error
+    expected = {"one folder": "two or more", "missing folder": "does not exist", "not SD3": "PyTorch (diffusers) model, not OpenVINO IR",
+                "bad clip": "cannot load CLIP model", "zero prompts": "--prompts"}[case]
+    assert expected in error
+    assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
+
+
+def test_report_refuses_an_existing_output(tmp_path, capsys, ov_sd3):
+    (tmp_path / "report").mkdir()
+    assert main(["report", str(ov_sd3), str(ov_sd3), "--out", str(tmp_path / "report")]) == EXIT_ERROR
+    assert "already exists" in capsys.readouterr().err
+
+
+# -- benchmark -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def benchmark(workdir, ov_sd3, tiny_sd3) -> dict:
+    out = workdir / "benchmark"
+    # 12 steps: genai's TaylorSeer caching starts at step 6, so with it on some transformer calls are skipped
+    assert main(["benchmark", str(ov_sd3), "--batch", "2,1", "--steps", "12", "--size", "64", "--repeats", "2",
+                 "--peers", "--torch-model", str(tiny_sd3), "--out", str(out)]) == 0
+    return json.loads((out / "benchmark.json").read_text()) | {"out": str(out)}
+
+
+def test_benchmark_runs_each_peer(benchmark):
+    assert set(benchmark["runners"]) == {"ovsd3", "genai", "genai+taylorseer", "diffusers-fp32", "diffusers-bf16"}
+    assert benchmark["settings"]["batches"] == [1, 2]
+    for name, runner in benchmark["runners"].items():
+        assert set(runner["batches"]) == {"1", "2"}
+        for batch, figures in runner["batches"].items():
+            check_spread(figures["seconds_per_call"], 2)
+            median = figures["seconds_per_call"]["median"]
+            assert figures["seconds_per_image"] == pytest.approx(median / int(batch))
+            assert figures["images_per_second"] == pytest.approx(int(batch) / median)
+            ours = benchmark["runners"]["ovsd3"]["batches"][batch]["seconds_per_call"]["median"]
+            assert figures["time_vs_ovsd3"] == pytest.approx(median / ours)
+        assert runner["peak_rss_bytes"] > 50e6
+    # step caching really off, then on: every step runs the transformer, then fewer do
+    assert benchmark["runners"]["genai"]["transformer_calls"] == 12
+    assert benchmark["runners"]["genai"]["taylorseer"] is None
+    assert benchmark["runners"]["genai+taylorseer"]["transformer_calls"] < 12
+    assert benchmark["runners"]["genai+taylorseer"]["taylorseer"]["cache_interval"] >= 2
+    import torch
+
+    assert benchmark["runners"]["diffusers-bf16"]["torch"] == torch.__version__
+
+
+def test_benchmark_files(benchmark):
+    out = Path(benchmark["out"])
+    assert benchmark["files"] == {"markdown": "benchmark.md", "chart": "benchmark.png"}
+    with Image.open(out / "benchmark.png") as chart:
+        assert chart.size == (1100, 420)
+    text = (out / "benchmark.md").read_text()
+    assert all(name in text for name in benchmark["runners"])
+    assert f"{benchmark['runners']['genai']['batches']['2']['images_per_second']:.3f}" in text
+
+
+def test_benchmark_without_peers_and_flash_diffusers(tmp_path, ov_sd3, ov_flash):
+    assert main(["benchmark", str(ov_sd3), "--batch", "1", "--size", "64", "--steps", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "benchmark.json").read_text())
+    assert set(alone["runners"]) == {"ovsd3"}
+    # A Flash folder: diffusers gets the same merged LoRA and the folder's stochastic scheduler; its PyTorch
+    # model is found from the folder's record (the local folder it was converted from).
+    assert main(["benchmark", str(ov_flash), "--batch", "1", "--size", "64", "--repeats", "1", "--peers",
+                 "diffusers", "--out", str(tmp_path / "flash")]) == 0
+    flash = json.loads((tmp_path / "flash" / "benchmark.json").read_text())
+    assert set(flash["runners"]) == {"ovsd3", "diffusers-fp32", "diffusers-bf16"}
+    assert flash["settings"]["steps"] == 4 and flash["settings"]["guidance_scale"] == 0.0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--batch", "0"], "batch sizes must be positive"),
+    (["--batch", "one"], "--batch takes"),
+    (["--peers", "comfy"], "--peers takes"),
+    (["--peers", "diffusers", "--torch-model", "/nowhere/model"], "diffusers cannot load"),
+    (["--size", "60"], "multiple of 16"),
+])
+def test_benchmark_errors_are_one_line(args, expected, tmp_path, capsys, ov_sd3):
+    out = tmp_path / "bench"
+    code = main(["benchmark", str(ov_sd3), "--size", "64", "--steps", "1", "--repeats", "1", "--batch", "1",
+                 *args, "--out", str(out)])
+    assert code == EXIT_ERROR
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ovsd3 benchmark: error: ") and expected in error and "\n" not in error
+    assert not out.exists()
