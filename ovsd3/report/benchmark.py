@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,9 +17,8 @@ from typing import Callable
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
-from ovsd3.report import figures
+from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
-from ovsd3.report.compare import _processor_name
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.pipeline import check_folder, folder_record
 
@@ -130,19 +128,18 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
             log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
         runners[runner] = {"batches": batches, "peak_rss_bytes": result["peak_rss_bytes"],
                            **{key: value for key, value in result.items() if key not in ("seconds", "peak_rss_bytes")}}
+    host = machine.describe(request.device, runners[OVSD3])
+    for key in ("openvino", "execution_devices", "device_names"):  # kept once, under "machine"
+        runners[OVSD3].pop(key)
     for runner in runners.values():  # time ratio: how many times longer than ovsd3 the same call takes
         for batch, figures_ in runner["batches"].items():
             ours = runners[OVSD3]["batches"][batch]["seconds_per_call"]["median"]
             figures_["time_vs_ovsd3"] = figures_["seconds_per_call"]["median"] / ours
-    ovsd3_result = runners[OVSD3]
     report = {
         "ovsd3_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "folder": str(request.folder.resolve()),
-        "machine": {"openvino": ovsd3_result.pop("openvino"), "device": request.device,
-                    "execution_devices": ovsd3_result.pop("execution_devices"),
-                    "device_names": ovsd3_result.pop("device_names"), "cpu_count": os.cpu_count(),
-                    "processor": _processor_name()},
+        "machine": host,
         "settings": {"prompt": PROMPT, "batches": request.batches, "repeats": request.repeats, **settings},
         "runners": runners,
         "files": {"markdown": "benchmark.md", "chart": "benchmark.png"},
@@ -161,13 +158,13 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
 
 
 def markdown(report: dict) -> str:
-    settings, machine, runners = report["settings"], report["machine"], report["runners"]
+    settings, host, runners = report["settings"], report["machine"], report["runners"]
     batches = [str(batch) for batch in settings["batches"]]
     lines = [f"# ovsd3 benchmark: {Path(report['folder']).name}", "",
              f"{settings['steps']} steps, guidance {settings['guidance_scale']}, {settings['width']}x"
              f"{settings['height']}, median of {settings['repeats']} calls per batch. Machine: "
-             f"{machine['processor']} ({machine['cpu_count']} CPUs); device {machine['device']} -> "
-             f"{', '.join(machine['execution_devices'])}; OpenVINO {machine['openvino']}.", "",
+             f"{host['processor']} ({host['cpu_count']} CPUs); device {host['device']} -> "
+             f"{', '.join(host['execution_devices'])}; OpenVINO {host['openvino']}.", "",
              "| runner | " + " | ".join(f"batch {batch}: s/image" for batch in batches)
              + " | " + " | ".join(f"batch {batch}: images/s" for batch in batches)
              + " | time vs ovsd3 (per batch) | peak RSS (GiB) |",

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ from typing import Callable
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
-from ovsd3.report import figures
+from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.quality import ClipScorer, image_agreement
 from ovsd3.report.stats import Spread
@@ -173,14 +171,13 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
         report = {
             "ovsd3_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {**folders[0].pop("machine"), "device": request.device, "cpu_count": os.cpu_count(),
-                        "platform": platform.platform(), "processor": _processor_name()},
+            "machine": machine.describe(request.device, folders[0]["machine"]),
             "settings": {"prompts": prompts, "seeds": seeds, **settings, "clip_model": request.clip},
             "folders": folders,
             "files": {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"},
         }
-        for folder in folders[1:]:
-            folder.pop("machine", None)
+        for folder in folders:
+            folder.pop("machine")
         grid = figures.image_grid([[str(staging / folder["images"][row]) for folder in folders]
                                    for row in range(len(prompts))], prompts, labels, staging / "grid.png")
         report["grid"] = grid.to_json()
@@ -200,30 +197,20 @@ def _spread(values: dict) -> dict:
     return {key: values[key] for key in ("median", "min", "max", "n")}
 
 
-def _processor_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f}"
 
 
 def markdown(report: dict) -> str:
-    folders, settings, machine = report["folders"], report["settings"], report["machine"]
+    folders, settings, host = report["folders"], report["settings"], report["machine"]
     labels = [folder["label"] for folder in folders]
     header = "| | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
     lines = [f"# ovsd3 report: {' vs '.join(labels)}", "",
              f"{len(settings['prompts'])} prompts, seeds {settings['seeds'][0]}..{settings['seeds'][-1]}, "
              f"{settings['steps']} steps, guidance {settings['guidance_scale']}, "
              f"{settings['width']}x{settings['height']}. Reference: {labels[0]}.", "",
-             f"Machine: {machine['processor']} ({machine['cpu_count']} CPUs), device {machine['device']} -> "
-             f"{', '.join(machine['execution_devices'])}; OpenVINO {machine['openvino']}; ovsd3 "
+             f"Machine: {host['processor']} ({host['cpu_count']} CPUs), device {host['device']} -> "
+             f"{', '.join(host['execution_devices'])}; OpenVINO {host['openvino']}; ovsd3 "
              f"{report['ovsd3_version']}.", "", "## Size (MB)", "", header.rstrip("\n")]
     components = list(dict.fromkeys(name for folder in folders for name in folder["size"]["components"]))
     for name in components:
