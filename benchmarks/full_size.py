@@ -10,7 +10,9 @@ user would from the shell:
 2. ``ovsd3 quantize fp16 int8 --calib N``                      (calibration inputs recorded from the random
    model: values do not change speed or size)
 3. ``ovsd3 report fp16 int8 --size 512``                        (size, speed, first start, memory, agreement)
-4. ``ovsd3 benchmark fp16 --peers`` and ``ovsd3 benchmark int8 --peers genai``
+4. ``ovsd3 benchmark fp16 --peers`` and ``ovsd3 benchmark int8 --peers genai``, with 256 T5 tokens (zeros: no
+   T5), as diffusers computes; then both again with ``--peers genai --max-sequence-length 77``, nearer the
+   shorter sequence openvino.genai gives a no-T5 transformer
 
 Every stage's wall time and the lowest MemAvailable seen while it ran are printed (the machine has 24 GB);
 ``--results`` receives summary.md plus each command's report, JSON and charts. Image quality figures are
@@ -105,6 +107,8 @@ def main() -> int:
     parser.add_argument("--batch", default="1,2", help="benchmark batch sizes")
     parser.add_argument("--repeats", type=int, default=2, help="benchmark calls per batch size")
     parser.add_argument("--steps", type=int, default=4, help="Flash SD3's 4 steps")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the converted and quantized folders of an earlier run instead of remaking them")
     args = parser.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -113,29 +117,32 @@ def main() -> int:
     log_path.write_text("")
     source, adapter = build_source(args.workdir, args.with_t5)
     fp16, int8 = args.workdir / "sd3-flash-fp16-ov", args.workdir / "sd3-flash-int8-ov"
-    report, bench_fp16, bench_int8 = (args.workdir / name for name in ("report", "benchmark-fp16", "benchmark-int8"))
+    report = args.workdir / "report"
     ovsd3 = [sys.executable, "-m", "ovsd3"]
     stages: list[dict] = []
-    convert = ovsd3 + ["convert", str(source), str(fp16), "--flash-lora", str(adapter), "--overwrite"]
-    run_stage("convert", convert + ([] if args.with_t5 else ["--no-t5"]), stages, log_path)
-    run_stage("quantize", ovsd3 + ["quantize", str(fp16), str(int8), "--calib", str(args.calib),
-                                   "--gate-prompts", "2", "--overwrite"], stages, log_path)
+    if not (args.reuse and (fp16 / "ovsd3.json").exists()):
+        convert = ovsd3 + ["convert", str(source), str(fp16), "--flash-lora", str(adapter), "--overwrite"]
+        run_stage("convert", convert + ([] if args.with_t5 else ["--no-t5"]), stages, log_path)
+    if not (args.reuse and (int8 / "ovsd3.json").exists()):
+        run_stage("quantize", ovsd3 + ["quantize", str(fp16), str(int8), "--calib", str(args.calib),
+                                       "--gate-prompts", "2", "--overwrite"], stages, log_path)
     run_stage("report", ovsd3 + ["report", str(fp16), str(int8), "--label", "FP16", "--label", "INT8",
                                  "--prompts", str(args.prompts), "--size", "512", "--steps", str(args.steps),
                                  "--out", str(report), "--overwrite"], stages, log_path)
     bench = ["--batch", args.batch, "--size", "512", "--steps", str(args.steps), "--repeats", str(args.repeats),
              "--overwrite"]
-    run_stage("benchmark fp16", ovsd3 + ["benchmark", str(fp16), *bench, "--peers", "all", "--torch-model",
-                                         str(source), "--out", str(bench_fp16)], stages, log_path)
-    run_stage("benchmark int8", ovsd3 + ["benchmark", str(int8), *bench, "--peers", "genai",
-                                         "--out", str(bench_int8)], stages, log_path)
+    benchmarks = {"benchmark-fp16": [str(fp16), "--peers", "all", "--torch-model", str(source)],
+                  "benchmark-int8": [str(int8), "--peers", "genai"],
+                  "benchmark-fp16-t5len77": [str(fp16), "--peers", "genai", "--max-sequence-length", "77"],
+                  "benchmark-int8-t5len77": [str(int8), "--peers", "genai", "--max-sequence-length", "77"]}
+    for name, arguments in benchmarks.items():
+        run_stage(name, ovsd3 + ["benchmark", *arguments, *bench, "--out", str(args.workdir / name)], stages, log_path)
 
-    for folder, names in ((report, ("report.md", "report.json", "chart.png", "grid.png")),
-                          (bench_fp16, ("benchmark.md", "benchmark.json", "benchmark.png")),
-                          (bench_int8, ("benchmark.md", "benchmark.json", "benchmark.png"))):
-        for name in names:
-            prefix = "" if folder == report else folder.name + "-"
-            shutil.copy(folder / name, args.results / (prefix + name))
+    for name in ("report.md", "report.json", "chart.png", "grid.png"):
+        shutil.copy(report / name, args.results / name)
+    for folder in benchmarks:
+        for name in ("benchmark.md", "benchmark.json", "benchmark.png"):
+            shutil.copy(args.workdir / folder / name, args.results / f"{folder}-{name}")
     lines = ["# Full-size run", "",
              f"SD3 Medium architecture, random fp16 weights, Flash-shaped LoRA (rank 64) merged, "
              f"{'with' if args.with_t5 else 'no'} T5; {Path('/proc/cpuinfo').exists() and _cpu()}, "

@@ -107,8 +107,11 @@ def test_report_speed_fields(report):
         # the parts of a generation fit inside it
         assert speed["text_seconds"]["min"] + STEPS * speed["step_seconds"]["min"] + speed["decode_seconds"]["min"] \
             <= speed["total_seconds"]["max"]
-        assert set(speed["first_start"]) == {"no_cache_seconds", "cache_fill_seconds", "cached_seconds"}
-        assert all(seconds > 0 for seconds in speed["first_start"].values())
+        assert set(speed["first_start"]) == {"no_cache", "cache_fill", "cached"}
+        for start in speed["first_start"].values():
+            assert set(start) == {"load_seconds", "first_image_seconds", "total_seconds"}
+            assert start["load_seconds"] > 0 and start["first_image_seconds"] > 0
+            assert start["total_seconds"] == pytest.approx(start["load_seconds"] + start["first_image_seconds"])
         assert 50e6 < speed["peak_rss_bytes"] < 8e9
     reference, quantized = report["folders"]
     assert reference["speed"]["speedup"] == {"total": 1.0, "text": 1.0, "step": 1.0, "decode": 1.0}

@@ -39,6 +39,7 @@ class BenchmarkRequest:
     repeats: int = 3
     device: str = "AUTO"
     peers: tuple[str, ...] = ()  # of PEER_FAMILIES
+    max_sequence_length: int = 256  # T5 tokens (zeros without T5), as diffusers' default
     torch_model: str | None = None  # the PyTorch (diffusers) model the folder came from, for the diffusers peers
     overwrite: bool = False
 
@@ -108,7 +109,8 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
     settings = {"steps": request.steps or record.defaults.num_inference_steps,
                 "guidance_scale": (record.defaults.guidance_scale if request.guidance_scale is None
                                    else request.guidance_scale),
-                "width": request.size, "height": request.size, "max_sequence_length": 256}
+                "width": request.size, "height": request.size,
+                "max_sequence_length": request.max_sequence_length}
     if settings["steps"] < 1:
         raise OvsdError(f"--steps must be at least 1 (got {settings['steps']})")
     output = AtomicOutput(request.out, overwrite=request.overwrite)
@@ -162,7 +164,8 @@ def markdown(report: dict) -> str:
     batches = [str(batch) for batch in settings["batches"]]
     lines = [f"# ovsd3 benchmark: {Path(report['folder']).name}", "",
              f"{settings['steps']} steps, guidance {settings['guidance_scale']}, {settings['width']}x"
-             f"{settings['height']}, median of {settings['repeats']} calls per batch. Machine: "
+             f"{settings['height']}, {settings['max_sequence_length']} T5 tokens, median of {settings['repeats']} "
+             f"calls per batch. Machine: "
              f"{host['processor']} ({host['cpu_count']} CPUs); device {host['device']} -> "
              f"{', '.join(host['execution_devices'])}; OpenVINO {host['openvino']}.", "",
              "| runner | " + " | ".join(f"batch {batch}: s/image" for batch in batches)
