@@ -123,10 +123,13 @@ def benchmark_chart(series: dict[str, dict[int, float]], out: Path, title: str) 
                         label=runner, color=colour)
         latency.plot(batches, [seconds_per_call[batch] / batch for batch in batches], marker="o",
                      label=runner, color=colour)
+    all_batches = sorted({batch for seconds_per_call in series.values() for batch in seconds_per_call})
     for axis, label in ((throughput, "images per second"), (latency, "seconds per image")):
         axis.set_xlabel("batch (images per call)")
         axis.set_ylabel(label)
         axis.set_xscale("log", base=2)
+        axis.set_xticks(all_batches, [str(batch) for batch in all_batches])
+        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
     throughput.legend(fontsize=8)
     figure.suptitle(title)
