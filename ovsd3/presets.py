@@ -167,6 +167,19 @@ PRESETS: Mapping[str, SD3Arch] = MappingProxyType({
                                     dual_attention_layers=(0,)),
         clip_l=_TINY_CLIP_L, clip_g=_TINY_CLIP_G, t5=_TINY_T5, vae=_TINY_VAE,
     ),
+    # The demo model (ovsd3/demo): 64x64 coloured digits, latents 16 x 8 x 8, trained on 2 CPU cores.
+    "digits": SD3Arch(
+        name="digits",
+        transformer=TransformerArch(num_layers=4, num_attention_heads=4, attention_head_dim=32,
+                                    joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+                                    pos_embed_max_size=16, sample_size=8),
+        clip_l=ClipArch(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=32, vocab_size=1000),
+        clip_g=ClipArch(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=32, hidden_act="gelu", vocab_size=1000),
+        t5=T5Arch(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_size=512),
+        vae=VaeArch(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16),
+    ),
 })
 
 
