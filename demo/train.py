@@ -5,7 +5,7 @@ handwritten digits from prompts such as "a red digit 7 on a black background".
 
 1. Data: scikit-learn's 1,797 handwritten digits (8x8), enlarged to 64x64 and drawn in each of six colours;
    prompts from four phrasings (ovsd3/demo/digits.py).
-2. The text encoders (two small CLIPs, no T5) and their tokenizers, whose vocabulary covers the prompts, are
+2. The text encoders (two small CLIPs and a small T5) and their tokenizers, whose vocabulary covers the prompts, are
    randomly initialised and stay frozen: the transformer learns to read their embeddings.
 3. The VAE (AutoencoderKL, 16 latent channels, /8) is trained first as an autoencoder (L1 + a small KL);
    its latents' mean and spread give shift_factor and scaling_factor, as SD3's were chosen.
@@ -14,7 +14,7 @@ handwritten digits from prompts such as "a red digit 7 on a black background".
    prompt in ten is dropped (empty prompt) so classifier-free guidance works.
 
 Fixed seeds; the losses are printed as it goes. The result is a diffusers folder
-(StableDiffusion3Pipeline.from_pretrained loads it) with TRAINING.md beside the weights.
+(StableDiffusion3Pipeline.from_pretrained loads it) with its recipe in ovsd3_demo.json.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovsd3.demo.digits import COLOURS, TEMPLATES, DigitPrompt, all_prompts, load_digits, render
+from ovsd3 import layout
+from ovsd3.demo.digits import COLOURS, TEMPLATES, all_prompts, load_digits, render
 from ovsd3.presets import get_preset
 from ovsd3.synthetic import build_random_pipeline
 
-MAX_SEQUENCE_LENGTH = 256  # diffusers' default: the zero "T5" tokens the transformer sees without T5
+MAX_SEQUENCE_LENGTH = 256  # diffusers' default T5 length
 DROP_PROMPT = 0.1
 
 
@@ -79,7 +80,7 @@ def prompt_table(pipe) -> tuple[dict[tuple[int, int, int], int], torch.Tensor, t
     """Embeddings of every prompt (and of the empty prompt, last), computed once: the encoders are frozen."""
     prompts = all_prompts()
     texts = [prompt.text for prompt in prompts] + [""]
-    embeds, pooled, *_ = pipe.encode_prompt(texts, texts, None, do_classifier_free_guidance=False,
+    embeds, _, pooled, _ = pipe.encode_prompt(texts, texts, texts, do_classifier_free_guidance=False,
                                             max_sequence_length=MAX_SEQUENCE_LENGTH)
     colours = list(COLOURS)
     lookup = {(p.digit, colours.index(p.colour), p.template): i for i, p in enumerate(prompts)}
@@ -123,9 +124,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo/sd3-digits"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=3000, help="transformer training steps")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2500, help="transformer training steps")
+    parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
@@ -133,8 +134,9 @@ def main() -> int:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     corpus = [prompt.text for prompt in all_prompts()]
-    pipe = build_random_pipeline(get_preset("digits"), with_t5=False, seed=args.seed, corpus=corpus)
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+    # A small T5 too: diffusers' from_pretrained then loads the folder with no extra arguments.
+    pipe = build_random_pipeline(get_preset("digits"), with_t5=True, seed=args.seed, corpus=corpus)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         encoder.requires_grad_(False)
 
     started = time.perf_counter()
@@ -153,9 +155,9 @@ def main() -> int:
     minutes = (time.perf_counter() - started) / 60
 
     pipe.save_pretrained(args.out)
-    recipe = {"seed": args.seed, "vae_steps": args.vae_steps, "transformer_steps": args.steps, "batch": args.batch,
+    recipe = {"demo": "digits", "seed": args.seed, "vae_steps": args.vae_steps, "transformer_steps": args.steps, "batch": args.batch,
               "lr": args.lr, "minutes": round(minutes, 1), "torch": torch.__version__, "cpus": os.cpu_count()}
-    (args.out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    (args.out / layout.DEMO_RECORD).write_text(json.dumps(recipe, indent=2) + "\n")
     print(f"trained in {minutes:.1f} min; wrote {args.out}", flush=True)
     return 0
 
