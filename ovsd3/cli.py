@@ -76,7 +76,8 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("source", type=Path, metavar="IN", help="folder from `ovsd3 convert` or optimum-intel")
     parser.add_argument("output", type=Path, metavar="OUT")
     parser.add_argument("--calib", type=int, default=200, help="transformer-input samples (default 200)")
-    parser.add_argument("--calib-size", type=int, default=512, help="resolution of calibration and gate images")
+    parser.add_argument("--calib-size", type=int, default=None,
+                        help="resolution of calibration and gate images (default: the model's, at most 512)")
     parser.add_argument("--dataset", default="builtin",
                         help="builtin (calibration/prompts.txt), conceptual_captions (streamed), or a file "
                              "with one prompt a line")
@@ -96,6 +97,9 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--gate-prompts", type=int, default=4, help="held-out prompts the gate draws")
     parser.add_argument("--min-psnr", type=float, default=None, help="gate: mean image PSNR, dB (default 15)")
     parser.add_argument("--min-ssim", type=float, default=None, help="gate: mean image SSIM (default 0.4)")
+    parser.add_argument("--max-digit-drop", type=float, default=0.05,
+                        help="gate, digits demo only: how far the share of digits drawn as asked may fall "
+                             "(default 0.05, 5 points)")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(handler=_run_quantize)
 
@@ -118,6 +122,7 @@ def _run_quantize(args) -> int:
         gate_prompts=args.gate_prompts,
         min_psnr=DEFAULT_MIN_PSNR if args.min_psnr is None else args.min_psnr,
         min_ssim=DEFAULT_MIN_SSIM if args.min_ssim is None else args.min_ssim,
+        max_digit_drop=args.max_digit_drop,
         overwrite=args.overwrite,
     ))
     return 0

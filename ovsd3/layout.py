@@ -14,6 +14,7 @@ MODEL_BIN = "openvino_model.bin"
 TOKENIZER_XML = "openvino_tokenizer.xml"
 DETOKENIZER_XML = "openvino_detokenizer.xml"
 MODEL_INDEX = "model_index.json"
+DEMO_RECORD = "ovsd3_demo.json"  # in a diffusers folder trained by demo/train.py: which demo and its recipe
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 OVSD3_RECORD = "ovsd3.json"
 
@@ -53,6 +54,7 @@ class FolderRecord:
     parity: dict[str, dict] = field(default_factory=dict)
     ovsd3_version: str = ""
     quantization: dict | None = None  # what `ovsd3 quantize` did, with its size table and quality gate
+    demo: str | None = None  # "digits" for the shipped demo model: reports and the gate can score its pictures
 
     def save(self, folder: Path) -> None:
         (Path(folder) / OVSD3_RECORD).write_text(json.dumps(asdict(self), indent=2) + "\n")

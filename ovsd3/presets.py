@@ -178,7 +178,7 @@ PRESETS: Mapping[str, SD3Arch] = MappingProxyType({
         clip_g=ClipArch(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                         projection_dim=32, hidden_act="gelu", vocab_size=1000),
         t5=T5Arch(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_size=512),
-        vae=VaeArch(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16),
+        vae=VaeArch(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
     ),
 })
 

@@ -3,7 +3,6 @@ elsewhere, loadable everywhere, calibration cached, and a quality gate that can 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +161,24 @@ def test_ssim_matches_scikit_image():
     b = np.clip(a.astype(int) + rng.integers(-30, 30, a.shape), 0, 255).astype(np.uint8)
     assert ssim(a, b) == pytest.approx(structural_similarity(a, b, channel_axis=2, data_range=255), abs=1e-9)
     assert ssim(a, a) == 1.0
+
+
+def test_digits_demo_gate_scores_digits_and_can_refuse(ov_sd3, tmp_path, capsys):
+    """A folder marked as the digits demo: calibration and gate use digit prompts, the gate scores the share of
+    digits drawn as asked, and refuses when it falls more than --max-digit-drop."""
+    import shutil
+
+    demo = tmp_path / "demo-ov"
+    shutil.copytree(ov_sd3, demo)
+    record = layout.FolderRecord.load(demo)
+    record.demo = "digits"
+    record.save(demo)
+    assert quantize(demo, tmp_path / "q") == 0
+    gate = layout.FolderRecord.load(tmp_path / "q").quantization["gate"]
+    assert set(gate["digit_accuracy"]) == {"reference", "candidate"}
+    assert all(0.0 <= value <= 1.0 for value in gate["digit_accuracy"].values())
+    capsys.readouterr()
+    assert quantize(demo, tmp_path / "q2", "--max-digit-drop", "-1") == EXIT_ERROR  # asks for +100 points
+    err = capsys.readouterr().err
+    assert "quality gate failed" in err and "digits matching" in err
+    assert not (tmp_path / "q2").exists()

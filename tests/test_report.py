@@ -68,7 +68,7 @@ def test_report_top_level(report, report_dir):
     assert report["machine"]["cpu_count"] == os.cpu_count() and report["machine"]["processor"]
     assert report["settings"] == {"prompts": heldout_prompts()[:PROMPTS], "seeds": [0, 1], "steps": STEPS,
                                   "guidance_scale": 7.0, "width": SIZE, "height": SIZE, "max_sequence_length": 256,
-                                  "clip_model": report["settings"]["clip_model"]}
+                                  "clip_model": report["settings"]["clip_model"], "digits": False}
     assert Path(report["settings"]["clip_model"]).name == "tiny-clip"
     assert report["files"] == {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"}
     assert all((report_dir / name).exists() for name in report["files"].values())
@@ -135,7 +135,7 @@ def test_report_images_are_the_generations(report, report_dir, ov_sd3):
 
 def test_report_quality_against_the_reference(report, report_dir):
     reference, quantized = report["folders"]
-    keys = {"reference", "psnr_db", "ssim", "mean_psnr_db", "mean_ssim", "clip_score", "mean_clip_score"}
+    keys = {"reference", "psnr_db", "ssim", "mean_psnr_db", "mean_ssim", "clip_score", "mean_clip_score", "digits"}
     assert set(reference["quality"]) == keys and set(quantized["quality"]) == keys
     assert reference["quality"]["reference"] is True and reference["quality"]["psnr_db"] is None
     assert quantized["quality"]["reference"] is False
@@ -145,6 +145,7 @@ def test_report_quality_against_the_reference(report, report_dir):
     assert quantized["quality"]["mean_psnr_db"] == pytest.approx(np.mean(quantized["quality"]["psnr_db"]))
     assert 10 < quantized["quality"]["mean_psnr_db"] < 60  # INT8 changes the images, but not into noise
     assert quantized["quality"]["mean_ssim"] == pytest.approx(np.mean(quantized["quality"]["ssim"]))
+    assert reference["quality"]["digits"] is None  # not the digits demo: no digit score
 
 
 def test_clip_score_matches_transformers(report, report_dir, tiny_clip):
@@ -295,3 +296,22 @@ def test_benchmark_errors_are_one_line(args, expected, tmp_path, capsys, ov_sd3)
     error = capsys.readouterr().err.strip()
     assert error.startswith("ovsd3 benchmark: error: ") and expected in error and "\n" not in error
     assert not out.exists()
+
+
+def test_report_digits_scores_every_folder(tmp_path, ov_sd3, q_sd3):
+    """--digits: the demo's prompts and scorer (here on random tiny models, so the plumbing is what is checked:
+    the scores are the scorer's verdicts on the report's own images)."""
+    from ovsd3.demo.digits import DigitScorer, evaluation_prompts
+
+    out = tmp_path / "digits"
+    assert main(["report", str(ov_sd3), str(q_sd3), "--digits", "--prompts", "4", "--size", "64", "--steps", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["digits"] is True and report["settings"]["prompts"] == evaluation_prompts(4)
+    scorer = DigitScorer()
+    for folder in report["folders"]:
+        digits = folder["quality"]["digits"]
+        assert set(digits) == {"accuracy", "digit_accuracy", "colour_accuracy", "matches"}
+        expected = scorer.score([Image.open(out / path) for path in folder["images"]], evaluation_prompts(4))
+        assert digits["matches"] == expected.matches and digits["accuracy"] == expected.accuracy
+    assert "digits matching the prompt" in (out / "report.md").read_text()

@@ -123,8 +123,6 @@ def test_flash_folder_follows_the_flash_sampler(ov_flash, tiny_sd3, tiny_flash_a
 
 
 def png_bytes(image, params) -> bytes:
-    from ovsd3.runtime.images import save_png
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # plain, to compare pixels and encoder output
     return buffer.getvalue()

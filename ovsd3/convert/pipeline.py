@@ -129,6 +129,7 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
             defaults=layout.FLASH_DEFAULTS if lora_folder is not None else layout.GenerationDefaults(),
             parity={result.name: result.as_dict() for result in report.components},
             ovsd3_version=__version__,
+            demo=source.demo,
         ).save(staging)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()

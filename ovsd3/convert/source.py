@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ovsd3 import layout
 from ovsd3.errors import OvsdError
 
 SD3_PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
@@ -74,6 +75,15 @@ class ModelSource:
         source = cls(model, root, cls._read_index(root, model))
         source._check_components(with_t5)
         return source
+
+    @property
+    def demo(self) -> str | None:
+        """Which ovsd3 demo this model is (demo/train.py marks its output), if any."""
+        marker = self.root / layout.DEMO_RECORD
+        try:
+            return json.loads(marker.read_text()).get("demo") if marker.exists() else None
+        except (OSError, ValueError):
+            return None
 
     @staticmethod
     def _read_index(root: Path, model: str) -> dict:

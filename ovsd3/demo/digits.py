@@ -125,3 +125,21 @@ class DigitScorer:
             digit_matches.append(digit == asked.digit)
             colour_matches.append(colour == asked.colour)
         return DigitScore([d and c for d, c in zip(digit_matches, colour_matches)], digit_matches, colour_matches)
+
+
+def evaluation_prompts(count: int) -> list[str]:
+    """``count`` prompts that walk through every digit, colour and phrasing in turn (a fixed set, so two models
+    are scored on the same questions)."""
+    colours = list(COLOURS)
+    prompts = []
+    for index in range(count):
+        digit, colour = index % 10, colours[(index // 10 + index) % len(colours)]
+        prompts.append(DigitPrompt(digit, colour, (index // 60 + index) % len(TEMPLATES)).text)
+    return prompts
+
+
+def calibration_prompts(count: int, seed: int = 7) -> list[str]:
+    """``count`` demo prompts in a fixed shuffled order (for quantization calibration)."""
+    prompts = [prompt.text for prompt in all_prompts()]
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [prompts[i] for i in order[:count]]

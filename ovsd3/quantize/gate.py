@@ -27,6 +27,9 @@ class GateSettings:
     min_psnr: float = DEFAULT_MIN_PSNR  # mean image PSNR, dB
     min_ssim: float = DEFAULT_MIN_SSIM  # mean image SSIM
     seed: int = 1234
+    # The digits demo: the share of images whose digit and colour match the prompt may fall by at most this
+    # much (0.05 = 5 points) from the original's. None: not scored (other models).
+    max_digit_drop: float | None = None
 
 
 @dataclass
@@ -34,6 +37,7 @@ class GateReport:
     image_psnr: list[float] = field(default_factory=list)
     image_ssim: list[float] = field(default_factory=list)
     step_psnr: list[float] = field(default_factory=list)  # transformer outputs, mean over prompts, per step
+    digit_accuracy: dict[str, float] | None = None  # {"reference": ..., "candidate": ...} for the digits demo
     passed: bool = False
 
     @property
@@ -46,7 +50,8 @@ class GateReport:
 
     def as_dict(self) -> dict:
         return {"image_psnr": self.image_psnr, "image_ssim": self.image_ssim, "step_psnr": self.step_psnr,
-                "mean_psnr": self.mean_psnr, "mean_ssim": self.mean_ssim, "passed": self.passed}
+                "mean_psnr": self.mean_psnr, "mean_ssim": self.mean_ssim, "digit_accuracy": self.digit_accuracy,
+                "passed": self.passed}
 
 
 class _ObservedPipeline(SD3Pipeline):
@@ -67,7 +72,7 @@ def _generate(folder: Path, settings: GateSettings) -> tuple[list[np.ndarray], l
         pipe.outputs = []
         result = pipe(prompt, width=settings.size, height=settings.size, num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance_scale, seed=settings.seed + index)
-        images.append(np.asarray(result.images[0], dtype=np.float64))
+        images.append(np.asarray(result.images[0], dtype=np.float64))  # float before any difference
         outputs.append(pipe.outputs)
     del pipe
     gc.collect()  # one pipeline in memory at a time
@@ -85,4 +90,13 @@ def run_gate(reference: Path, candidate: Path, settings: GateSettings) -> GateRe
                    for step in range(settings.steps)],
     )
     report.passed = report.mean_psnr >= settings.min_psnr and report.mean_ssim >= settings.min_ssim
+    if settings.max_digit_drop is not None:
+        from ovsd3.demo.digits import DigitScorer
+
+        scorer = DigitScorer()
+        report.digit_accuracy = {
+            name: scorer.score([image.astype(np.uint8) for image in images], list(settings.prompts)).accuracy
+            for name, images in (("reference", reference_images), ("candidate", candidate_images))}
+        report.passed = report.passed and (report.digit_accuracy["candidate"]
+                                           >= report.digit_accuracy["reference"] - settings.max_digit_drop)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -25,6 +26,9 @@ def add_parsers(subparsers) -> None:
     report.add_argument("--max-sequence-length", type=int, default=256,
                         help="T5 tokens, zeros when the folder has no T5 (default 256, as diffusers); openvino.genai "
                                  "feeds a no-T5 transformer a shorter sequence: 77 comes close to it")
+    report.add_argument("--digits", action=argparse.BooleanOptionalAction, default=None,
+                        help="score the share of images whose digit and colour match the prompt (default: on "
+                             "when the first folder is ovsd3's digits demo, whose prompts it then uses)")
     report.add_argument("--label", action="append", default=[], help="a column label per folder (repeat)")
     report.add_argument("--overwrite", action="store_true")
     report.set_defaults(handler=_run_report)
@@ -70,7 +74,7 @@ def _run_report(args) -> int:
     make_report(ReportRequest(folders=args.folders, out=args.out, prompts=args.prompts, prompt_file=args.prompt_file,
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance, size=args.size,
                               device=args.device, clip=args.clip,
-                              max_sequence_length=args.max_sequence_length, labels=args.label, overwrite=args.overwrite))
+                              max_sequence_length=args.max_sequence_length, labels=args.label, digits=args.digits, overwrite=args.overwrite))
     return 0
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from PIL import Image
+
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
@@ -22,7 +24,7 @@ from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.quality import ClipScorer, image_agreement
 from ovsd3.report.stats import Spread
-from ovsd3.runtime.pipeline import check_folder, folder_record
+from ovsd3.runtime.pipeline import check_folder, folder_record, native_size
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ReportRequest:
     clip: str | None = None  # CLIP model (hub id or folder) for CLIP scores
     max_sequence_length: int = 256  # T5 tokens (zeros without T5), as diffusers' default
     labels: list[str] = field(default_factory=list)
+    digits: bool | None = None  # score digits and colours (the demo model); None: when the first folder is the demo
     overwrite: bool = False
 
 
@@ -57,9 +60,13 @@ def component_sizes(folder: Path) -> dict[str, int]:
             if layout.model_xml(folder, component).exists()}
 
 
-def _prompts(request: ReportRequest) -> list[str]:
+def _prompts(request: ReportRequest, digits: bool) -> list[str]:
     if request.prompts < 1:
         raise OvsdError(f"--prompts must be at least 1 (got {request.prompts})")
+    if request.prompt_file is None and digits:
+        from ovsd3.demo.digits import evaluation_prompts
+
+        return evaluation_prompts(request.prompts)
     if request.prompt_file is None:
         from calibration import heldout_prompts
 
@@ -76,10 +83,7 @@ def _prompts(request: ReportRequest) -> list[str]:
 def _settings(request: ReportRequest) -> dict:
     first = request.folders[0]
     defaults = folder_record(first).defaults
-    transformer = json.loads((first / layout.TRANSFORMER / "config.json").read_text())
-    vae_blocks = json.loads((first / layout.VAE_DECODER / "config.json").read_text()).get(
-        "block_out_channels", [0] * 4)
-    native = int(transformer.get("sample_size", 128)) * 2 ** (len(vae_blocks) - 1)
+    native = native_size(first)
     size = request.size or native
     return {"steps": request.steps or defaults.num_inference_steps,
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
@@ -124,7 +128,8 @@ def measure_folder(folder: Path, label: str, prompts: list[str], seeds: list[int
             "machine": {key: generated[key] for key in ("openvino", "execution_devices", "device_names")}}
 
 
-def _relative(folders: list[dict], reference: dict, clip_scores: list[list[float]] | None) -> None:
+def _relative(folders: list[dict], reference: dict, clip_scores: list[list[float]] | None,
+              digit_scores: list[dict] | None) -> None:
     """Fill in what each folder is against the first: compression, speed-up, image agreement."""
     for index, folder in enumerate(folders):
         folder["size"]["compression"] = reference["size"]["total_bytes"] / folder["size"]["total_bytes"]
@@ -140,7 +145,18 @@ def _relative(folders: list[dict], reference: dict, clip_scores: list[list[float
             quality.update(agreement, mean_psnr_db=_mean(agreement["psnr_db"]), mean_ssim=_mean(agreement["ssim"]))
         quality["clip_score"] = None if clip_scores is None else clip_scores[index]
         quality["mean_clip_score"] = None if clip_scores is None else _mean(clip_scores[index])
+        quality["digits"] = None if digit_scores is None else digit_scores[index]
         folder["quality"] = quality
+
+
+def _digit_scorer():
+    try:
+        from ovsd3.demo.digits import DigitScorer
+
+        return DigitScorer()
+    except ImportError as error:
+        raise OvsdError(f"scoring digits needs scikit-learn ({error.name} is missing): "
+                        f"pip install 'ovsd3[report]'") from None
 
 
 def _mean(values: list[float]) -> float:
@@ -153,7 +169,9 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     for folder in request.folders:
         check_folder(folder)
     labels = folder_labels(request.folders, request.labels)
-    prompts = _prompts(request)
+    digits = request.digits if request.digits is not None else folder_record(request.folders[0]).demo == "digits"
+    scorer_of_digits = _digit_scorer() if digits else None
+    prompts = _prompts(request, digits)
     seeds = [request.seed + index for index in range(len(prompts))]
     settings = _settings(request)
     scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
@@ -172,14 +190,18 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
             log(f"  step {Spread(**_spread(measured['speed']['step_seconds']))}, "
                 f"peak RSS {measured['speed']['peak_rss_bytes'] / 2**30:.2f} GiB")
         clip_scores = [scorer.scores(folder["images"], prompts) for folder in folders] if scorer else None
-        _relative(folders, folders[0], clip_scores)
+        digit_scores = None if scorer_of_digits is None else [
+            scorer_of_digits.score([Image.open(path) for path in folder["images"]], prompts).to_json()
+            for folder in folders]
+        _relative(folders, folders[0], clip_scores, digit_scores)
         for folder in folders:  # paths inside the report folder, relative, so the folder can be moved
             folder["images"] = [str(Path(path).relative_to(staging)) for path in folder["images"]]
         report = {
             "ovsd3_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine.describe(request.device, folders[0]["machine"]),
-            "settings": {"prompts": prompts, "seeds": seeds, **settings, "clip_model": request.clip},
+            "settings": {"prompts": prompts, "seeds": seeds, **settings, "clip_model": request.clip,
+                         "digits": digits},
             "folders": folders,
             "files": {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"},
         }
@@ -252,6 +274,9 @@ def markdown(report: dict) -> str:
     lines.append("| mean SSIM | " + " | ".join(
         "reference" if folder["quality"]["reference"] else f"{folder['quality']['mean_ssim']:.4f}"
         for folder in folders) + " |")
+    if settings["digits"]:
+        lines.append("| digits matching the prompt (digit and colour) | " + " | ".join(
+            f"{folder['quality']['digits']['accuracy']:.1%}" for folder in folders) + " |")
     if settings["clip_model"]:
         lines.append(f"| CLIP score ({settings['clip_model']}) | " + " | ".join(
             f"{folder['quality']['mean_clip_score']:.2f}" for folder in folders) + " |")

@@ -68,6 +68,13 @@ def folder_record(folder: Path) -> layout.FolderRecord:
                                defaults=layout.FLASH_DEFAULTS if flash else layout.GenerationDefaults())
 
 
+def native_size(folder: Path) -> int:
+    """The image size the model was made for (transformer sample_size x the VAE's downsampling)."""
+    transformer = _read_json(Path(folder) / layout.TRANSFORMER / "config.json")
+    vae = _read_json(Path(folder) / layout.VAE_DECODER / "config.json")
+    return int(transformer.get("sample_size", 128)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+
+
 @dataclass(frozen=True)
 class StaticShape:
     """Fixed sizes for devices that need them (NPU): every model is reshaped before compiling."""
