@@ -128,8 +128,7 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
                                    "seconds_per_image": seconds.median / batch,
                                    "images_per_second": batch / seconds.median}
             log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
-        runners[runner] = {"batches": batches, "peak_rss_bytes": result["peak_rss_bytes"],
-                           **{key: value for key, value in result.items() if key not in ("seconds", "peak_rss_bytes")}}
+        runners[runner] = {"batches": batches, **{key: value for key, value in result.items() if key != "seconds"}}
     host = machine.describe(request.device, runners[OVSD3])
     for key in ("openvino", "execution_devices", "device_names"):  # kept once, under "machine"
         runners[OVSD3].pop(key)
@@ -152,9 +151,10 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
                                  for name, runner in runners.items()}, staging / "benchmark.png",
                                 f"{request.folder.resolve().name}: {settings['steps']} steps, "
                                 f"{request.size}x{request.size}, {report['machine']['processor']}")
+        text = markdown(report)
         (staging / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "benchmark.md").write_text(markdown(report))
-    log(markdown(report))
+        (staging / "benchmark.md").write_text(text)
+    log(text)
     log(f"wrote {request.out}")
     return report
 

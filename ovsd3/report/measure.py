@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ovsd3.report.stats import timed_batches
 from ovsd3.runtime import SD3Pipeline
 
 
@@ -74,16 +75,11 @@ def first_start(task: dict) -> dict:
 
 
 def batches(task: dict) -> dict:
-    """Seconds per call for each batch size (images per call), median over ``task["repeats"]`` after a warm-up."""
+    """Seconds per call for each batch size (images per call), timed as the peers are."""
     pipe = SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=None)
     settings = _settings(task)
-    results = {}
-    for batch in task["batches"]:
-        pipe(task["prompt"], seed=0, num_images=batch, **dict(settings, num_inference_steps=1))  # warm-up
-        seconds = []
-        for repeat in range(task["repeats"]):
-            started = time.perf_counter()
-            pipe(task["prompt"], seed=repeat, num_images=batch, **settings)
-            seconds.append(time.perf_counter() - started)
-        results[str(batch)] = seconds
-    return {"seconds": results, **device_info(pipe)}
+
+    def call(batch: int, steps: int, seed: int):
+        pipe(task["prompt"], seed=seed, num_images=batch, **dict(settings, num_inference_steps=steps))
+
+    return {"seconds": timed_batches(task, call), **device_info(pipe)}

@@ -9,24 +9,10 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
-from ovsd3.errors import OvsdError
-
-
-def _timed_batches(task: dict, call) -> dict:
-    """``call(batch, steps, seed)`` for every batch: one 1-step warm-up, then ``repeats`` timed calls."""
-    results = {}
-    for batch in task["batches"]:
-        call(batch, 1, 0)
-        seconds = []
-        for repeat in range(task["repeats"]):
-            started = time.perf_counter()
-            call(batch, task["steps"], repeat)
-            seconds.append(time.perf_counter() - started)
-        results[str(batch)] = seconds
-    return results
+from ovsd3.errors import OvsdError, reason_of
+from ovsd3.report.stats import timed_batches
 
 
 def genai_batches(task: dict) -> dict:
@@ -35,7 +21,7 @@ def genai_batches(task: dict) -> dict:
     try:
         pipe = openvino_genai.Text2ImagePipeline(str(task["folder"]), task["device"])
     except RuntimeError as error:
-        raise OvsdError(f"openvino.genai cannot load {task['folder']}: {str(error).splitlines()[0]}") from None
+        raise OvsdError(f"openvino.genai cannot load {task['folder']}: {reason_of(error)}") from None
     config = pipe.get_generation_config()
     if not task["taylorseer"]:
         config.taylorseer_config = None
@@ -49,7 +35,7 @@ def genai_batches(task: dict) -> dict:
                       guidance_scale=task["guidance_scale"], num_images_per_prompt=batch, rng_seed=seed,
                       max_sequence_length=task.get("max_sequence_length", 256))
 
-    seconds = _timed_batches(task, call)
+    seconds = timed_batches(task, call)
     # How many transformer calls the last generation made: fewer than its steps when caching skipped some.
     transformer_calls = len(pipe.get_performance_metrics().raw_metrics.transformer_inference_durations)
     return {"seconds": seconds, "transformer_calls": transformer_calls,
@@ -69,7 +55,7 @@ def diffusers_batches(task: dict) -> dict:
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(task["torch_model"], torch_dtype=dtype, **without_t5)
     except Exception as error:  # diffusers raises many kinds: missing files, hub errors, bad configs
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = reason_of(error)
         raise OvsdError(f"diffusers cannot load the PyTorch model {task['torch_model']}: {reason}") from None
     # The OpenVINO folder's scheduler (a Flash folder samples stochastically) and its LoRA, merged as convert did.
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(task["folder"]) / "scheduler")
@@ -86,4 +72,4 @@ def diffusers_batches(task: dict) -> dict:
                  generator=torch.Generator().manual_seed(seed), output_type="np",
                  max_sequence_length=task.get("max_sequence_length", 256))
 
-    return {"seconds": _timed_batches(task, call), "torch": torch.__version__}
+    return {"seconds": timed_batches(task, call), "torch": torch.__version__}
