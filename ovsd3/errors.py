@@ -7,3 +7,10 @@ class OvsdError(Exception):
 
 class ParityError(OvsdError):
     """An exported component disagrees with its PyTorch original."""
+
+
+def reason_of(error: BaseException) -> str:
+    """The first line of a library's error message (or its type when it has none), to quote in one-line errors:
+    library messages often run on for pages."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else type(error).__name__

@@ -17,7 +17,7 @@ from ovsd3 import layout
 from ovsd3.convert.export import (ComponentExport, ComponentResult, ExportOptions, export_component,
                                   export_config_for)
 from ovsd3.convert.source import ModelSource
-from ovsd3.errors import OvsdError, ParityError
+from ovsd3.errors import OvsdError, ParityError, reason_of
 
 CLIP_TOKENS = 77
 T5_TOKENS = 256  # diffusers' default max_sequence_length for SD3
@@ -196,7 +196,7 @@ def convert_tokenizer(source: ModelSource, component: str, out: Path) -> Tokeniz
         ov_tokenizer, ov_detokenizer = to_openvino(tokenizer, with_detokenizer=False), None
     except Exception as error:
         raise OvsdError(f"openvino-tokenizers cannot convert {component} ({type(tokenizer).__name__}): "
-                        f"{str(error).splitlines()[0]}") from None
+                        f"{reason_of(error)}") from None
     ov.save_model(ov_tokenizer, folder / layout.TOKENIZER_XML)
     if ov_detokenizer is not None:
         ov.save_model(ov_detokenizer, folder / layout.DETOKENIZER_XML)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ovsd3.errors import OvsdError
+from ovsd3.errors import OvsdError, reason_of
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
@@ -32,7 +32,7 @@ def resolve_adapter(adapter: str) -> Path:
     try:
         return Path(snapshot_download(adapter, allow_patterns=[ADAPTER_CONFIG, "*.safetensors", "*.bin"]))
     except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = reason_of(error)
         raise OvsdError(f"cannot download LoRA adapter {adapter!r} from the model hub ({reason}); "
                         f"pass a local PEFT adapter folder instead") from None
 
@@ -100,6 +100,6 @@ def merge_lora(transformer: torch.nn.Module, folder: Path) -> torch.nn.Module:
     try:
         peft_model = PeftModel.from_pretrained(transformer, str(folder))
     except Exception as error:
-        raise OvsdError(f"cannot apply LoRA adapter {folder}: {str(error).splitlines()[0]}") from None
+        raise OvsdError(f"cannot apply LoRA adapter {folder}: {reason_of(error)}") from None
     merged = peft_model.merge_and_unload()
     return merged.eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ovsd3 import layout
-from ovsd3.errors import OvsdError
+from ovsd3.errors import OvsdError, reason_of
 
 SD3_PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                         "StableDiffusion3InpaintPipeline")
@@ -50,7 +50,7 @@ def _download(repo_id: str, with_t5: bool) -> Path:
     except RepositoryNotFoundError:
         raise OvsdError(f"model hub repository {repo_id!r} does not exist (or needs a login)") from None
     except Exception as error:  # connection errors come in many types
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = reason_of(error)
         raise OvsdError(f"cannot download {repo_id!r} from the model hub ({reason}); check the network, "
                         f"or pass a local diffusers folder instead") from None
 
@@ -152,7 +152,7 @@ class ModelSource:
         try:
             module = loader.from_pretrained(self.root, subfolder=component, **{dtype_kwarg: dtype})
         except Exception as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = reason_of(error)
             raise OvsdError(f"cannot load {component} from {self.name!r}: {reason}") from None
         return module.eval()
 

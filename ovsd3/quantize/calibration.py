@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ovsd3 import layout
-from ovsd3.errors import OvsdError
+from ovsd3.errors import OvsdError, reason_of
 from ovsd3.progress import ProgressBar
 from ovsd3.runtime.pipeline import SD3Pipeline
 
@@ -46,7 +46,7 @@ def load_prompts(dataset: str, count: int, log: Callable[[str], None] = print) -
             stream = load_dataset(CONCEPTUAL_CAPTIONS_REPO, split="train", streaming=True)
             prompts = [row["caption"] for _, row in zip(range(count), stream)]
         except Exception as error:  # no `datasets`, no network, hub refusing: all the same to the user
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = reason_of(error)
             log(f"note: cannot stream {CONCEPTUAL_CAPTIONS_REPO} ({reason[:120]}); using ovsd3's built-in prompt "
                 f"set instead (calibration/prompts.txt, 400 captions of the same kind)")
             prompts = builtin_prompts()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ovsd3.errors import OvsdError
+from ovsd3.errors import OvsdError, reason_of
 from ovsd3.metrics import psnr, ssim
 
 
@@ -41,7 +41,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(model).eval()
             self.processor = CLIPProcessor.from_pretrained(model)
         except Exception as error:  # hub errors, missing files, wrong model type
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = reason_of(error)
             raise OvsdError(f"cannot load CLIP model {model!r}: {reason}") from None
         self.name = model
 

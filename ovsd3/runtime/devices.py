@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ovsd3 import layout
-from ovsd3.errors import OvsdError
+from ovsd3.errors import OvsdError, reason_of
 
 # Names a user may give in a per-component device plan, and the components each one covers.
 COMPONENT_GROUPS = {
@@ -116,7 +116,7 @@ class ModelCompiler:
                            if name in {port.any_name for port in model.inputs}})
             return self.core.compile_model(model, device, self._config(device))
         except RuntimeError as error:
-            raise OvsdError(f"cannot compile {component} for {device}: {str(error).splitlines()[0]}") from None
+            raise OvsdError(f"cannot compile {component} for {device}: {reason_of(error)}") from None
 
     def compile_tokenizer(self, tokenizer_folder: str):
         """(compiled tokenizer, its model). Tokenizers are string processing: always on the CPU."""
