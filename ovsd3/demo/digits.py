@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovsd3.errors import OvsdError
+
 IMAGE_SIZE = 64
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (235, 45, 45), "green": (45, 205, 70), "blue": (60, 100, 245),
@@ -52,8 +54,18 @@ def all_prompts() -> list[DigitPrompt]:
             for template in range(len(TEMPLATES))]
 
 
+def _require_sklearn() -> None:
+    """The digits and the classifier come from scikit-learn, which only the report and test extras install:
+    reports and the quantize gate both score digits, so the one-line error is given here, once for both."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise OvsdError("scoring digits needs scikit-learn: pip install scikit-learn (or 'ovsd3[report]')") from None
+
+
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images (n, 8, 8) in [0, 1], labels (n,))."""
+    _require_sklearn()
     from sklearn.datasets import load_digits as sklearn_digits
 
     data = sklearn_digits()
@@ -90,6 +102,7 @@ class DigitScorer:
 
     def __init__(self, images: np.ndarray | None = None, labels: np.ndarray | None = None):
         """Trained on all of scikit-learn's digits, or on ``images`` (n, 8, 8) in [0, 1] and ``labels``."""
+        _require_sklearn()
         from sklearn.svm import SVC
 
         if images is None:

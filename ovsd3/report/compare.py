@@ -19,6 +19,7 @@ from PIL import Image
 
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
+from ovsd3.demo.digits import DigitScorer, evaluation_prompts
 from ovsd3.errors import OvsdError
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
@@ -64,8 +65,6 @@ def _prompts(request: ReportRequest, digits: bool) -> list[str]:
     if request.prompts < 1:
         raise OvsdError(f"--prompts must be at least 1 (got {request.prompts})")
     if request.prompt_file is None and digits:
-        from ovsd3.demo.digits import evaluation_prompts
-
         return evaluation_prompts(request.prompts)
     if request.prompt_file is None:
         from calibration import heldout_prompts
@@ -149,16 +148,6 @@ def _relative(folders: list[dict], reference: dict, clip_scores: list[list[float
         folder["quality"] = quality
 
 
-def _digit_scorer():
-    try:
-        from ovsd3.demo.digits import DigitScorer
-
-        return DigitScorer()
-    except ImportError as error:
-        raise OvsdError(f"scoring digits needs scikit-learn ({error.name} is missing): "
-                        f"pip install 'ovsd3[report]'") from None
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -170,7 +159,7 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
         check_folder(folder)
     labels = folder_labels(request.folders, request.labels)
     digits = request.digits if request.digits is not None else folder_record(request.folders[0]).demo == "digits"
-    scorer_of_digits = _digit_scorer() if digits else None
+    scorer_of_digits = DigitScorer() if digits else None
     prompts = _prompts(request, digits)
     seeds = [request.seed + index for index in range(len(prompts))]
     settings = _settings(request)
@@ -187,7 +176,7 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
             sizes = component_sizes(folder)
             measured["size"] = {"components": sizes, "total_bytes": sum(sizes.values())}
             folders.append(measured)
-            log(f"  step {Spread(**_spread(measured['speed']['step_seconds']))}, "
+            log(f"  step {Spread.from_json(measured['speed']['step_seconds'])}, "
                 f"peak RSS {measured['speed']['peak_rss_bytes'] / 2**30:.2f} GiB")
         clip_scores = [scorer.scores(folder["images"], prompts) for folder in folders] if scorer else None
         digit_scores = None if scorer_of_digits is None else [
@@ -215,15 +204,12 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
                               for folder in folders],
                              staging / "chart.png", f"{settings['width']}x{settings['height']}, "
                                                     f"{report['machine']['processor']}")
+        text = markdown(report)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "report.md").write_text(markdown(report))
-    log(markdown(report))
+        (staging / "report.md").write_text(text)
+    log(text)
     log(f"wrote {request.out}")
     return report
-
-
-def _spread(values: dict) -> dict:
-    return {key: values[key] for key in ("median", "min", "max", "n")}
 
 
 def _mb(size: int) -> str:
