@@ -22,6 +22,7 @@ meaningless on random weights (the images are noise); the demo model gives real 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="keep the converted and quantized folders of an earlier run instead of remaking them")
     args = parser.parse_args()
+    from ovsd3.report.machine import processor_name
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ def main() -> int:
             shutil.copy(args.workdir / folder / name, args.results / f"{folder}-{name}")
     lines = ["# Full-size run", "",
              f"SD3 Medium architecture, random fp16 weights, Flash-shaped LoRA (rank 64) merged, "
-             f"{'with' if args.with_t5 else 'no'} T5; {Path('/proc/cpuinfo').exists() and _cpu()}, "
+             f"{'with' if args.with_t5 else 'no'} T5; {processor_name()} ({os.cpu_count()} CPUs), "
              f"{_total_memory_gib():.0f} GiB RAM.", "",
              "| stage | command | wall time | lowest MemAvailable |", "|---|---|---|---|"]
     for stage in stages:
@@ -155,15 +157,6 @@ def main() -> int:
     (args.results / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     return 0
-
-
-def _cpu() -> str:
-    import os
-
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
-    return f"{os.cpu_count()} CPUs"
 
 
 def _total_memory_gib() -> float:

@@ -155,8 +155,8 @@ def main() -> int:
     minutes = (time.perf_counter() - started) / 60
 
     pipe.save_pretrained(args.out)
-    recipe = {"demo": "digits", "seed": args.seed, "vae_steps": args.vae_steps, "transformer_steps": args.steps, "batch": args.batch,
-              "lr": args.lr, "minutes": round(minutes, 1), "torch": torch.__version__, "cpus": os.cpu_count()}
+    recipe = {"demo": "digits", "seed": args.seed, "vae_steps": args.vae_steps, "transformer_steps": args.steps,
+              "batch": args.batch, "lr": args.lr, "minutes": round(minutes, 1), "torch": torch.__version__, "cpus": os.cpu_count()}
     (args.out / layout.DEMO_RECORD).write_text(json.dumps(recipe, indent=2) + "\n")
     print(f"trained in {minutes:.1f} min; wrote {args.out}", flush=True)
     return 0

@@ -6,6 +6,12 @@ import argparse
 from pathlib import Path
 
 
+def _add_max_sequence_length(parser) -> None:
+    parser.add_argument("--max-sequence-length", type=int, default=256,
+                        help="T5 tokens, zeros when the folder has no T5 (default 256, as diffusers); openvino.genai "
+                             "feeds a no-T5 transformer a shorter sequence: 77 comes close to it")
+
+
 def add_parsers(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="compare folders: size, speed, quality (report.md/json, image grid, chart)",
@@ -23,9 +29,7 @@ def add_parsers(subparsers) -> None:
     report.add_argument("--device", default="AUTO")
     report.add_argument("--clip", default=None, metavar="MODEL",
                         help="CLIP model (hub id or local folder) for CLIP scores; needs the convert extras")
-    report.add_argument("--max-sequence-length", type=int, default=256,
-                        help="T5 tokens, zeros when the folder has no T5 (default 256, as diffusers); openvino.genai "
-                                 "feeds a no-T5 transformer a shorter sequence: 77 comes close to it")
+    _add_max_sequence_length(report)
     report.add_argument("--digits", action=argparse.BooleanOptionalAction, default=None,
                         help="score the share of images whose digit and colour match the prompt (default: on "
                              "when the first folder is ovsd3's digits demo, whose prompts it then uses)")
@@ -44,9 +48,7 @@ def add_parsers(subparsers) -> None:
     benchmark.add_argument("--size", type=int, default=512)
     benchmark.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (default 3)")
     benchmark.add_argument("--device", default="AUTO")
-    benchmark.add_argument("--max-sequence-length", type=int, default=256,
-                           help="T5 tokens, zeros when the folder has no T5 (default 256, as diffusers); openvino.genai "
-                                 "feeds a no-T5 transformer a shorter sequence: 77 comes close to it")
+    _add_max_sequence_length(benchmark)
     benchmark.add_argument("--peers", nargs="?", const="all", default=None, metavar="PEERS",
                            help="also run the peers: all (default), or genai and/or diffusers, comma-separated; "
                                 "diffusers needs the PyTorch model")
@@ -73,8 +75,8 @@ def _run_report(args) -> int:
 
     make_report(ReportRequest(folders=args.folders, out=args.out, prompts=args.prompts, prompt_file=args.prompt_file,
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance, size=args.size,
-                              device=args.device, clip=args.clip,
-                              max_sequence_length=args.max_sequence_length, labels=args.label, digits=args.digits, overwrite=args.overwrite))
+                              device=args.device, clip=args.clip, max_sequence_length=args.max_sequence_length,
+                              labels=args.label, digits=args.digits, overwrite=args.overwrite))
     return 0
 
 
@@ -85,8 +87,7 @@ def _run_benchmark(args) -> int:
     out = args.out or Path(f"benchmark-{args.folder.resolve().name}")
     run_benchmark(BenchmarkRequest(folder=args.folder, out=out, batches=parse_batches(args.batch), steps=args.steps,
                                    guidance_scale=args.guidance, size=args.size, repeats=args.repeats,
-                                   max_sequence_length=args.max_sequence_length,
-                                   device=args.device,
+                                   max_sequence_length=args.max_sequence_length, device=args.device,
                                    peers=parse_peers(args.peers) if args.peers else (), torch_model=args.torch_model,
                                    overwrite=args.overwrite))
     return 0

@@ -138,7 +138,7 @@ class SD3Pipeline:
         self.latent_channels = int(transformer_config.get("in_channels", 16))
         self.vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
         self.size_multiple = self.vae_scale_factor * int(transformer_config.get("patch_size", 2))
-        self.default_size = int(transformer_config.get("sample_size", 128)) * self.vae_scale_factor
+        self.default_size = native_size(folder)
         self.scaling_factor = float(vae_config.get("scaling_factor", 1.5305))
         self.shift_factor = float(vae_config.get("shift_factor", 0.0609))
         self.schedule = FlowMatchSchedule.from_folder(folder)
