@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# ovsd3's whole job on the demo model that ships in the repository, offline, in about a minute:
+# convert it to OpenVINO IR, quantize that (INT8 transformer, INT4 text encoders and VAE), draw the same
+# prompts with both, and write the report (size, speed, the share of digits drawn as asked, a grid).
+#
+#   bash demo/quickstart.sh [OUT]        (default OUT: digits-quickstart; replaced if it exists)
+set -euo pipefail
+demo="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-digits-quickstart}"
+
+ovsd3 convert "$demo/sd3-digits" "$out/fp16" --overwrite
+ovsd3 quantize "$out/fp16" "$out/int8" --calib 200 --calib-cache "$out/calibration" --overwrite
+ovsd3 report "$out/fp16" "$out/int8" --label FP16 --label INT8 --prompts 20 --out "$out/report" --overwrite
+echo "Pictures: $out/report/grid.png (a row per prompt: FP16, INT8)"
