@@ -99,3 +99,9 @@ def test_static_shapes_on_a_guidance_free_folder(ov_flash, tmp_path):
     code = main(["run", str(ov_flash), "--prompt", "a cat", "--static", "--width", "64", "--height", "64",
                  "--no-cache", "--output", str(tmp_path)])
     assert code == 0 and len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_size_beyond_the_position_embedding_is_refused(ov_sd3, tmp_path, capsys):
+    """The tiny transformer's position embedding covers 24 patches a side: 384 px at most."""
+    code, err = run_cli(capsys, ov_sd3, "--width", "400", "--height", "384", "--output", tmp_path / "out")
+    assert code == EXIT_ERROR and "draws at most 384x384 (got 400x384)" in err and "\n" not in err.strip()

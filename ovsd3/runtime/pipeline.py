@@ -139,6 +139,8 @@ class SD3Pipeline:
         self.vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
         self.size_multiple = self.vae_scale_factor * int(transformer_config.get("patch_size", 2))
         self.default_size = native_size(folder)
+        # The learned position embedding covers pos_embed_max_size patches a side: larger images cannot be drawn.
+        self.max_size = int(transformer_config.get("pos_embed_max_size") or 0) * self.size_multiple or None
         self.scaling_factor = float(vae_config.get("scaling_factor", 1.5305))
         self.shift_factor = float(vae_config.get("shift_factor", 0.0609))
         self.schedule = FlowMatchSchedule.from_folder(folder)
@@ -203,6 +205,8 @@ class SD3Pipeline:
         if width <= 0 or height <= 0 or width % self.size_multiple or height % self.size_multiple:
             raise OvsdError(f"width and height must be positive multiples of {self.size_multiple} "
                             f"(got {width}x{height})")
+        if self.max_size and max(width, height) > self.max_size:
+            raise OvsdError(f"this model draws at most {self.max_size}x{self.max_size} (got {width}x{height})")
         if guidance < 0:
             raise OvsdError(f"guidance must not be negative (got {guidance})")
         if num_images < 1:
