@@ -249,7 +249,8 @@ def main() -> int:
     kept = round_trip_accuracy(pipe.vae, pixels[sample], sample_prompts, DigitScorer())
     print(f"VAE round trip: {kept:.1%} of {len(sample)} images still read as their digit and colour", flush=True)
     if kept < MIN_ROUND_TRIP:
-        raise SystemExit(f"the VAE keeps only {kept:.1%} of digits readable (needs {MIN_ROUND_TRIP:.0%}); train it longer")
+        raise SystemExit(f"the VAE keeps only {kept:.1%} of digits readable (needs {MIN_ROUND_TRIP:.0%}); "
+                         "train it longer")
     raw = encode_all(pipe.vae, pixels)
     shift, scale = raw.mean().item(), 1.0 / raw.std().item()
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -263,7 +264,8 @@ def main() -> int:
     minutes = (time.perf_counter() - started) / 60
 
     pipe.save_pretrained(args.out)
-    recipe = {"demo": "digits", "seed": args.seed, "vae_steps": args.vae_steps, "vae_batch": VAE_BATCH, "transformer_steps": args.steps,
+    recipe = {"demo": "digits", "seed": args.seed, "vae_steps": args.vae_steps, "vae_batch": VAE_BATCH,
+              "transformer_steps": args.steps,
               "batch": args.batch, "lr": args.lr, "ema_decay": EMA_DECAY, "minutes": round(minutes, 1),
               "torch": torch.__version__, "cpus": os.cpu_count()}
     (args.out / layout.DEMO_RECORD).write_text(json.dumps(recipe, indent=2) + "\n")
