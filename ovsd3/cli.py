@@ -136,6 +136,12 @@ def _add_report(subparsers) -> None:
     add_parsers(subparsers)
 
 
+def _add_serve(subparsers) -> None:
+    from ovsd3.serve.cli import add_parser
+
+    add_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsd3", description="Stable Diffusion 3 on OpenVINO")
     parser.add_argument("--version", action="version", version=f"ovsd3 {__version__}")
@@ -144,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     _add_quantize(subparsers)
     _add_report(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`ovsd3 serve`: an image-generation web service over an OpenVINO SD3 folder."""

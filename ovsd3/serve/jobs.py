@@ -1,0 +1,235 @@
+"""Generation jobs and the workers that run them.
+
+Each worker is a thread holding its own compiled pipeline (OpenVINO releases the GIL while it infers, so
+workers overlap); jobs wait in one bounded queue. A job records its events (queued, step with preview,
+done, error, cancelled) in order, so any number of readers can follow it from any point.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ovsd3.errors import OvsdError
+
+
+class QueueFull(Exception):
+    """The bounded queue has no room: the caller answers 429."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class GenerationRequest:
+    """What one call asks for, already validated (see api.py)."""
+
+    prompt: str
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    image: bytes | None = None  # image-to-image: the start picture (PNG/JPEG bytes)
+    strength: float = 0.6
+    preview_every: int = 1  # 0: no previews
+
+    def pipeline_settings(self) -> dict:
+        settings = dict(negative_prompt=self.negative_prompt, num_inference_steps=self.num_inference_steps,
+                        guidance_scale=self.guidance_scale, width=self.width, height=self.height, seed=self.seed,
+                        num_images=self.n)
+        if self.image is not None:
+            from PIL import Image
+
+            settings.update(image=Image.open(io.BytesIO(self.image)).convert("RGB"), strength=self.strength)
+        return settings
+
+
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: float = field(default_factory=time.time)
+    status: str = "queued"  # queued, running, done, error, cancelled
+    events: list[dict] = field(default_factory=list)
+    images: list = field(default_factory=list)
+    error: str | None = None
+    _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "error", "cancelled")
+
+    def emit(self, event: str, **data) -> None:
+        with self._changed:
+            self.events.append({"event": event, "index": len(self.events), **data})
+            self._changed.notify_all()
+
+    def finish(self, status: str, **data) -> None:
+        with self._changed:
+            self.status = status
+            self.events.append({"event": status, "index": len(self.events), **data})
+            self._changed.notify_all()
+
+    def events_from(self, index: int, timeout: float) -> list[dict]:
+        """Events from ``index`` on, waiting up to ``timeout`` seconds for one if there is none yet."""
+        with self._changed:
+            if len(self.events) <= index and not self.finished:
+                self._changed.wait(timeout)
+            return self.events[index:]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.finished, timeout)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        with self._changed:
+            if self.status == "queued":  # not picked up yet: the worker will skip it
+                self.status = "cancelled"
+                self.events.append({"event": "cancelled", "index": len(self.events)})
+                self._changed.notify_all()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+
+@dataclass
+class Metrics:
+    """What /metrics reports (Prometheus), filled by the workers."""
+
+    images: int = 0
+    requests: int = 0
+    failed: int = 0
+    rejected: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # recent transformer steps
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_seconds.append(seconds)
+        del self.step_seconds[:-1000]
+
+
+class WorkerPool:
+    """``workers`` threads, each with its own pipeline from ``load()``; a queue of at most ``max_queue``."""
+
+    def __init__(self, load: Callable[[], object], workers: int, max_queue: int):
+        if workers < 1:
+            raise OvsdError(f"--workers must be at least 1 (got {workers})")
+        if max_queue < 1:
+            raise OvsdError(f"--max-queue must be at least 1 (got {max_queue})")
+        self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.jobs: dict[str, Job] = {}
+        self.metrics = Metrics()
+        self.busy = 0
+        self._lock = threading.Lock()
+        self.pipelines = [load() for _ in range(workers)]  # compiled before the server answers
+        self._threads = [threading.Thread(target=self._work, args=(pipe,), daemon=True, name=f"ovsd3-worker-{i}")
+                         for i, pipe in enumerate(self.pipelines)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self.pending.qsize()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        job = Job(request)
+        job.emit("queued", position=self.queued + 1)  # before a worker can see it, so events stay in order
+        with self._lock:
+            try:
+                self.pending.put_nowait(job)
+            except queue.Full:
+                self.metrics.rejected += 1
+                raise QueueFull from None
+            self.jobs[job.id] = job
+            self.metrics.requests += 1
+            self._forget_old_jobs()
+        return job
+
+    def _forget_old_jobs(self, keep: int = 256) -> None:
+        finished = [job_id for job_id, job in self.jobs.items() if job.finished]
+        for job_id in finished[:-keep]:
+            del self.jobs[job_id]
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self.pending.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _work(self, pipe) -> None:
+        while True:
+            job = self.pending.get()
+            if job is None:
+                return
+            if job.finished:  # cancelled while queued
+                continue
+            with self._lock:
+                self.busy += 1
+            try:
+                self._run(pipe, job)
+            finally:
+                with self._lock:
+                    self.busy -= 1
+
+    def _run(self, pipe, job: Job) -> None:
+        from ovsd3.runtime.preview import preview_images
+
+        job.status = "running"
+        try:
+            prepared = pipe.prepare(job.request.prompt, **job.request.pipeline_settings())
+            job.emit("started", seed=prepared.params["seed"], steps=len(prepared.sigmas) - 1)
+            last = time.perf_counter()
+            for step in pipe.steps(prepared):
+                now = time.perf_counter()
+                with self._lock:
+                    self.metrics.observe_step(now - last)
+                last = now
+                if job.cancel_requested:
+                    raise Cancelled
+                data = {"step": step.index + 1, "total": step.total}
+                every = job.request.preview_every
+                if every and ((step.index + 1) % every == 0 or step.index + 1 == step.total):
+                    data["previews"] = [png_base64(image) for image in preview_images(step.denoised)]
+                job.emit("step", **data)
+            job.images = pipe.decode(prepared.latents)
+            with self._lock:
+                self.metrics.images += len(job.images)
+            job.finish("done", seed=prepared.params["seed"], images=[png_base64(image) for image in job.images])
+        except Cancelled:
+            job.finish("cancelled")
+        except OvsdError as error:
+            job.error = str(error)
+            job.finish("error", message=str(error))
+        except Exception as error:  # a failed job must not take its worker down
+            with self._lock:
+                self.metrics.failed += 1
+            job.error = f"{type(error).__name__}: {error}"
+            job.finish("error", message=job.error)
+
+
+def load_pipeline(folder: Path, device: str) -> Callable[[], object]:
+    def load():
+        from ovsd3.runtime import SD3Pipeline
+
+        return SD3Pipeline.load(folder, device=device)
+
+    return load
