@@ -1,0 +1,244 @@
+"""`ovsd3 serve`: the real server on loopback, driven over HTTP as clients drive it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from helpers import main  # noqa: F401  (sys.path set by pytest for tests/)
+from ovsd3.serve.launch import serving
+
+SIZE = 64
+FAST = {"num_inference_steps": 2, "size": f"{SIZE}x{SIZE}"}
+SLOW = {"num_inference_steps": 100, "size": "384x384"}  # tiny model's largest: slow enough to cancel
+
+
+def running_server(folder, *extra):
+    return serving(folder, "--device", "CPU", *map(str, extra))
+
+
+@pytest.fixture(scope="module")
+def server(ov_sd3):
+    with running_server(ov_sd3, "--workers", "2", "--max-queue", "64") as base:
+        yield base
+
+
+def decode_png(data: str) -> Image.Image:
+    raw = base64.b64decode(data)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(raw))
+    image.load()
+    return image
+
+
+def test_generations_returns_n_pngs(server):
+    answer = httpx.post(f"{server}/v3/images/generations",
+                        json={"prompt": "a photo of a cat", "n": 3, "seed": 5, **FAST}, timeout=60)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert isinstance(body["created"], int) and len(body["data"]) == 3
+    images = [decode_png(item["b64_json"]) for item in body["data"]]
+    assert all(image.size == (SIZE, SIZE) for image in images)
+    again = httpx.post(f"{server}/v3/images/generations",
+                       json={"prompt": "a photo of a cat", "n": 3, "seed": 5, **FAST}, timeout=60).json()
+    assert again["data"] == body["data"]  # same seed, same pictures
+
+
+def test_edits_start_from_the_uploaded_image(server):
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(buffer, format="PNG")
+    files = {"image": ("start.png", buffer.getvalue(), "image/png")}
+    fields = {"prompt": "a blue digit seven", "n": "2", "strength": "0.5", "num_inference_steps": "4",
+              "size": f"{SIZE}x{SIZE}", "seed": "1"}
+    answer = httpx.post(f"{server}/v3/images/edits", files=files, data=fields, timeout=60)
+    assert answer.status_code == 200, answer.text
+    images = [decode_png(item["b64_json"]) for item in answer.json()["data"]]
+    assert len(images) == 2 and images[0].size == (SIZE, SIZE)
+    weaker = httpx.post(f"{server}/v3/images/edits", files=files, data=dict(fields, strength="1.0"),
+                        timeout=60).json()
+    assert weaker["data"][0]["b64_json"] != answer.json()["data"][0]["b64_json"]
+
+
+def read_events(response) -> list[dict]:
+    events, name, data = [], None, None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            data = json.loads(line[len("data: "):])
+        elif line == "" and name is not None:
+            events.append(data)
+            name = None
+            if data["event"] in ("done", "error", "cancelled"):
+                break
+    return events
+
+
+def test_job_events_arrive_in_order_with_previews(server):
+    job = httpx.post(f"{server}/v1/jobs", json={"prompt": "a lighthouse", "preview_every": 2, "seed": 3,
+                                                "num_inference_steps": 6, "size": f"{SIZE}x{SIZE}"}).json()
+    with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_events(response)
+    kinds = [event["event"] for event in events]
+    assert kinds == ["queued", "started"] + ["step"] * 6 + ["done"]
+    assert [event["index"] for event in events] == list(range(len(events)))
+    steps = [event for event in events if event["event"] == "step"]
+    assert [step["step"] for step in steps] == list(range(1, 7))
+    assert [("previews" in step) for step in steps] == [False, True, False, True, False, True]
+    assert decode_png(steps[1]["previews"][0]).size == (SIZE, SIZE)
+    status = httpx.get(f"{server}/v1/jobs/{job['id']}").json()
+    assert status["status"] == "done" and status["data"][0]["b64_json"] == events[-1]["images"][0]
+
+
+def test_cancel_stops_a_running_job(server):
+    job = httpx.post(f"{server}/v1/jobs", json={"prompt": "a horse", "preview_every": 0, **SLOW}).json()
+    with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", timeout=120) as response:
+        events = []
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+                if events[-1]["event"] == "step" and events[-1]["step"] == 1:
+                    assert httpx.delete(f"{server}/v1/jobs/{job['id']}").status_code == 200
+                if events[-1]["event"] in ("done", "error", "cancelled"):
+                    break
+    assert events[-1]["event"] == "cancelled"
+    assert max(event.get("step", 0) for event in events) < 100
+    assert httpx.get(f"{server}/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("body, status, expected", [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "x" * 2001}, 400, "prompt"),
+    ({"prompt": "cat", "n": 9}, 400, "n"),
+    ({"prompt": "cat", "size": "100x100"}, 400, "multiples of 16"),
+    ({"prompt": "cat", "size": "400x400"}, 400, "between 16 and 384"),  # the tiny model's position embedding
+    ({"prompt": "cat", "size": "big"}, 400, "512x512"),
+    ({"prompt": "cat", "num_inference_steps": 0}, 400, "num_inference_steps"),
+    ({"prompt": "cat", "num_inference_steps": 1000}, 400, "num_inference_steps"),
+    ({"prompt": "cat", "style": "vivid"}, 400, "style"),
+    ({"prompt": "cat", "response_format": "url"}, 400, "b64_json"),
+])
+def test_bad_generation_requests_get_a_json_4xx(server, body, status, expected):
+    answer = httpx.post(f"{server}/v3/images/generations", json=body, timeout=30)
+    assert answer.status_code == status
+    assert expected in answer.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"  # and it keeps serving
+
+
+def test_bad_uploads_get_a_json_4xx(server):
+    not_an_image = {"image": ("x.png", b"hello", "image/png")}
+    answer = httpx.post(f"{server}/v3/images/edits", files=not_an_image, data={"prompt": "cat"})
+    assert answer.status_code == 400 and "not a PNG" in answer.json()["error"]["message"]
+    answer = httpx.post(f"{server}/v3/images/edits", data={"prompt": "cat"})
+    assert answer.status_code == 400 and "image" in answer.json()["error"]["message"]
+    too_big = {"image": ("big.png", b"\0" * (16 * 1024 * 1024 + 1), "image/png")}
+    answer = httpx.post(f"{server}/v3/images/edits", files=too_big, data={"prompt": "cat"}, timeout=60)
+    assert 400 <= answer.status_code < 500 and "error" in answer.json()
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(buffer, format="PNG")
+    image = {"image": ("x.png", buffer.getvalue(), "image/png")}
+    bad_fields = (({"prompt": "cat", "quality": "hd"}, "quality"), ({"prompt": "cat", "n": "two"}, "n"),
+                  ({"prompt": "cat", "strength": "0"}, "strength"), ({"prompt": "cat", "strength": "x"}, "strength"),
+                  ({"prompt": ""}, "prompt"))
+    for fields, expected in bad_fields:
+        answer = httpx.post(f"{server}/v3/images/edits", files=image, data=fields)
+        assert answer.status_code == 400 and expected in answer.json()["error"]["message"], answer.text
+    assert httpx.get(f"{server}/v1/jobs/nope").status_code == 404
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_load_every_request_answered(server):
+    """50 generation calls from 8 concurrent clients: every one answered with its picture, none lost."""
+    def call(index: int) -> tuple[int, int]:
+        answer = httpx.post(f"{server}/v3/images/generations",
+                            json={"prompt": f"a photo of a cat {index}", "seed": index, **FAST}, timeout=300)
+        return answer.status_code, len(answer.json().get("data", []))
+
+    before = float(_metric(httpx.get(f"{server}/metrics").text, "ovsd3_images_total"))
+    with ThreadPoolExecutor(max_workers=8) as clients:
+        results = list(clients.map(call, range(50)))
+    assert results == [(200, 1)] * 50
+    metrics = httpx.get(f"{server}/metrics").text
+    assert float(_metric(metrics, "ovsd3_images_total")) - before == 50
+    assert float(_metric(metrics, "ovsd3_queue_length")) == 0
+    assert float(_metric(metrics, "ovsd3_step_seconds_count")) > 0
+
+
+def _metric(text: str, name: str) -> str:
+    return next(line.split()[1] for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_full_queue_answers_429(ov_sd3):
+    with running_server(ov_sd3, "--workers", "1", "--max-queue", "1") as base:
+        holding = httpx.post(f"{base}/v1/jobs", json={"prompt": "a", "preview_every": 0, **SLOW}).json()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/health").json()["busy"] == 0:  # the worker has it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        waiting = httpx.post(f"{base}/v1/jobs", json={"prompt": "b", **FAST})
+        assert waiting.status_code == 202
+        refused = httpx.post(f"{base}/v3/images/generations", json={"prompt": "c", **FAST})
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert "ovsd3_rejected_total 1.0" in httpx.get(f"{base}/metrics").text
+        httpx.delete(f"{base}/v1/jobs/{holding['id']}")
+
+
+def test_serve_refuses_a_missing_folder(tmp_path, capsys):
+    from ovsd3.cli import EXIT_ERROR
+
+    assert main(["serve", str(tmp_path / "nope")]) == EXIT_ERROR
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ovsd3 serve: error: ") and "\n" not in error
+
+
+def test_web_page_generates_with_a_live_preview(ov_sd3):
+    """The page at / in headless Chromium (Debian's chromium and chromedriver): generate, see previews while
+    sampling, then the result."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver_path = shutil.which("chromedriver")
+    assert driver_path, "chromedriver not found (apt-get install chromium chromium-driver; .ci/run does)"
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    with running_server(ov_sd3, "--workers", "1") as base:
+        browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+        try:
+            browser.get(base + "/")
+            seen = set()
+            browser.find_element(By.ID, "prompt").clear()
+            browser.find_element(By.ID, "prompt").send_keys("a lighthouse on a rocky coast")
+            browser.find_element(By.ID, "steps").send_keys("40")
+            browser.find_element(By.ID, "n").clear()
+            browser.find_element(By.ID, "n").send_keys("2")
+            browser.find_element(By.ID, "generate").click()
+
+            def finished(driver):
+                status = driver.find_element(By.ID, "status").text
+                seen.add(status)
+                return status in ("done", "cancelled") or status.startswith("error")
+
+            WebDriverWait(browser, 120, poll_frequency=0.02).until(finished)
+            assert browser.find_element(By.ID, "status").text == "done"
+            assert any(status.startswith("step ") for status in seen)  # progress shown while sampling
+            previews = browser.find_elements(By.CSS_SELECTOR, "#preview img")
+            results = browser.find_elements(By.CSS_SELECTOR, "#results img")
+            assert len(previews) == 2 and len(results) == 2
+            for image in previews + results:
+                assert image.get_attribute("src").startswith("data:image/png;base64,")
+                assert browser.execute_script("return arguments[0].naturalWidth", image) > 0  # it decoded
+        finally:
+            browser.quit()
