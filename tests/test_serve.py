@@ -141,7 +141,11 @@ def test_bad_uploads_get_a_json_4xx(server):
     assert answer.status_code == 400 and "image" in answer.json()["error"]["message"]
     too_big = {"image": ("big.png", b"\0" * (16 * 1024 * 1024 + 1), "image/png")}
     answer = httpx.post(f"{server}/v3/images/edits", files=too_big, data={"prompt": "cat"}, timeout=60)
-    assert 400 <= answer.status_code < 500 and "error" in answer.json()
+    assert answer.status_code == 413 and "larger than" in answer.json()["error"]["message"]
+    answer = httpx.post(f"{server}/v3/images/generations", content=b"{not json",
+                        headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "JSON" in answer.json()["error"]["message"]
+    assert httpx.get(f"{server}/v3/nothing-here").json()["error"]["type"] == "not_found_error"
     buffer = io.BytesIO()
     Image.new("RGB", (SIZE, SIZE)).save(buffer, format="PNG")
     image = {"image": ("x.png", buffer.getvalue(), "image/png")}

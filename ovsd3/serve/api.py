@@ -62,6 +62,7 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     pipe = pool.pipelines[0]
     size_multiple = getattr(pipe, "size_multiple", 16)
@@ -100,8 +101,13 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body" and not isinstance(part, int))
         return error(400, f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods
+        return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
+                     "invalid_request_error", headers=getattr(exc, "headers", None))
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
