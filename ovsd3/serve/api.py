@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import io
 import json
-import time
 from dataclasses import dataclass
 
 from ovsd3.serve.jobs import GenerationRequest, Job, QueueFull, WorkerPool
@@ -83,15 +82,21 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
         seed: int | None = Field(None, ge=0, lt=2**32)
         preview_every: int = Field(1, ge=0, le=limits.max_steps)
 
-        def to_request(self, image: bytes | None = None, strength: float = 0.6) -> GenerationRequest:
+        def to_request(self, *, previews: bool = True, **extra) -> GenerationRequest:
+            """``previews``: False where nobody would see them (the calls that answer with the images)."""
             if self.response_format != "b64_json":
                 raise BadRequest("response_format must be b64_json (images are not stored for URLs)")
             width, height = parse_size(self.size, limits, size_multiple)
             return GenerationRequest(prompt=self.prompt, n=self.n, width=width, height=height,
                                      negative_prompt=self.negative_prompt,
                                      num_inference_steps=self.num_inference_steps,
-                                     guidance_scale=self.guidance_scale, seed=self.seed, image=image,
-                                     strength=strength, preview_every=self.preview_every)
+                                     guidance_scale=self.guidance_scale, seed=self.seed,
+                                     preview_every=self.preview_every if previews else 0, **extra)
+
+    class EditBody(GenerationBody):
+        """The multipart fields of an edit (text, which pydantic converts as it validates), less the image."""
+
+        strength: float = Field(0.6, gt=0.0, le=1.0)
 
     app = FastAPI(title="ovsd3 serve", description="Stable Diffusion 3 on OpenVINO")
 
@@ -100,9 +105,7 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body" and not isinstance(part, int))
-        return error(400, f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid"))
+        return error(400, _first_problem(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods
@@ -124,16 +127,14 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
 
     def images_response(job: Job):
         if job.status == "error":
-            return error(400, job.error or "generation failed")
+            return error(400, job.error)
         if job.status == "cancelled":
             return error(409, "the job was cancelled")
-        return {"created": int(job.created), "data": [{"b64_json": event_image}
-                                                      for event_image in job.events[-1]["images"]]}
+        return {"created": int(job.created), "data": _image_data(job)}
 
     @app.post("/v3/images/generations")
     async def generations(body: GenerationBody):
-        request = dataclasses.replace(body.to_request(), preview_every=0)  # nobody would see the previews
-        return images_response(await finished(pool.submit(request)))
+        return images_response(await finished(pool.submit(body.to_request(previews=False))))
 
     @app.post("/v3/images/edits")
     async def edits(request: Request):
@@ -145,20 +146,11 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
         if len(data) > limits.max_upload_bytes:
             raise BadRequest(f"image: larger than {limits.max_upload_bytes} bytes", status=413)
         _check_image(data)
-        fields = {key: value for key, value in form.items() if key != "image"}
         try:
-            strength = float(fields.pop("strength", 0.6))
-        except ValueError:
-            raise BadRequest("strength: must be a number in (0, 1]") from None
-        if not 0.0 < strength <= 1.0:
-            raise BadRequest(f"strength: must be in (0, 1] (got {strength})")
-        try:
-            body = GenerationBody.model_validate(_typed_form(fields))
+            body = EditBody.model_validate({key: value for key, value in form.items() if key != "image"})
         except ValidationError as invalid_form:
-            first = invalid_form.errors()[0]
-            where = ".".join(str(part) for part in first.get("loc", ()))
-            raise BadRequest(f"{where}: {first.get('msg', 'invalid')}") from None
-        request = dataclasses.replace(body.to_request(image=data, strength=strength), preview_every=0)
+            raise BadRequest(_first_problem(invalid_form.errors())) from None
+        request = body.to_request(previews=False, image=data, strength=body.strength)
         return images_response(await finished(pool.submit(request)))
 
     @app.post("/v1/jobs", status_code=202)
@@ -177,7 +169,7 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
         job = find(job_id)
         answer = {"id": job.id, "status": job.status, "events": len(job.events)}
         if job.status == "done":
-            answer["data"] = [{"b64_json": image} for image in job.events[-1]["images"]]
+            answer["data"] = _image_data(job)
         if job.error:
             answer["error"] = job.error
         return answer
@@ -186,7 +178,7 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
     async def cancel_job(job_id: str):
         job = find(job_id)
         job.cancel()
-        return {"id": job.id, "status": "cancelled" if not job.finished or job.status == "cancelled" else job.status}
+        return {"id": job.id, "status": job.status if job.finished else "cancelled"}  # a running one stops next step
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str):
@@ -224,9 +216,18 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
 
         return (files("ovsd3.serve") / "page.html").read_text()
 
-    app.state.pool = pool
-    app.state.started = time.time()
     return app
+
+
+def _first_problem(errors: list[dict]) -> str:
+    """pydantic's first complaint as one line naming the field ("n: Input should be less than or equal to 8")."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body" and not isinstance(part, int))
+    return f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
+
+
+def _image_data(job: Job) -> list[dict]:
+    return [{"b64_json": image} for image in job.images]
 
 
 def _check_image(data: bytes) -> None:
@@ -237,25 +238,6 @@ def _check_image(data: bytes) -> None:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError):
         raise BadRequest("image: not a PNG/JPEG/WebP image Pillow can read") from None
-
-
-def _typed_form(fields: dict) -> dict:
-    """Multipart values arrive as text; the JSON body's numbers are numbers."""
-    typed = {}
-    for key, value in fields.items():
-        if key in ("n", "num_inference_steps", "seed", "preview_every"):
-            try:
-                typed[key] = int(value)
-            except ValueError:
-                raise BadRequest(f"{key}: must be an integer (got {value!r})") from None
-        elif key == "guidance_scale":
-            try:
-                typed[key] = float(value)
-            except ValueError:
-                raise BadRequest(f"{key}: must be a number (got {value!r})") from None
-        else:
-            typed[key] = value
-    return typed
 
 
 def _registry(pool: WorkerPool):

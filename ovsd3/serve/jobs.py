@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -66,26 +67,32 @@ class Job:
     request: GenerationRequest
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
-    status: str = "queued"  # queued, running, done, error, cancelled
+    status: str = "queued"  # queued, running, then one of FINAL
     events: list[dict] = field(default_factory=list)
-    images: list = field(default_factory=list)
-    error: str | None = None
     _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
+    FINAL = ("done", "error", "cancelled")  # each is also the name of the job's last event
+
     @property
     def finished(self) -> bool:
-        return self.status in ("done", "error", "cancelled")
+        return self.status in self.FINAL
+
+    @property
+    def error(self) -> str | None:
+        return self.events[-1]["message"] if self.status == "error" else None
+
+    @property
+    def images(self) -> list[str]:
+        """The finished job's images, base64 PNG."""
+        return self.events[-1]["images"] if self.status == "done" else []
 
     def emit(self, event: str, **data) -> None:
+        """Append an event; a final one (see FINAL) also sets the status."""
         with self._changed:
+            if event in self.FINAL:
+                self.status = event
             self.events.append({"event": event, "index": len(self.events), **data})
-            self._changed.notify_all()
-
-    def finish(self, status: str, **data) -> None:
-        with self._changed:
-            self.status = status
-            self.events.append({"event": status, "index": len(self.events), **data})
             self._changed.notify_all()
 
     def events_from(self, index: int, timeout: float) -> list[dict]:
@@ -103,9 +110,7 @@ class Job:
         self._cancel.set()
         with self._changed:
             if self.status == "queued":  # not picked up yet: the worker will skip it
-                self.status = "cancelled"
-                self.events.append({"event": "cancelled", "index": len(self.events)})
-                self._changed.notify_all()
+                self.emit("cancelled")  # the condition's lock is re-entrant
 
     @property
     def cancel_requested(self) -> bool:
@@ -120,11 +125,7 @@ class Metrics:
     requests: int = 0
     failed: int = 0
     rejected: int = 0
-    step_seconds: list[float] = field(default_factory=list)  # recent transformer steps
-
-    def observe_step(self, seconds: float) -> None:
-        self.step_seconds.append(seconds)
-        del self.step_seconds[:-1000]
+    step_seconds: deque = field(default_factory=lambda: deque(maxlen=1000))  # recent sampling steps
 
 
 class WorkerPool:
@@ -197,12 +198,14 @@ class WorkerPool:
         try:
             prepared = pipe.prepare(job.request.prompt, **job.request.pipeline_settings())
             job.emit("started", seed=prepared.params["seed"], steps=len(prepared.sigmas) - 1)
-            last = time.perf_counter()
-            for step in pipe.steps(prepared):
-                now = time.perf_counter()
+            sampling = pipe.steps(prepared)
+            while True:
+                started = time.perf_counter()  # the step alone, not the previews and events around it
+                step = next(sampling, None)
+                if step is None:
+                    break
                 with self._lock:
-                    self.metrics.observe_step(now - last)
-                last = now
+                    self.metrics.step_seconds.append(time.perf_counter() - started)
                 if job.cancel_requested:
                     raise Cancelled
                 data = {"step": step.index + 1, "total": step.total}
@@ -210,20 +213,18 @@ class WorkerPool:
                 if every and ((step.index + 1) % every == 0 or step.index + 1 == step.total):
                     data["previews"] = [png_base64(image) for image in preview_images(step.denoised)]
                 job.emit("step", **data)
-            job.images = pipe.decode(prepared.latents)
+            images = pipe.decode(prepared.latents)
             with self._lock:
-                self.metrics.images += len(job.images)
-            job.finish("done", seed=prepared.params["seed"], images=[png_base64(image) for image in job.images])
+                self.metrics.images += len(images)
+            job.emit("done", seed=prepared.params["seed"], images=[png_base64(image) for image in images])
         except Cancelled:
-            job.finish("cancelled")
+            job.emit("cancelled")
         except OvsdError as error:
-            job.error = str(error)
-            job.finish("error", message=str(error))
+            job.emit("error", message=str(error))
         except Exception as error:  # a failed job must not take its worker down
             with self._lock:
                 self.metrics.failed += 1
-            job.error = f"{type(error).__name__}: {error}"
-            job.finish("error", message=job.error)
+            job.emit("error", message=f"{type(error).__name__}: {error}")
 
 
 def load_pipeline(folder: Path, device: str) -> Callable[[], object]:
