@@ -32,15 +32,12 @@ def diffusers_images(model: Path, prompts: list[str], steps: int, guidance: floa
     return images
 
 
-def ovsd3_images(folder: Path, prompts: list[str], steps: int, guidance: float, batch: int = 20) -> list:
+def ovsd3_images(folder: Path, prompts: list[str], steps: int, guidance: float) -> list:
     from ovsd3.runtime import SD3Pipeline
 
     pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None)
-    images = []
-    for start in range(0, len(prompts), batch):
-        for offset, prompt in enumerate(prompts[start:start + batch]):
-            images += pipe(prompt, seed=start + offset, num_inference_steps=steps, guidance_scale=guidance).images
-    return images
+    return [pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance).images[0]
+            for seed, prompt in enumerate(prompts)]
 
 
 def main() -> int:
