@@ -79,16 +79,16 @@ def _quiet_nncf() -> None:
     nncf_logger.setLevel(logging.ERROR)
 
 
-def _gate_prompts(record: layout.FolderRecord, count: int) -> list[str]:
+def _gate_prompts(digits_demo: bool, count: int | None) -> list[str]:
     """Held-out prompts: the digits demo draws digit prompts (which its scorer can check); other models
-    draw calibration/heldout_prompts.txt, disjoint from the calibration set."""
-    if record.demo == "digits":
+    draw calibration/heldout_prompts.txt, disjoint from the calibration set. ``count`` None: the default."""
+    if digits_demo:
         from ovsd3.demo.digits import evaluation_prompts
 
-        return evaluation_prompts(count)
+        return evaluation_prompts(count or DIGITS_GATE_PROMPTS)
     from calibration import heldout_prompts
 
-    return heldout_prompts()[:count]
+    return heldout_prompts()[:count or GATE_PROMPTS]
 
 
 def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print) -> dict:
@@ -117,10 +117,11 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     started = time.perf_counter()
 
     record = folder_record(source)
+    digits_demo = record.demo == "digits"
     defaults = record.defaults
     plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
                                        steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)
-    if record.demo == "digits" and request.dataset == calibration.BUILTIN:
+    if digits_demo and request.dataset == calibration.BUILTIN:
         from ovsd3.demo.digits import calibration_prompts
 
         prompts = calibration_prompts(plan.prompts_needed)  # the demo's own world, not photo captions
@@ -157,11 +158,10 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
             rows.append(SizeRow(component, layout.ir_bytes(source, component), layout.ir_bytes(staging, component)))
         log(size_table(rows))
 
-        gate_prompts = request.gate_prompts or (DIGITS_GATE_PROMPTS if record.demo == "digits" else GATE_PROMPTS)
-        gate = GateSettings(prompts=tuple(_gate_prompts(record, gate_prompts)), size=request.calib_size,
+        gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
                             steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
                             min_psnr=request.min_psnr, min_ssim=request.min_ssim,
-                            max_digit_drop=request.max_digit_drop if record.demo == "digits" else None)
+                            max_digit_drop=request.max_digit_drop if digits_demo else None)
         log(f"[4/4] quality gate: {len(gate.prompts)} held-out prompts, same seeds, original vs quantized")
         report = run_gate(source, staging, gate)
         log("      image PSNR " + ", ".join(f"{value:.1f}" for value in report.image_psnr)
