@@ -8,7 +8,7 @@ import pytest
 
 from ovsd3 import layout
 from ovsd3.convert.components import transformer_parity_inputs
-from ovsd3.quantize.slicing import cuts_for, extract, stages, stitch
+from ovsd3.ir.slicing import cuts_for, extract, stages, stitch
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 

@@ -1,0 +1,1 @@
+"""Graph surgery on OpenVINO IR shared by the quantizer and the runtime (no torch)."""
