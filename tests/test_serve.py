@@ -98,6 +98,25 @@ def test_job_events_arrive_in_order_with_previews(server):
     assert status["status"] == "done" and status["data"][0]["b64_json"] == events[-1]["images"][0]
 
 
+def job_events(server: str, body: dict) -> list[dict]:
+    job = httpx.post(f"{server}/v1/jobs", json=body).json()
+    with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", timeout=60) as response:
+        return read_events(response)
+
+
+def test_step_caching_per_request_and_server_default(server, ov_sd3):
+    body = {"prompt": "a lighthouse", "seed": 3, "num_inference_steps": 12, "guidance_scale": 5.0,
+            "size": f"{SIZE}x{SIZE}", "preview_every": 0}
+    cached = job_events(server, {**body, "cache": "taylorseer"})[-1]
+    assert cached["event"] == "done"
+    assert cached["cache"]["mode"] == "taylorseer" and cached["cache"]["full_calls"] == 9  # genai's schedule
+    assert job_events(server, body)[-1]["cache"] == {**cached["cache"], "mode": "off", "full_calls": 12,
+                                                     "skipped_calls": 0, "block_fraction": 12.0}
+    with running_server(ov_sd3, "--cache", "taylorseer:interval=2") as other:
+        assert job_events(other, body)[-1]["cache"]["mode"] == "taylorseer:cache_interval=2"
+        assert job_events(other, {**body, "cache": "off"})[-1]["cache"]["full_calls"] == 12
+
+
 def test_cancel_stops_a_running_job(server):
     job = httpx.post(f"{server}/v1/jobs", json={"prompt": "a horse", "preview_every": 0, **SLOW}).json()
     with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", timeout=120) as response:
@@ -125,6 +144,8 @@ def test_cancel_stops_a_running_job(server):
     ({"prompt": "cat", "num_inference_steps": 1000}, 400, "num_inference_steps"),
     ({"prompt": "cat", "style": "vivid"}, 400, "style"),
     ({"prompt": "cat", "response_format": "url"}, 400, "b64_json"),
+    ({"prompt": "cat", "cache": "warp-speed"}, 400, "unknown cache mode 'warp-speed'"),
+    ({"prompt": "cat", "cache": "taylorseer:interval=-1"}, 400, "cache_interval must be at least 2"),
 ])
 def test_bad_generation_requests_get_a_json_4xx(server, body, status, expected):
     answer = httpx.post(f"{server}/v3/images/generations", json=body, timeout=30)

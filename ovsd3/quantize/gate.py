@@ -54,26 +54,16 @@ class GateReport:
                 "passed": self.passed}
 
 
-class _ObservedPipeline(SD3Pipeline):
-    """Keeps every transformer output of a generation."""
-
-    outputs: list
-
-    def run_transformer(self, inputs):
-        out = super().run_transformer(inputs)
-        self.outputs.append(np.array(out))
-        return out
-
-
 def _generate(folder: Path, settings: GateSettings) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-    pipe = _ObservedPipeline.load(folder, device="CPU", cache_dir=None)
+    pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None)
     images, outputs = [], []
     for index, prompt in enumerate(settings.prompts):
-        pipe.outputs = []
+        calls: list[np.ndarray] = []  # every transformer output of this generation
+        pipe.transformer.observers[:] = [lambda inputs, out, calls=calls: calls.append(np.array(out))]
         result = pipe(prompt, width=settings.size, height=settings.size, num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance_scale, seed=settings.seed + index)
         images.append(np.asarray(result.images[0], dtype=np.float64))  # float before any difference
-        outputs.append(pipe.outputs)
+        outputs.append(calls)
     del pipe
     gc.collect()  # one pipeline in memory at a time
     return images, outputs

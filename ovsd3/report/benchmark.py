@@ -20,6 +20,7 @@ from ovsd3.errors import OvsdError
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.stats import Spread
+from ovsd3.runtime.cache import CacheConfig
 from ovsd3.runtime.pipeline import check_folder, folder_record
 
 OVSD3 = "ovsd3"
@@ -41,6 +42,7 @@ class BenchmarkRequest:
     peers: tuple[str, ...] = ()  # of PEER_FAMILIES
     max_sequence_length: int = 256  # T5 tokens (zeros without T5), as diffusers' default
     torch_model: str | None = None  # the PyTorch (diffusers) model the folder came from, for the diffusers peers
+    caches: tuple[str, ...] = ("off",)  # ovsd3 runs once per step-caching mode
     overwrite: bool = False
 
 
@@ -85,7 +87,7 @@ def _torch_model(request: BenchmarkRequest, record: layout.FolderRecord, log) ->
 def _tasks(request: BenchmarkRequest, record: layout.FolderRecord, settings: dict, log) -> dict[str, dict]:
     common = {"folder": str(request.folder.resolve()), "device": request.device, "prompt": PROMPT,
               "batches": request.batches, "repeats": request.repeats, **settings}
-    tasks = {OVSD3: {"name": "ovsd3_batches", **common}}
+    tasks = {ovsd3_runner(spec): {"name": "ovsd3_batches", "cache": spec, **common} for spec in request.caches}
     if "genai" in request.peers:
         tasks["genai"] = {"name": "genai_batches", "taylorseer": False, **common}
         tasks["genai+taylorseer"] = {"name": "genai_batches", "taylorseer": True, **common}
@@ -97,6 +99,10 @@ def _tasks(request: BenchmarkRequest, record: layout.FolderRecord, settings: dic
             tasks[f"diffusers-{dtype}"] = {"name": "diffusers_batches", "torch_model": torch_model, "dtype": dtype,
                                            "with_t5": record.has_t5, "flash_lora": record.flash_lora, **common}
     return tasks
+
+
+def ovsd3_runner(cache: str) -> str:
+    return OVSD3 if cache == "off" else f"{OVSD3} {cache}"
 
 
 def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
@@ -113,6 +119,7 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
                 "max_sequence_length": request.max_sequence_length}
     if settings["steps"] < 1:
         raise OvsdError(f"--steps must be at least 1 (got {settings['steps']})")
+    request.caches = tuple(dict.fromkeys(str(CacheConfig.parse(spec)) for spec in request.caches)) or ("off",)
     output = AtomicOutput(request.out, overwrite=request.overwrite)
     output.check()
     tasks = _tasks(request, record, settings, log)
@@ -129,19 +136,22 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
                                    "images_per_second": batch / seconds.median}
             log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
         runners[runner] = {"batches": batches, **{key: value for key, value in result.items() if key != "seconds"}}
-    host = machine.describe(request.device, runners[OVSD3])
-    for key in ("openvino", "execution_devices", "device_names"):  # kept once, under "machine"
-        runners[OVSD3].pop(key)
+    reference = ovsd3_runner(request.caches[0])  # ratios are against ovsd3 with the first cache mode (off)
+    host = machine.describe(request.device, runners[reference])
+    for spec in request.caches:  # kept once, under "machine"
+        for key in ("openvino", "execution_devices", "device_names"):
+            runners[ovsd3_runner(spec)].pop(key)
     for runner in runners.values():  # time ratio: how many times longer than ovsd3 the same call takes
         for batch, figures_ in runner["batches"].items():
-            ours = runners[OVSD3]["batches"][batch]["seconds_per_call"]["median"]
+            ours = runners[reference]["batches"][batch]["seconds_per_call"]["median"]
             figures_["time_vs_ovsd3"] = figures_["seconds_per_call"]["median"] / ours
     report = {
         "ovsd3_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "folder": str(request.folder.resolve()),
         "machine": host,
-        "settings": {"prompt": PROMPT, "batches": request.batches, "repeats": request.repeats, **settings},
+        "settings": {"prompt": PROMPT, "batches": request.batches, "repeats": request.repeats,
+                     "caches": list(request.caches), **settings},
         "runners": runners,
         "files": {"markdown": "benchmark.md", "chart": "benchmark.png"},
     }
@@ -179,11 +189,14 @@ def markdown(report: dict) -> str:
                      + " | " + " | ".join(f"{runner['batches'][batch]['images_per_second']:.3f}" for batch in batches)
                      + f" | {ratios} | {runner['peak_rss_bytes'] / 2**30:.2f} |")
     for name, runner in runners.items():
-        if "transformer_calls" in runner:
-            lines.append("")
+        if "transformer_calls" in runner and "taylorseer" in runner:
             caching = runner["taylorseer"]
             how = "off" if caching is None else ", ".join(f"{key} {value}" for key, value in caching.items())
-            lines.append(f"{name}: {runner['transformer_calls']} transformer calls for {settings['steps']} steps "
-                         f"at the last batch (TaylorSeer step caching: {how}).")
+            lines += ["", f"{name}: {runner['transformer_calls']} transformer calls for {settings['steps']} steps "
+                          f"at the last batch (TaylorSeer step caching: {how})."]
+        elif "transformer_calls" in runner:
+            lines += ["", f"{name}: {runner['transformer_calls']} whole transformer calls for {settings['steps']} "
+                          f"steps at the last batch ({runner['block_fraction']:.0%} of the blocks of an uncached "
+                          f"run; step caching: {runner['cache']})."]
     lines += ["", "![images per second](benchmark.png)", ""]
     return "\n".join(lines)

@@ -34,6 +34,9 @@ def add_parsers(subparsers) -> None:
                         help="score the share of images whose digit and colour match the prompt (default: on "
                              "when the first folder is ovsd3's digits demo, whose prompts it then uses)")
     report.add_argument("--label", action="append", default=[], help="a column label per folder (repeat)")
+    report.add_argument("--cache", action="append", default=None, metavar="MODE",
+                        help="step-caching mode, as `ovsd3 run --cache` (repeat: each folder runs with each, "
+                             "one column per pair; default off)")
     report.add_argument("--overwrite", action="store_true")
     report.set_defaults(handler=_run_report)
 
@@ -55,6 +58,9 @@ def add_parsers(subparsers) -> None:
     benchmark.add_argument("--torch-model", default=None, metavar="MODEL",
                            help="the diffusers model the folder was converted from (default: its source, when "
                                 "that is a local folder)")
+    benchmark.add_argument("--cache", action="append", default=None, metavar="MODE",
+                           help="step-caching mode for ovsd3, as `ovsd3 run --cache` (repeat: one ovsd3 runner "
+                                "each; default off)")
     benchmark.add_argument("--out", type=Path, default=None, help="default: benchmark-<folder name>")
     benchmark.add_argument("--overwrite", action="store_true")
     benchmark.set_defaults(handler=_run_benchmark)
@@ -76,7 +82,8 @@ def _run_report(args) -> int:
     make_report(ReportRequest(folders=args.folders, out=args.out, prompts=args.prompts, prompt_file=args.prompt_file,
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance, size=args.size,
                               device=args.device, clip=args.clip, max_sequence_length=args.max_sequence_length,
-                              labels=args.label, digits=args.digits, overwrite=args.overwrite))
+                              labels=args.label, caches=args.cache or ["off"], digits=args.digits,
+                              overwrite=args.overwrite))
     return 0
 
 
@@ -89,5 +96,5 @@ def _run_benchmark(args) -> int:
                                    guidance_scale=args.guidance, size=args.size, repeats=args.repeats,
                                    max_sequence_length=args.max_sequence_length, device=args.device,
                                    peers=parse_peers(args.peers) if args.peers else (), torch_model=args.torch_model,
-                                   overwrite=args.overwrite))
+                                   caches=tuple(args.cache or ("off",)), overwrite=args.overwrite))
     return 0

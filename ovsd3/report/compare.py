@@ -1,8 +1,10 @@
 """`ovsd3 report`: two or more folders on the same prompts, seeds, steps and size; size, speed, quality.
 
     ovsd3 report sd3-ov sd3-int8 --prompts 5 --out report/
+    ovsd3 report sd3-ov --cache off --cache taylorseer --out report/    (a step-caching mode is a column too)
 
-The first folder is the reference: compression, speed-up and image agreement are all against it.
+A column is a folder with a step-caching mode; every folder runs with every ``--cache`` mode (default: off).
+The first column is the reference: compression, speed-up and image agreement are all against it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.quality import ClipScorer, image_agreement
 from ovsd3.report.stats import Spread
+from ovsd3.runtime.cache import CacheConfig
 from ovsd3.runtime.pipeline import check_folder, folder_record, native_size
 
 
@@ -42,6 +45,7 @@ class ReportRequest:
     clip: str | None = None  # CLIP model (hub id or folder) for CLIP scores
     max_sequence_length: int = 256  # T5 tokens (zeros without T5), as diffusers' default
     labels: list[str] = field(default_factory=list)
+    caches: list[str] = field(default_factory=lambda: ["off"])  # step-caching modes: each folder runs each
     digits: bool | None = None  # score digits and colours (the demo model); None: when the first folder is the demo
     overwrite: bool = False
 
@@ -54,6 +58,25 @@ def folder_labels(folders: list[Path], labels: list[str]) -> list[str]:
         return list(labels)
     names = [folder.resolve().name for folder in folders]
     return [name if names.count(name) == 1 else f"{index + 1}:{name}" for index, name in enumerate(names)]
+
+
+@dataclass(frozen=True)
+class Column:
+    folder: Path
+    label: str
+    cache: str  # a step-caching spec (ovsd3.runtime.cache), "off" for none
+
+
+def report_columns(request: ReportRequest) -> list[Column]:
+    """Each folder with each cache mode, in that order; labels say the mode when it is not off."""
+    labels = folder_labels(request.folders, request.labels)
+    caches = list(dict.fromkeys(str(CacheConfig.parse(spec)) for spec in request.caches)) or ["off"]
+    columns = [Column(folder, label if cache == "off" else f"{label} {cache}", cache)
+               for folder, label in zip(request.folders, labels) for cache in caches]
+    if len(columns) < 2:
+        raise OvsdError("a report compares two or more columns: folders (the first is the reference), or one "
+                        "folder with two or more --cache modes")
+    return columns
 
 
 def component_sizes(folder: Path) -> dict[str, int]:
@@ -108,21 +131,28 @@ def _first_starts(folder: Path, device: str, prompt: str, settings: dict) -> dic
     return {"cache_fill": filling, "cached": cached}
 
 
-def measure_folder(folder: Path, label: str, prompts: list[str], seeds: list[int], settings: dict,
-                   device: str, image_dir: Path) -> dict:
+def measure_folder(column: Column, prompts: list[str], seeds: list[int], settings: dict, device: str,
+                   image_dir: Path, first_starts: dict) -> dict:
+    """``first_starts``: per folder, measured once however many cache modes it is reported with."""
+    folder = column.folder
     generated = run_child({"name": "ovsd3_generate", "folder": str(folder), "device": device, "prompts": prompts,
-                           "seeds": seeds, "image_dir": str(image_dir), **settings})
+                           "seeds": seeds, "image_dir": str(image_dir), "cache": column.cache, **settings})
     runs = generated["generations"]
+    if folder not in first_starts:
+        first_starts[folder] = _first_starts(folder, device, prompts[0], settings)
     speed = {
         "total_seconds": Spread.of(run["total_seconds"] for run in runs).to_json(),
         "text_seconds": Spread.of(run["text_seconds"] for run in runs).to_json(),
         "step_seconds": Spread.of(step for run in runs for step in run["step_seconds"]).to_json(),
         "decode_seconds": Spread.of(run["decode_seconds"] for run in runs).to_json(),
-        "first_start": {"no_cache": _first_start(generated), **_first_starts(folder, device, prompts[0], settings)},
+        "first_start": {"no_cache": _first_start(generated), **first_starts[folder]},
         "peak_rss_bytes": generated["peak_rss_bytes"],
+        "transformer_calls": _mean([run["cache"]["full_calls"] for run in runs]),
+        "block_fraction": _mean([run["cache"]["block_fraction"] / run["cache"]["steps"] for run in runs]),
     }
     record = folder_record(folder)
-    return {"label": label, "path": str(folder.resolve()), "weight_format": record.weight_format,
+    return {"label": column.label, "cache": column.cache, "path": str(folder.resolve()),
+            "weight_format": record.weight_format,
             "quantized": record.quantization is not None, "speed": speed, "images": generated["images"],
             "machine": {key: generated[key] for key in ("openvino", "execution_devices", "device_names")}}
 
@@ -153,11 +183,10 @@ def _mean(values: list[float]) -> float:
 
 
 def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> dict:
-    if len(request.folders) < 2:
-        raise OvsdError("a report compares two or more folders (the first is the reference)")
     for folder in request.folders:
         check_folder(folder)
-    labels = folder_labels(request.folders, request.labels)
+    columns = report_columns(request)
+    labels = [column.label for column in columns]
     digits = request.digits if request.digits is not None else folder_record(request.folders[0]).demo == "digits"
     scorer_of_digits = DigitScorer() if digits else None
     prompts = _prompts(request, digits)
@@ -167,17 +196,7 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     output = AtomicOutput(request.out, overwrite=request.overwrite)
     output.check()
     with output as staging:
-        folders = []
-        for folder, label in zip(request.folders, labels):
-            log(f"{label}: {len(prompts)} prompts, {settings['steps']} steps, guidance {settings['guidance_scale']}, "
-                f"{settings['width']}x{settings['height']}, device {request.device}")
-            measured = measure_folder(folder, label, prompts, seeds, settings, request.device,
-                                      staging / "images" / f"{len(folders):02d}")
-            sizes = component_sizes(folder)
-            measured["size"] = {"components": sizes, "total_bytes": sum(sizes.values())}
-            folders.append(measured)
-            log(f"  step {Spread.from_json(measured['speed']['step_seconds'])}, "
-                f"peak RSS {measured['speed']['peak_rss_bytes'] / 2**30:.2f} GiB")
+        folders = _measure_columns(columns, prompts, seeds, settings, request.device, staging, log)
         clip_scores = [scorer.scores(folder["images"], prompts) for folder in folders] if scorer else None
         digit_scores = None if scorer_of_digits is None else [
             scorer_of_digits.score([Image.open(path) for path in folder["images"]], prompts).to_json()
@@ -212,6 +231,23 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     return report
 
 
+def _measure_columns(columns: list[Column], prompts: list[str], seeds: list[int], settings: dict, device: str,
+                     staging: Path, log: Callable[[str], None]) -> list[dict]:
+    folders, first_starts = [], {}
+    for column in columns:
+        log(f"{column.label}: {len(prompts)} prompts, {settings['steps']} steps, guidance "
+            f"{settings['guidance_scale']}, {settings['width']}x{settings['height']}, device {device}, "
+            f"step caching {column.cache}")
+        measured = measure_folder(column, prompts, seeds, settings, device, staging / "images" / f"{len(folders):02d}",
+                                  first_starts)
+        sizes = component_sizes(column.folder)
+        measured["size"] = {"components": sizes, "total_bytes": sum(sizes.values())}
+        folders.append(measured)
+        log(f"  step {Spread.from_json(measured['speed']['step_seconds'])}, "
+            f"peak RSS {measured['speed']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return folders
+
+
 def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f}"
 
@@ -242,6 +278,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {title} | " + " | ".join(
             f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
             for s in (folder["speed"][f"{part}_seconds"] for folder in folders)) + " |")
+    lines.append("| transformer work: whole calls per image (share of blocks run) | " + " | ".join(
+        f"{folder['speed']['transformer_calls']:.1f} ({folder['speed']['block_fraction']:.0%})" for folder in folders)
+        + " |")
     lines.append("| speed-up (generation) | " + " | ".join(
         f"{folder['speed']['speedup']['total']:.2f}x" for folder in folders) + " |")
     lines.append("| speed-up (step) | " + " | ".join(

@@ -14,7 +14,7 @@ def device_info(pipe: SD3Pipeline) -> dict:
     import openvino as ov
 
     core = ov.Core()
-    devices = list(pipe.transformer.get_property("EXECUTION_DEVICES"))
+    devices = list(pipe.transformer.compiled.get_property("EXECUTION_DEVICES"))
     return {"openvino": ov.get_version(), "execution_devices": devices,
             "device_names": {device: core.get_property(device.split(".")[0], "FULL_DEVICE_NAME")
                              for device in devices}}
@@ -22,7 +22,8 @@ def device_info(pipe: SD3Pipeline) -> dict:
 
 def _settings(task: dict) -> dict:
     return dict(num_inference_steps=task["steps"], guidance_scale=task["guidance_scale"], width=task["width"],
-                height=task["height"], max_sequence_length=task.get("max_sequence_length", 256))
+                height=task["height"], max_sequence_length=task.get("max_sequence_length", 256),
+                cache=task.get("cache"))
 
 
 def generate(task: dict) -> dict:
@@ -57,7 +58,8 @@ def generate(task: dict) -> dict:
         image.save(path)
         images.append(str(path))
         generations.append({"text_seconds": text_done - started, "step_seconds": step_seconds,
-                            "decode_seconds": finished - last, "total_seconds": finished - started})
+                            "decode_seconds": finished - last, "total_seconds": finished - started,
+                            "cache": job.cache_stats.as_dict()})
     return {"load_seconds": load_seconds, "first_image_seconds": first_image_seconds, "generations": generations,
             "images": images, **device_info(pipe)}
 
@@ -79,7 +81,12 @@ def batches(task: dict) -> dict:
     pipe = SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=None)
     settings = _settings(task)
 
-    def call(batch: int, steps: int, seed: int):
-        pipe(task["prompt"], seed=seed, num_images=batch, **dict(settings, num_inference_steps=steps))
+    stats = []
 
-    return {"seconds": timed_batches(task, call), **device_info(pipe)}
+    def call(batch: int, steps: int, seed: int):
+        result = pipe(task["prompt"], seed=seed, num_images=batch, **dict(settings, num_inference_steps=steps))
+        stats.append(result.cache_stats)
+
+    seconds = timed_batches(task, call)
+    return {"seconds": seconds, "cache": str(settings["cache"] or "off"), "transformer_calls": stats[-1].full_calls,
+            "block_fraction": stats[-1].block_fraction / stats[-1].steps, **device_info(pipe)}

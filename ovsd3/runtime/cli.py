@@ -38,6 +38,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="OpenVINO model cache (default ~/.cache/ovsd3/model_cache); makes a second start fast")
     parser.add_argument("--no-cache", action="store_true", help="do not use the model cache")
+    parser.add_argument("--cache", default=None, metavar="MODE",
+                        help="step caching, trading exactness for speed: off (default), taylorseer "
+                             "(openvino.genai's TaylorSeer Lite), first-block-cache, guidance-interval, or "
+                             "combined with + (e.g. taylorseer:interval=4+guidance-interval:low=0.1); the README "
+                             "lists settings and what each costs on the demo model. Not the model cache: "
+                             "see --cache-dir")
     parser.add_argument("--preview-every", type=int, default=0, metavar="N",
                         help="write OUTPUT/preview.png every N steps (a cheap linear preview)")
     parser.add_argument("--output", type=Path, default=Path("outputs"), help="folder for the PNGs (default outputs/)")
@@ -58,6 +64,7 @@ def _write_preview(step, folder: Path) -> None:
 
 
 def run(args) -> int:
+    from ovsd3.runtime.cache import CacheConfig
     from ovsd3.runtime.images import save_png
     from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape, check_folder, folder_record
 
@@ -65,6 +72,7 @@ def run(args) -> int:
         raise OvsdError(f"--steps must be at least 1 (got {args.steps})")
     if args.preview_every < 0:
         raise OvsdError("--preview-every must not be negative")
+    cache = CacheConfig.parse(args.cache)  # a bad spec is refused before anything loads
     if args.image is not None and not args.image.is_file():
         raise OvsdError(f"cannot read image {args.image}: no such file")
     started = time.perf_counter()
@@ -90,12 +98,17 @@ def run(args) -> int:
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   num_images=args.num_images, image=args.image, strength=args.strength, clip_skip=args.clip_skip,
-                  max_sequence_length=args.max_sequence_length, callback=on_step)
+                  max_sequence_length=args.max_sequence_length, cache=cache, callback=on_step)
     first = _next_index(args.output)
     for offset, (image, params) in enumerate(zip(result.images, result.params)):
         path = save_png(image, args.output / f"{first + offset:05d}-{params['seed']}.png", params)
         print(path)
     timings = result.timings
+    if cache.active:
+        stats = result.cache_stats
+        print(f"cache {cache}: {stats.full_calls} of {stats.steps} steps ran the whole transformer "
+              f"({stats.block_fraction / stats.steps:.0%} of its blocks), {stats.unguided_steps} without guidance",
+              file=sys.stderr)
     print(f"{len(result.images)} image(s) in {timings['total_seconds']:.1f} s (seed {result.params[0]['seed']}; "
           f"{timings['python_seconds'] / timings['total_seconds']:.1%} outside OpenVINO inference)", file=sys.stderr)
     return 0

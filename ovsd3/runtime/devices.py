@@ -118,6 +118,21 @@ class ModelCompiler:
         except RuntimeError as error:
             raise OvsdError(f"cannot compile {component} for {device}: {reason_of(error)}") from None
 
+    def read(self, component: str):
+        """The component's IR as an ``ov.Model``, to derive variants from."""
+        try:
+            return self.core.read_model(layout.model_xml(self.folder, component))
+        except RuntimeError as error:
+            raise OvsdError(f"cannot read {component}: {reason_of(error)}") from None
+
+    def compile_derived(self, component: str, model):
+        """Compile a model derived from ``component``'s IR on that component's device."""
+        device = self.options.plan.device_for(component)
+        try:
+            return self.core.compile_model(model, device, self._config(device))
+        except RuntimeError as error:
+            raise OvsdError(f"cannot compile a variant of {component} for {device}: {reason_of(error)}") from None
+
     def compile_tokenizer(self, tokenizer_folder: str):
         """(compiled tokenizer, its model). Tokenizers are string processing: always on the CPU."""
         model = self.core.read_model(self.folder / tokenizer_folder / layout.TOKENIZER_XML)

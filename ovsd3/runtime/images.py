@@ -43,7 +43,8 @@ def parameters_text(params: dict) -> str:
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     lines.append(f"Steps: {params['num_inference_steps']}, Sampler: {params['sampler']}, "
                  f"CFG scale: {params['guidance_scale']}, Seed: {params['seed']}, "
-                 f"Size: {params['width']}x{params['height']}, Model: {params['model']}")
+                 f"Size: {params['width']}x{params['height']}, Model: {params['model']}"
+                 + (f", Cache: {params['cache']}" if params.get("cache", "off") != "off" else ""))
     return "\n".join(lines)
 
 

@@ -21,10 +21,12 @@ import numpy as np
 from ovsd3 import __version__, layout
 from ovsd3.errors import OvsdError
 from ovsd3.runtime import images as image_io
+from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
 from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, flash_step, img2img_start,
                                      predicted_clean)
 from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
+from ovsd3.runtime.transformer import Transformer
 
 REQUIRED = (layout.TRANSFORMER, layout.CLIP_L, layout.CLIP_G, layout.VAE_DECODER)
 
@@ -109,6 +111,8 @@ class Job:
     latents: np.ndarray
     noise: Callable[[tuple], np.ndarray]
     stochastic: bool
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    cache_stats: CacheStats | None = None  # filled in by sampling
 
 
 @dataclass
@@ -116,6 +120,7 @@ class GenerationResult:
     images: list
     params: list[dict]
     timings: dict = field(default_factory=dict)
+    cache_stats: CacheStats | None = None  # transformer calls run and skipped
 
 
 class NumpyNoise:
@@ -153,7 +158,7 @@ class SD3Pipeline:
                                  static_batch=None if static is None else static.batch,
                                  max_sequence_length=256 if static is None else static.max_sequence_length)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
-        self.transformer = compiler.compile(layout.TRANSFORMER, None if static is None else {
+        self.transformer = Transformer(compiler, None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
             "timestep": [transformer_batch],
             "encoder_hidden_states": [transformer_batch, CLIP_MAX_LENGTH + static.max_sequence_length,
@@ -165,7 +170,7 @@ class SD3Pipeline:
         if layout.model_xml(folder, layout.VAE_ENCODER).exists():
             self.vae_encoder = compiler.compile(layout.VAE_ENCODER, None if static is None else {
                 "sample": [1, 3, static.height, static.width]})
-        self.infer_seconds = {"text": 0.0, "transformer": 0.0, "vae": 0.0}
+        self.infer_seconds = {"text": 0.0, "vae": 0.0}
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "AUTO", static: StaticShape | None = None,
@@ -187,12 +192,16 @@ class SD3Pipeline:
                 width: int | None = None, height: int | None = None, seed: int | None = None,
                 num_images: int = 1, image=None, strength: float = 0.6, clip_skip: int | None = None,
                 max_sequence_length: int = 256, latents: np.ndarray | None = None,
-                noise: Callable[[tuple], np.ndarray] | None = None) -> Job:
+                noise: Callable[[tuple], np.ndarray] | None = None,
+                cache: str | CacheConfig | None = None) -> Job:
         """Validate a request, encode its prompts and draw its starting latents.
 
         ``latents``: the initial noise (batch, 16, height/8, width/8), to compare with other
         implementations. ``noise``: where every other random draw comes from (default: numpy, ``seed``).
+        ``cache``: step caching for this call (``"taylorseer"``, ``"first-block-cache:threshold=0.1"``, ...;
+        see :mod:`ovsd3.runtime.cache`); default off.
         """
+        cache = CacheConfig.parse(cache)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise OvsdError("no prompt given")
@@ -256,9 +265,9 @@ class SD3Pipeline:
                       num_inference_steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed,
                       sampler="flash" if self.schedule.stochastic_sampling else "euler",
                       strength=strength if image is not None else None, model=self.folder.name,
-                      ovsd3=__version__)
-        return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas, latents=start_latents,
-                   noise=noise, stochastic=self.schedule.stochastic_sampling)
+                      cache=str(cache), ovsd3=__version__)
+        return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
+                   latents=start_latents, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache)
 
     def _encode_image(self, pixels: np.ndarray, noise) -> np.ndarray:
         """Image in [-1, 1] -> scaled latents, sampling the VAE posterior as diffusers does."""
@@ -278,32 +287,52 @@ class SD3Pipeline:
         return out
 
     def run_transformer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One transformer call. Calibration and the quality gate subclass this to watch every call."""
-        return self._infer("transformer", self.transformer, inputs)
+        """One transformer call (to watch every call, add an observer to ``self.transformer.observers``)."""
+        return self.transformer(inputs)
 
-    def velocity(self, latents: np.ndarray, timestep: float, embeds: PromptEmbeddings,
-                 guidance_scale: float) -> np.ndarray:
-        """The transformer's prediction, with classifier-free guidance when it is on."""
-        guided = guidance_scale > 1.0
+    def _transformer_inputs(self, job: Job, latents: np.ndarray, timestep: float, guided: bool) -> dict:
+        """The batch for one call: [negative, positive] when guiding, else the positive half alone."""
+        embeds = job.embeds
+        batch = latents.shape[0]
+        prompt_embeds, pooled_embeds = embeds.prompt_embeds, embeds.pooled_embeds
+        if job.guidance_scale > 1.0 and not guided:  # a guidance interval left this step out
+            prompt_embeds, pooled_embeds = prompt_embeds[batch:], pooled_embeds[batch:]
         hidden = np.concatenate([latents, latents]) if guided else latents
-        out = self.run_transformer({
-            "hidden_states": hidden,
-            "timestep": np.full((hidden.shape[0],), timestep, dtype=np.float32),
-            "encoder_hidden_states": embeds.prompt_embeds,
-            "pooled_projections": embeds.pooled_embeds,
-        })
-        if not guided:
-            return out
-        uncond, cond = np.split(out, 2)
-        return uncond + np.float32(guidance_scale) * (cond - uncond)
+        return {"hidden_states": hidden, "timestep": np.full((hidden.shape[0],), timestep, dtype=np.float32),
+                "encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_embeds}
+
+    def velocity(self, job: Job, cache: StepCache, index: int, sigma: float, timestep: float) -> np.ndarray:
+        """The (guided) velocity at one step: computed, or forecast when the step cache skips the step."""
+        interval = job.cache.guidance_interval
+        guided = job.guidance_scale > 1.0 and (interval is None or interval.guides(sigma))
+        if job.guidance_scale > 1.0 and not guided:
+            cache.stats.unguided_steps += 1
+        inputs = self._transformer_inputs(job, job.latents, timestep, guided)
+
+        def combine(out: np.ndarray) -> np.ndarray:
+            if not guided:
+                return out
+            uncond, cond = np.split(out, 2)
+            return uncond + np.float32(job.guidance_scale) * (cond - uncond)
+
+        def probe():
+            signal, finish = self.transformer.probe(inputs)
+            return signal, lambda: combine(finish())
+
+        return cache.velocity(index, lambda: combine(self.run_transformer(inputs)), probe)
 
     def steps(self, job: Job) -> Iterator[Step]:
-        """Run the sampler, yielding after every step; ``job.latents`` holds the result at the end."""
+        """Run the sampler, yielding after every step; ``job.latents`` holds the result at the end and
+        ``job.cache_stats`` what the step cache skipped."""
         timesteps = self.schedule.timesteps(job.sigmas)
         total = len(timesteps)
+        setting = job.cache.step_cache
+        block_count = self.transformer.split.block_count if isinstance(setting, FirstBlockCache) else 1
+        cache = StepCache(setting, total, block_count)
+        job.cache_stats = cache.stats
         for index in range(total):
             sigma, sigma_next = float(job.sigmas[index]), float(job.sigmas[index + 1])
-            velocity = self.velocity(job.latents, float(timesteps[index]), job.embeds, job.guidance_scale)
+            velocity = self.velocity(job, cache, index, sigma, float(timesteps[index]))
             denoised = predicted_clean(job.latents, velocity, sigma)
             if job.stochastic:
                 job.latents = flash_step(job.latents, velocity, sigma, sigma_next, job.noise(job.latents.shape))
@@ -320,17 +349,18 @@ class SD3Pipeline:
                  **settings) -> GenerationResult:
         """Generate images; ``callback`` sees every step. Settings as in :meth:`prepare`."""
         started = time.perf_counter()
-        infer_before = sum(self.infer_seconds.values())
+        infer_before = sum(self.infer_seconds.values()) + self.transformer.seconds
         job = self.prepare(prompt, **settings)
         for step in self.steps(job):
             if callback is not None:
                 callback(step)
         images = self.decode(job.latents)
         total = time.perf_counter() - started
-        infer = sum(self.infer_seconds.values()) - infer_before
+        infer = sum(self.infer_seconds.values()) + self.transformer.seconds - infer_before
         per_prompt = len(images) // len(job.prompts)
         per_image = [dict(job.params, prompt=job.prompts[index // per_prompt], image_index=index)
                      for index in range(len(images))]
         return GenerationResult(images=images, params=per_image,
                                 timings={"total_seconds": total, "infer_seconds": infer,
-                                         "python_seconds": total - infer})
+                                         "python_seconds": total - infer},
+                                cache_stats=job.cache_stats)

@@ -20,6 +20,7 @@ import io
 import json
 from dataclasses import dataclass
 
+from ovsd3.runtime.cache import CacheConfig, CacheSettingError
 from ovsd3.serve.jobs import GenerationRequest, Job, QueueFull, WorkerPool
 
 
@@ -56,7 +57,9 @@ def parse_size(size: str | None, limits: Limits, multiple: int) -> tuple[int | N
     return width, height
 
 
-def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str = "ovsd3"):
+def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str = "ovsd3",
+               default_cache: str | None = None):
+    """``default_cache``: the step caching a request gets when it names none (``ovsd3 serve --cache``)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -81,17 +84,22 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
         guidance_scale: float | None = Field(None, ge=0.0, le=limits.max_guidance)
         seed: int | None = Field(None, ge=0, lt=2**32)
         preview_every: int = Field(1, ge=0, le=limits.max_steps)
+        cache: str | None = Field(None, max_length=200)  # step caching, as `ovsd3 run --cache`
 
         def to_request(self, *, previews: bool = True, **extra) -> GenerationRequest:
             """``previews``: False where nobody would see them (the calls that answer with the images)."""
             if self.response_format != "b64_json":
                 raise BadRequest("response_format must be b64_json (images are not stored for URLs)")
             width, height = parse_size(self.size, limits, size_multiple)
+            try:
+                cache = str(CacheConfig.parse(self.cache if self.cache is not None else default_cache))
+            except CacheSettingError as problem:
+                raise BadRequest(f"cache: {problem}") from None
             return GenerationRequest(prompt=self.prompt, n=self.n, width=width, height=height,
                                      negative_prompt=self.negative_prompt,
                                      num_inference_steps=self.num_inference_steps,
                                      guidance_scale=self.guidance_scale, seed=self.seed,
-                                     preview_every=self.preview_every if previews else 0, **extra)
+                                     preview_every=self.preview_every if previews else 0, cache=cache, **extra)
 
     class EditBody(GenerationBody):
         """The multipart fields of an edit (text, which pydantic converts as it validates), less the image."""

@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="AUTO", help="OpenVINO device or plan, as for `ovsd3 run`")
     parser.add_argument("--workers", type=int, default=1, help="pipelines generating at once (each compiled once)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
+    parser.add_argument("--cache", default=None, metavar="MODE",
+                        help="step caching for requests that name none (their `cache` field), as `ovsd3 run "
+                             "--cache`; default off")
     parser.set_defaults(handler=run)
 
 
@@ -29,16 +32,18 @@ def run(args) -> int:
         import uvicorn
     except ImportError:
         raise OvsdError("serving needs FastAPI and uvicorn: pip install 'ovsd3[serve]'") from None
+    from ovsd3.runtime.cache import CacheConfig
     from ovsd3.runtime.pipeline import check_folder
     from ovsd3.serve.api import create_app
     from ovsd3.serve.jobs import WorkerPool, load_pipeline
 
     check_folder(args.model_dir)
+    default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     if not 0 < args.port < 65536:
         raise OvsdError(f"--port must be between 1 and 65535 (got {args.port})")
     pool = WorkerPool(load_pipeline(args.model_dir, args.device), args.workers, args.max_queue)
     try:
-        app = create_app(pool, model_name=args.model_dir.name)
+        app = create_app(pool, model_name=args.model_dir.name, default_cache=default_cache)
         print(f"ovsd3 serve: {args.model_dir} on http://{args.host}:{args.port} ({args.workers} worker(s), "
               f"queue {args.max_queue})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -44,11 +44,12 @@ class GenerationRequest:
     image: bytes | None = None  # image-to-image: the start picture (PNG/JPEG bytes)
     strength: float = 0.6
     preview_every: int = 1  # 0: no previews
+    cache: str | None = None  # step caching spec (ovsd3.runtime.cache); None: the server's default
 
     def pipeline_settings(self) -> dict:
         settings = dict(negative_prompt=self.negative_prompt, num_inference_steps=self.num_inference_steps,
                         guidance_scale=self.guidance_scale, width=self.width, height=self.height, seed=self.seed,
-                        num_images=self.n)
+                        num_images=self.n, cache=self.cache)
         if self.image is not None:
             from PIL import Image
 
@@ -216,7 +217,8 @@ class WorkerPool:
             images = pipe.decode(prepared.latents)
             with self._lock:
                 self.metrics.images += len(images)
-            job.emit("done", seed=prepared.params["seed"], images=[png_base64(image) for image in images])
+            job.emit("done", seed=prepared.params["seed"], images=[png_base64(image) for image in images],
+                     cache={"mode": prepared.params["cache"], **prepared.cache_stats.as_dict()})
         except Cancelled:
             job.emit("cancelled")
         except OvsdError as error:

@@ -1,0 +1,111 @@
+"""The compiled SD3 transformer behind a small wrapper, the one place every transformer call goes through.
+
+It checks the inputs, times the calls, lets observers watch each call (calibration, the quality gate),
+and derives from the folder's IR the variants shortcuts need: the first block alone and the rest of the
+blocks (first-block cache), compiled only when a call first asks for them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from ovsd3 import layout
+from ovsd3.errors import OvsdError
+
+INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+Observer = Callable[[dict, np.ndarray], None]
+
+
+class SplitTransformer:
+    """The transformer as two compiled slices: everything up to and including the first block, and the rest."""
+
+    def __init__(self, compiler, model):
+        from ovsd3.ir.slicing import CUT_PREFIX, crossing, cut_name, extract, stages
+
+        stage, self.block_count = stages(model)
+        if self.block_count < 2:
+            raise OvsdError("first-block-cache needs a transformer with at least 2 blocks")
+        tensors = crossing(model, stage, 1)
+        # The first block's own outputs (image and text token streams): what the cache compares step to step.
+        self.first_block_outputs = [cut_name(1, tensor) for tensor in tensors if stage[tensor[0]] == 0]
+        self.head = compiler.compile_derived(layout.TRANSFORMER, extract(model, stage, None, 1))
+        self.rest = compiler.compile_derived(layout.TRANSFORMER, extract(model, stage, 1, None))
+        self.rest_inputs = [name for port in self.rest.inputs for name in port.get_names()
+                            if name.startswith(CUT_PREFIX) or name in INPUT_NAMES]
+
+    def run_head(self, inputs: dict) -> dict:
+        result = self.head(inputs)
+        return {name: result[port] for port in self.head.outputs for name in port.get_names()}
+
+    def signal(self, head_outputs: dict) -> np.ndarray:
+        return np.concatenate([head_outputs[name].ravel() for name in self.first_block_outputs])
+
+    def run_rest(self, inputs: dict, head_outputs: dict) -> np.ndarray:
+        feed = {name: head_outputs[name] if name in head_outputs else inputs[name] for name in self.rest_inputs}
+        return self.rest(feed)[0]
+
+
+class Transformer:
+    def __init__(self, compiler, static_shapes: dict | None = None):
+        self.compiler = compiler
+        self.static_shapes = static_shapes
+        self.compiled = compiler.compile(layout.TRANSFORMER, static_shapes)
+        self.observers: list[Observer] = []
+        self.seconds = 0.0
+        self.calls = 0
+        self._split: SplitTransformer | None = None
+
+    def _check(self, inputs: dict) -> None:
+        missing = [name for name in INPUT_NAMES if name not in inputs]
+        if missing:
+            raise OvsdError(f"transformer inputs lack {', '.join(missing)}")
+        batch = inputs["hidden_states"].shape[0]
+        if any(inputs[name].shape[0] != batch for name in INPUT_NAMES):
+            raise OvsdError("transformer inputs disagree on the batch size: "
+                            + ", ".join(f"{name} {inputs[name].shape}" for name in INPUT_NAMES))
+
+    def _timed(self, run: Callable, *args):
+        started = time.perf_counter()
+        out = run(*args)
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def __call__(self, inputs: dict) -> np.ndarray:
+        """One whole call: (hidden_states, timestep, encoder_hidden_states, pooled_projections) -> velocity."""
+        self._check(inputs)
+        out = self._timed(lambda: self.compiled(inputs)[0])
+        self._observe(inputs, out)
+        return out
+
+    def _observe(self, inputs: dict, out: np.ndarray) -> None:
+        self.calls += 1
+        for observer in self.observers:
+            observer(inputs, out)
+
+    @property
+    def split(self) -> SplitTransformer:
+        if self._split is None:
+            if self.static_shapes is not None:
+                raise OvsdError("first-block-cache is not available with static shapes (--static)")
+            self._split = SplitTransformer(self.compiler, self.compiler.read(layout.TRANSFORMER))
+        return self._split
+
+    def probe(self, inputs: dict) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        """Run up to the first block; returns its output and a function that finishes this call."""
+        self._check(inputs)
+        split = self.split
+        head_outputs = self._timed(split.run_head, inputs)
+
+        def finish() -> np.ndarray:
+            out = self._timed(split.run_rest, inputs, head_outputs)
+            self._observe(inputs, out)
+            return out
+
+        return split.signal(head_outputs), finish
+
+    @property
+    def block_count(self) -> int:
+        return self.split.block_count if self._split is not None else 0

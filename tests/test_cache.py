@@ -1,0 +1,180 @@
+"""Step caching: calls skipped as configured, TaylorSeer making exactly openvino.genai's calls, caching off
+leaving the images as they were, and bad settings refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import main  # noqa: F401  (sys.path set by pytest for tests/)
+from ovsd3.metrics import psnr
+from ovsd3.runtime import SD3Pipeline
+from ovsd3.runtime.cache import (CacheConfig, CacheSettingError, StepCache, TaylorFactors, TaylorSeer,
+                                 taylorseer_schedule)
+from ovsd3.runtime.scheduler import euler_step
+
+PROMPT = "a photo of a cat sitting on a red sofa"
+SIZE = dict(width=64, height=64)
+EXIT_ERROR = 2
+
+
+@pytest.fixture(scope="module")
+def pipe(ov_sd3_fp32):
+    return SD3Pipeline.load(ov_sd3_fp32, precision="f32", cache_dir=None)
+
+
+def latents(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 16, 8, 8), dtype=np.float32)
+
+
+def genai_calls(folder, steps: int, guidance: float, setting: TaylorSeer | None) -> int:
+    """Transformer calls openvino.genai makes on ``folder``, read from its own performance metrics."""
+    import openvino_genai
+
+    genai = openvino_genai.Text2ImagePipeline(str(folder), "CPU")
+    config = genai.get_generation_config()
+    if setting is None:
+        config.taylorseer_config = None
+    else:
+        config.taylorseer_config = openvino_genai.TaylorSeerCacheConfig()
+        config.taylorseer_config.cache_interval = setting.cache_interval
+        config.taylorseer_config.disable_cache_before_step = setting.disable_cache_before_step
+        config.taylorseer_config.disable_cache_after_step = setting.disable_cache_after_step
+    genai.set_generation_config(config)
+    genai.generate(PROMPT, width=64, height=64, num_inference_steps=steps, guidance_scale=guidance, rng_seed=1)
+    return len(genai.get_performance_metrics().raw_metrics.transformer_inference_durations)
+
+
+@pytest.mark.parametrize("steps, spec", [(28, "taylorseer"), (12, "taylorseer"), (5, "taylorseer"),
+                                         (20, "taylorseer:interval=2,before=3,after=-1"),
+                                         (16, "taylorseer:interval=4,before=2,after=12")])
+def test_taylorseer_makes_as_many_calls_as_genai(ov_sd3, steps, spec):
+    setting = CacheConfig.parse(spec).step_cache
+    ours = SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None)(
+        PROMPT, seed=1, num_inference_steps=steps, guidance_scale=7.0, cache=spec, **SIZE).cache_stats
+    theirs = genai_calls(ov_sd3, steps, 7.0, setting)
+    assert ours.full_calls == theirs == sum(taylorseer_schedule(setting, steps))
+    assert ours.steps == steps and ours.as_dict()["skipped_calls"] == steps - theirs
+    if steps == 28 and spec == "taylorseer":
+        assert theirs == 14  # genai's SD3 default: half the calls at SD3's default 28 steps
+
+
+def test_caching_off_is_the_plain_sampler_bit_for_bit(pipe):
+    """``cache`` off (and an all-covering guidance interval) samples exactly as before caching existed: each
+    step one call of the compiled transformer on [negative, positive] and one Euler step."""
+    job = pipe.prepare(PROMPT, latents=latents(), num_inference_steps=6, guidance_scale=5.0, **SIZE)
+    expected = job.latents.copy()
+    timesteps = pipe.schedule.timesteps(job.sigmas)
+    for index, timestep in enumerate(timesteps):
+        out = pipe.transformer.compiled({
+            "hidden_states": np.concatenate([expected, expected]),
+            "timestep": np.full((2,), timestep, dtype=np.float32),
+            "encoder_hidden_states": job.embeds.prompt_embeds, "pooled_projections": job.embeds.pooled_embeds})[0]
+        uncond, cond = np.split(out, 2)
+        expected = euler_step(expected, uncond + np.float32(5.0) * (cond - uncond), float(job.sigmas[index]),
+                              float(job.sigmas[index + 1]))
+    for spec in (None, "off", "guidance-interval:low=0,high=1"):
+        job = pipe.prepare(PROMPT, latents=latents(), num_inference_steps=6, guidance_scale=5.0, cache=spec, **SIZE)
+        for _ in pipe.steps(job):
+            pass
+        np.testing.assert_array_equal(job.latents, expected)
+        assert job.cache_stats.full_calls == 6 and job.cache_stats.unguided_steps == 0
+
+
+def test_taylorseer_forecasts_from_the_last_full_calls():
+    """Skipped steps get f(last) + f'(last) * (steps since), f' the finite difference of the last two calls,
+    as genai's TaylorSeerState computes them; a velocity linear in the step is forecast exactly."""
+    setting = TaylorSeer(cache_interval=3, disable_cache_before_step=2, disable_cache_after_step=-1)
+    cache = StepCache(setting, 10, 1)
+    computed = []
+
+    def full_at(index):
+        def full():
+            computed.append(index)
+            return np.full((1, 2), 3.0 + 0.5 * index, dtype=np.float32)
+        return full
+
+    got = [float(cache.velocity(index, full_at(index))[0, 0]) for index in range(10)]
+    assert computed == [i for i, run in enumerate(taylorseer_schedule(setting, 10)) if run] == [0, 1, 4, 7, 9]
+    assert got == pytest.approx([3.0 + 0.5 * index for index in range(10)])
+    factors = TaylorFactors(max_order=2)
+    for step in (0, 2, 4):
+        factors.update(step, np.array([float(step) ** 2], dtype=np.float32))
+    # the TaylorSeer paper's second order: backward differences as derivatives, Taylor's 1/k! weights:
+    # 16 + 6 * 2 + 2 * 2**2 / 2 (the true 36 needs the central differences caching cannot have yet)
+    assert factors.predict(6)[0] == pytest.approx(32.0)
+
+
+def test_first_block_cache_skips_only_what_its_threshold_allows(pipe):
+    settings = dict(latents=latents(), num_inference_steps=12, guidance_scale=5.0, **SIZE)
+    exact = pipe(PROMPT, **settings)
+    never = pipe(PROMPT, cache="first-block-cache:threshold=0.000001", **settings)
+    assert never.cache_stats.full_calls == 12 and never.cache_stats.partial_calls == 0
+    # the whole transformer run as two slices (first block, the rest) gives the same picture
+    assert psnr(np.asarray(exact.images[0], float), np.asarray(never.images[0], float), data_range=255.0) > 45
+    loose = pipe(PROMPT, cache="first-block-cache:threshold=0.99,max_skips=2,before=2,after=-1", **settings)
+    stats = loose.cache_stats
+    # steps 0-1 and the last always run; at most 2 skips in a row in between: 9 steps -> at least 3 full calls
+    assert stats.full_calls + stats.partial_calls == 12
+    assert 4 <= stats.full_calls < 12 and stats.partial_calls == 12 - stats.full_calls
+    block_count = pipe.transformer.split.block_count
+    assert stats.block_fraction == pytest.approx(stats.full_calls + stats.partial_calls / block_count)
+
+
+def test_guidance_interval_guides_only_inside_it(pipe):
+    job = pipe.prepare(PROMPT, latents=latents(), num_inference_steps=10, guidance_scale=5.0,
+                       cache="guidance-interval:low=0.3,high=0.9", **SIZE)
+    batches = []
+    pipe.transformer.observers.append(lambda inputs, out: batches.append(inputs["hidden_states"].shape[0]))
+    try:
+        for _ in pipe.steps(job):
+            pass
+    finally:
+        pipe.transformer.observers.clear()
+    expected = [2 if 0.3 <= sigma <= 0.9 else 1 for sigma in job.sigmas[:-1]]
+    assert batches == expected and 1 in expected and 2 in expected
+    assert job.cache_stats.unguided_steps == expected.count(1)
+
+
+def test_cache_specs_parse_and_print_back():
+    config = CacheConfig.parse("TaylorSeer:interval=4,order=2 + guidance-interval:low=0.1")
+    assert config.step_cache == TaylorSeer(cache_interval=4, max_order=2)
+    assert config.guidance_interval.low == 0.1 and config.guidance_interval.high == 1.0
+    assert str(config) == "taylorseer:cache_interval=4,max_order=2+guidance-interval:low=0.1"
+    assert CacheConfig.parse(str(config)) == config
+    assert not CacheConfig.parse("off").active and str(CacheConfig.parse(None)) == "off"
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("bogus", "unknown cache mode 'bogus'"),
+    ("taylorseer:interval=-1", "cache_interval must be at least 2"),
+    ("taylorseer:interval=1.5", "must be an integer"),
+    ("taylorseer:before=-3", "must not be negative"),
+    ("taylorseer:order=7", "max_order must be"),
+    ("taylorseer:speed=9", "unknown setting 'speed=9'"),
+    ("first-block-cache:threshold=0", "threshold must be between 0 and 1"),
+    ("first-block-cache:threshold=1.5", "threshold must be between 0 and 1"),
+    ("first-block-cache:threshold=nan", "must be a finite number"),
+    ("taylorseer+first-block-cache", "choose one of"),
+    ("guidance-interval:low=0.8,high=0.2", "low <= high"),
+])
+def test_bad_cache_settings_are_one_line_errors(spec, expected, ov_sd3, tmp_path, capsys):
+    with pytest.raises(CacheSettingError, match=expected.replace("(", r"\(")):
+        CacheConfig.parse(spec)
+    assert issubclass(CacheSettingError, ValueError)  # what diffusers-style callers catch
+    out = tmp_path / "out"
+    assert main(["run", str(ov_sd3), "--prompt", "x", "--cache", spec, "--output", str(out)]) == EXIT_ERROR
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ovsd3 run: error: ") and expected in error and "\n" not in error
+    assert not out.exists()
+
+
+def test_run_reports_what_the_cache_skipped(ov_sd3, tmp_path, capsys):
+    assert main(["run", str(ov_sd3), "--prompt", PROMPT, "--steps", "12", "--guidance", "5", "--width", "64",
+                 "--height", "64", "--seed", "3", "--cache", "taylorseer", "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "cache taylorseer: 9 of 12 steps ran the whole transformer" in err
+    from PIL import Image
+
+    with Image.open(next(tmp_path.glob("*.png"))) as image:
+        assert "taylorseer" in image.text["parameters"]
