@@ -88,7 +88,9 @@ def test_log_of_the_copy_count_is_the_exact_bias(core, ov_no_t5_fp32):
 
 def test_only_joint_attention_gets_the_bias(core, ov_sd35_fp32):
     """SD3.5's dual-attention layers keep their image-only attn2 unmasked."""
-    model = add_attention_bias(core.read_model(layout.model_xml(ov_sd35_fp32, layout.TRANSFORMER)))
+    original = core.read_model(layout.model_xml(ov_sd35_fp32, layout.TRANSFORMER))
+    model = add_attention_bias(original)
+    assert "optimum" in model.get_rt_info() and len(original.inputs) == 4  # rt_info kept; the original untouched
     sdpa = [op for op in model.get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
     joint = {op.get_friendly_name() for op in joint_attention_ops(model)}
     assert len(joint) == transformer_config(ov_sd35_fp32)["num_layers"]

@@ -52,7 +52,9 @@ def add_attention_bias(model):
     mask = ops.reshape(bias, ops.constant([1, 1, 1, -1], ov.Type.i64), special_zero=False)
     for op in targets:
         _rebuild_with_mask(op, mask)
-    return ov.Model(clone.get_results(), [*clone.get_parameters(), bias], clone.get_friendly_name())
+    clone.add_parameters([bias])  # on the clone, not a new Model: keeps its rt_info (optimum's, conversion's)
+    clone.validate_nodes_and_infer_types()
+    return clone
 
 
 def _rebuild_with_mask(op, mask) -> None:
