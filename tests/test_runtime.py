@@ -198,3 +198,36 @@ sys.exit(code)
     params = json.loads(image.text["ovsd3"])
     assert params["seed"] == 1 and params["num_inference_steps"] == 4 and params["sampler"] == "flash"
     assert image.text["parameters"].startswith("a cat\nSteps: 4, Sampler: flash, CFG scale: 0.0, Seed: 1")
+
+
+def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32):
+    """Without T5 the transformer runs on 77 + 1 text tokens with an attention bias; the images are those of
+    the plain IR on diffusers' 77 + 256 tokens (here: the sampler run by hand on the folder's own IR)."""
+    import openvino as ov
+
+    from ovsd3 import layout
+    from ovsd3.runtime.scheduler import euler_step
+
+    pipe = SD3Pipeline.load(ov_no_t5_fp32, precision="f32", cache_dir=None)
+    shapes = []
+    pipe.transformer.observers.append(lambda inputs, out: shapes.append(inputs["encoder_hidden_states"].shape))
+    job = pipe.prepare(PROMPT, latents=initial_latents(1), num_inference_steps=4, guidance_scale=5.0, **SIZE)
+    plain = ov.Core().compile_model(layout.model_xml(ov_no_t5_fp32, layout.TRANSFORMER), "CPU",
+                                    {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = job.latents.copy()
+    for index, timestep in enumerate(pipe.schedule.timesteps(job.sigmas)):
+        out = plain({"hidden_states": np.concatenate([expected, expected]),
+                     "timestep": np.full((2,), timestep, dtype=np.float32),
+                     "encoder_hidden_states": job.embeds.prompt_embeds,
+                     "pooled_projections": job.embeds.pooled_embeds})[0]
+        uncond, cond = np.split(out, 2)
+        expected = euler_step(expected, uncond + np.float32(5.0) * (cond - uncond), float(job.sigmas[index]),
+                              float(job.sigmas[index + 1]))
+    for _ in pipe.steps(job):
+        pass
+    assert ATTENTION_BIAS_INPUT in {name for port in pipe.transformer.compiled.inputs for name in port.get_names()}
+    assert [shape[:2] for shape in shapes] == [(2, 77 + 256)] * 4  # observers see diffusers' sequence
+    assert psnr(expected, job.latents, data_range=float(np.ptp(expected))) >= 45.0
+
+
+ATTENTION_BIAS_INPUT = "attention_bias"

@@ -158,7 +158,8 @@ class SD3Pipeline:
                                  static_batch=None if static is None else static.batch,
                                  max_sequence_length=256 if static is None else static.max_sequence_length)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
-        self.transformer = Transformer(compiler, None if static is None else {
+        self.transformer = Transformer(compiler, int(transformer_config.get("patch_size", 2)), self.has_t5,
+                                       None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
             "timestep": [transformer_batch],
             "encoder_hidden_states": [transformer_batch, CLIP_MAX_LENGTH + static.max_sequence_length,
