@@ -118,7 +118,9 @@ def test_first_block_cache_skips_only_what_its_threshold_allows(pipe):
     assert stats.full_calls + stats.partial_calls == 12
     assert 4 <= stats.full_calls < 12 and stats.partial_calls == 12 - stats.full_calls
     block_count = pipe.transformer.split.block_count
-    assert stats.block_fraction == pytest.approx(stats.full_calls + stats.partial_calls / block_count)
+    assert stats.block_count == block_count
+    assert stats.work == pytest.approx(stats.full_calls + stats.partial_calls / block_count)
+    assert stats.work_with(24) == pytest.approx(stats.full_calls + stats.partial_calls / 24)
 
 
 def test_guidance_interval_guides_only_inside_it(pipe):
@@ -134,6 +136,7 @@ def test_guidance_interval_guides_only_inside_it(pipe):
     expected = [2 if 0.3 <= sigma <= 0.9 else 1 for sigma in job.sigmas[:-1]]
     assert batches == expected and 1 in expected and 2 in expected
     assert job.cache_stats.unguided_steps == expected.count(1)
+    assert job.cache_stats.work == pytest.approx(expected.count(2) + 0.5 * expected.count(1))
 
 
 def test_cache_specs_parse_and_print_back():
@@ -143,10 +146,12 @@ def test_cache_specs_parse_and_print_back():
     assert str(config) == "taylorseer:cache_interval=4,max_order=2+guidance-interval:low=0.1"
     assert CacheConfig.parse(str(config)) == config
     assert not CacheConfig.parse("off").active and str(CacheConfig.parse(None)) == "off"
+    fast = CacheConfig.parse("Fast")  # the recommended mode, by name
+    assert fast.step_cache.name == "first-block-cache" and fast.guidance_interval is not None
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("bogus", "unknown cache mode 'bogus'"),
+    ("bogus", "unknown cache mode 'bogus' (use off, fast, taylorseer"),
     ("taylorseer:interval=-1", "cache_interval must be at least 2"),
     ("taylorseer:interval=1.5", "must be an integer"),
     ("taylorseer:before=-3", "must not be negative"),

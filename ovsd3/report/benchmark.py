@@ -196,7 +196,7 @@ def markdown(report: dict) -> str:
                           f"at the last batch (TaylorSeer step caching: {how})."]
         elif "transformer_calls" in runner:
             lines += ["", f"{name}: {runner['transformer_calls']} whole transformer calls for {settings['steps']} "
-                          f"steps at the last batch ({runner['block_fraction']:.0%} of the blocks of an uncached "
-                          f"run; step caching: {runner['cache']})."]
+                          f"steps at the last batch ({runner['work']:.0%} of an uncached run's transformer "
+                          f"work; step caching: {runner['cache']})."]
     lines += ["", "![images per second](benchmark.png)", ""]
     return "\n".join(lines)

@@ -148,7 +148,7 @@ def measure_folder(column: Column, prompts: list[str], seeds: list[int], setting
         "first_start": {"no_cache": _first_start(generated), **first_starts[folder]},
         "peak_rss_bytes": generated["peak_rss_bytes"],
         "transformer_calls": _mean([run["cache"]["full_calls"] for run in runs]),
-        "block_fraction": _mean([run["cache"]["block_fraction"] / run["cache"]["steps"] for run in runs]),
+        "work": _mean([run["cache"]["work"] / run["cache"]["steps"] for run in runs]),
     }
     record = folder_record(folder)
     return {"label": column.label, "cache": column.cache, "path": str(folder.resolve()),
@@ -278,8 +278,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {title} | " + " | ".join(
             f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
             for s in (folder["speed"][f"{part}_seconds"] for folder in folders)) + " |")
-    lines.append("| transformer work: whole calls per image (share of blocks run) | " + " | ".join(
-        f"{folder['speed']['transformer_calls']:.1f} ({folder['speed']['block_fraction']:.0%})" for folder in folders)
+    lines.append("| transformer work: whole calls per image (share of an uncached run's) | " + " | ".join(
+        f"{folder['speed']['transformer_calls']:.1f} ({folder['speed']['work']:.0%})" for folder in folders)
         + " |")
     lines.append("| speed-up (generation) | " + " | ".join(
         f"{folder['speed']['speedup']['total']:.2f}x" for folder in folders) + " |")

@@ -89,4 +89,4 @@ def batches(task: dict) -> dict:
 
     seconds = timed_batches(task, call)
     return {"seconds": seconds, "cache": str(settings["cache"] or "off"), "transformer_calls": stats[-1].full_calls,
-            "block_fraction": stats[-1].block_fraction / stats[-1].steps, **device_info(pipe)}
+            "work": stats[-1].work / stats[-1].steps, **device_info(pipe)}

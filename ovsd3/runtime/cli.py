@@ -107,7 +107,7 @@ def run(args) -> int:
     if cache.active:
         stats = result.cache_stats
         print(f"cache {cache}: {stats.full_calls} of {stats.steps} steps ran the whole transformer "
-              f"({stats.block_fraction / stats.steps:.0%} of its blocks), {stats.unguided_steps} without guidance",
+              f"({stats.work / stats.steps:.0%} of the uncached transformer work), {stats.unguided_steps} without guidance",
               file=sys.stderr)
     print(f"{len(result.images)} image(s) in {timings['total_seconds']:.1f} s (seed {result.params[0]['seed']}; "
           f"{timings['python_seconds'] / timings['total_seconds']:.1%} outside OpenVINO inference)", file=sys.stderr)

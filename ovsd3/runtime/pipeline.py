@@ -210,6 +210,36 @@ class SD3Pipeline:
         guidance = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
         width = width or (self.static.width if self.static else self.default_size)
         height = height or (self.static.height if self.static else self.default_size)
+        batch = len(prompts) * num_images
+        self._check_request(steps, guidance, width, height, num_images, batch, image, strength, max_sequence_length)
+        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+            raise OvsdError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
+        seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
+        noise = noise or NumpyNoise(seed)
+
+        embeds = self._encode_prompts(prompts, negatives if guidance > 1.0 else None, num_images, clip_skip,
+                                      max_sequence_length)
+        sigmas = self.schedule.sigmas(steps)
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise OvsdError(f"latents have shape {tuple(latents.shape)}, this request needs {shape}")
+        if image is not None:
+            first = img2img_start(steps, strength)
+            if first >= steps:
+                raise OvsdError(f"strength {strength} with {steps} steps leaves no step to run")
+            sigmas = sigmas[first:]
+        start = self._start_latents(shape, latents, noise, image, width, height, float(sigmas[0]))
+        params = dict(prompt=prompts[0], negative_prompt=negatives[0] if guidance > 1.0 else "",
+                      num_inference_steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed,
+                      sampler="flash" if self.schedule.stochastic_sampling else "euler",
+                      strength=strength if image is not None else None, model=self.folder.name,
+                      cache=str(cache), ovsd3=__version__)
+        return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
+                   latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache)
+
+    def _check_request(self, steps: int, guidance: float, width: int, height: int, num_images: int, batch: int,
+                       image, strength: float, max_sequence_length: int) -> None:
         if steps < 1:
             raise OvsdError(f"steps must be at least 1 (got {steps})")
         if width <= 0 or height <= 0 or width % self.size_multiple or height % self.size_multiple:
@@ -225,50 +255,37 @@ class SD3Pipeline:
             raise OvsdError(f"strength must be between 0 and 1 (got {strength})")
         if image is not None and self.vae_encoder is None:
             raise OvsdError(f"{self.folder} has no vae_encoder, which image-to-image needs")
-        batch = len(prompts) * num_images
         if self.static is not None and (width, height, batch, guidance > 1.0, max_sequence_length) != (
                 self.static.width, self.static.height, self.static.batch, self.static.guidance,
                 self.static.max_sequence_length):
             raise OvsdError(f"this pipeline was compiled for static {self.static.width}x{self.static.height}, "
                             f"{self.static.batch} image(s), guidance {'on' if self.static.guidance else 'off'}; "
                             f"the request differs")
-        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-            raise OvsdError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-        negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
-        seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
-        noise = noise or NumpyNoise(seed)
 
+    def _encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int,
+                        clip_skip: int | None, max_sequence_length: int) -> PromptEmbeddings:
+        """Each prompt's embeddings ``num_images`` times; with ``negatives`` (guidance) [negative, positive],
+        as diffusers batches them."""
         text_before = self.text.infer_seconds
         embeds = self.text.encode(prompts, clip_skip=clip_skip, max_sequence_length=max_sequence_length)
-        if guidance > 1.0:  # classifier-free guidance: [negative, positive], as diffusers batches it
+        embeds = embeds.repeat(num_images)
+        if negatives is not None:
             negative = self.text.encode(negatives, clip_skip=None, max_sequence_length=max_sequence_length)
-            embeds = PromptEmbeddings.concat(negative.repeat(num_images), embeds.repeat(num_images))
-        else:
-            embeds = embeds.repeat(num_images)
+            embeds = PromptEmbeddings.concat(negative.repeat(num_images), embeds)
         self.infer_seconds["text"] += self.text.infer_seconds - text_before
+        return embeds
 
-        sigmas = self.schedule.sigmas(steps)
-        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise OvsdError(f"latents have shape {tuple(latents.shape)}, this request needs {shape}")
-        if image is None:
-            start_latents = noise(shape) if latents is None else np.asarray(latents, dtype=np.float32)
-        else:
-            first = img2img_start(steps, strength)
-            if first >= steps:
-                raise OvsdError(f"strength {strength} with {steps} steps leaves no step to run")
-            sigmas = sigmas[first:]
+    def _start_latents(self, shape: tuple, latents: np.ndarray | None, noise, image, width: int, height: int,
+                       first_sigma: float) -> np.ndarray:
+        """Text-to-image: the initial noise. Image-to-image: the image's latents noised to the first sigma run
+        (diffusers' scale_noise); its posterior sample is drawn before the noise, in diffusers' order."""
+        clean = None
+        if image is not None:
             clean = self._encode_image(image_io.load_image(image, width, height), noise)
-            clean = np.repeat(clean, batch // clean.shape[0], axis=0)
-            start_noise = noise(shape) if latents is None else np.asarray(latents, dtype=np.float32)
-            start_latents = add_noise(clean, start_noise, float(sigmas[0]))
-        params = dict(prompt=prompts[0], negative_prompt=negatives[0] if guidance > 1.0 else "",
-                      num_inference_steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed,
-                      sampler="flash" if self.schedule.stochastic_sampling else "euler",
-                      strength=strength if image is not None else None, model=self.folder.name,
-                      cache=str(cache), ovsd3=__version__)
-        return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
-                   latents=start_latents, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache)
+        start_noise = noise(shape) if latents is None else np.asarray(latents, dtype=np.float32)
+        if clean is None:
+            return start_noise
+        return add_noise(np.repeat(clean, shape[0] // clean.shape[0], axis=0), start_noise, first_sigma)
 
     def _encode_image(self, pixels: np.ndarray, noise) -> np.ndarray:
         """Image in [-1, 1] -> scaled latents, sampling the VAE posterior as diffusers does."""
@@ -320,7 +337,8 @@ class SD3Pipeline:
             signal, finish = self.transformer.probe(inputs)
             return signal, lambda: combine(finish())
 
-        return cache.velocity(index, lambda: combine(self.run_transformer(inputs)), probe)
+        batch_share = 0.5 if job.guidance_scale > 1.0 and not guided else 1.0
+        return cache.velocity(index, lambda: combine(self.run_transformer(inputs)), probe, batch_share)
 
     def steps(self, job: Job) -> Iterator[Step]:
         """Run the sampler, yielding after every step; ``job.latents`` holds the result at the end and
