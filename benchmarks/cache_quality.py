@@ -63,11 +63,12 @@ def chart(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for spec, row in rows.items():
-        axes.scatter(row["work_sd3_medium"] * 100, row["digit_share"] * 100)
-        axes.annotate(spec, (row["work_sd3_medium"] * 100, row["digit_share"] * 100), fontsize=7,
-                      xytext=(4, 2), textcoords="offset points")
+    figure, axes = plt.subplots(figsize=(11, 5.5))
+    for number, (spec, row) in enumerate(rows.items(), 1):  # numbered points, the modes in the legend
+        x, y = row["work_sd3_medium"] * 100, row["digit_share"] * 100
+        axes.scatter(x, y, label=f"{number}: {spec} ({y:.1f}%, {x:.0f}%)")
+        axes.annotate(str(number), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axes.set_xlabel("transformer work at SD3 Medium's 24 blocks (% of the uncached run's)")
     axes.set_ylabel("digits drawn as asked (%)")
     axes.set_xlim(0, 105)
