@@ -1,9 +1,10 @@
 """Calibration data: the transformer's real inputs, recorded while the OpenVINO pipeline samples prompts.
 
 One sample is one transformer call (a batch of 2 with classifier-free guidance), as in the published
-recipe: 200 samples = 50 prompts x 4 steps for a Flash model. Samples are written to disk prompt by
-prompt, so a crash later (in quantization, say) does not repeat the sampling, and NNCF reads them back
-one at a time instead of holding hundreds of megabytes in memory.
+recipe: 200 samples = 50 prompts x 4 steps for a Flash model. Each prompt's final latents are kept too,
+as the VAE decoder receives them, to calibrate the decoder on the same run (one sample per prompt).
+Samples are written to disk prompt by prompt, so a crash later (in quantization, say) does not repeat the
+sampling, and NNCF reads them back one at a time instead of holding hundreds of megabytes in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BUILTIN = "builtin"
 CONCEPTUAL_CAPTIONS = "conceptual_captions"
 CONCEPTUAL_CAPTIONS_REPO = "google-research-datasets/conceptual_captions"
 INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+DECODER_INPUT = "latent_sample"  # the VAE decoder IR's input: final latents / scaling_factor + shift_factor
 
 
 def builtin_prompts() -> list[str]:
@@ -98,30 +100,49 @@ class _RecordingPipeline(SD3Pipeline):
         return super().run_transformer(inputs)
 
 
+def _is_recorded(path: Path) -> bool:
+    """A prompt's file exists and holds its final latents (caches written before ovsd3 kept them do not)."""
+    if not path.exists():
+        return False
+    with np.load(path) as arrays:
+        return DECODER_INPUT in arrays.files
+
+
+def _decoder_input(pipe: SD3Pipeline, latents: np.ndarray) -> np.ndarray:
+    # What SD3Pipeline.decode hands the decoder; computed here so calibration never runs the decoder itself.
+    return (latents / pipe.scaling_factor + pipe.shift_factor).astype(np.float32)
+
+
 def record(folder: Path, plan: CalibrationPlan, prompts: list[str], cache_dir: Path,
            log: Callable[[str], None] = print, device: str = "CPU") -> Path:
-    """Sample ``prompts`` with the folder's own pipeline and write each prompt's transformer inputs to
-    ``cache_dir``. Prompts already recorded there are skipped (resume after a crash)."""
+    """Sample ``prompts`` with the folder's own pipeline and write each prompt's transformer inputs and
+    final latents to ``cache_dir``. Prompts already recorded there are skipped (resume after a crash)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest = cache_dir / "plan.json"
     manifest.write_text(json.dumps({"plan": asdict(plan), "prompts": prompts}, indent=1))
-    todo = [i for i in range(len(prompts)) if not (cache_dir / f"prompt_{i:05d}.npz").exists()]
+    files = [cache_dir / f"prompt_{i:05d}.npz" for i in range(len(prompts))]
+    todo = [i for i, path in enumerate(files) if not _is_recorded(path)]
     if len(todo) < len(prompts):
         log(f"calibration cache {cache_dir}: {len(prompts) - len(todo)} of {len(prompts)} prompts already recorded")
+    stale = sum(files[i].exists() for i in todo)
+    if stale:
+        log(f"calibration cache {cache_dir}: {stale} prompt(s) recorded by an older ovsd3 lack their final latents, "
+            f"which the VAE decoder is calibrated on: recording them again")
     if not todo:
         return cache_dir
     pipe = _RecordingPipeline.load(folder, device=device, cache_dir=None)
     progress = ProgressBar(unit="prompt")
     for done, index in enumerate(todo, 1):
         pipe.recorded = []
-        for _ in pipe.steps(pipe.prepare(prompts[index], num_inference_steps=plan.steps,
-                                         guidance_scale=plan.guidance_scale, width=plan.size, height=plan.size,
-                                         seed=plan.seed + index)):
-            pass  # only the transformer inputs matter; nothing is decoded
+        job = pipe.prepare(prompts[index], num_inference_steps=plan.steps, guidance_scale=plan.guidance_scale,
+                           width=plan.size, height=plan.size, seed=plan.seed + index)
+        for _ in pipe.steps(job):
+            pass  # the transformer inputs are recorded as it runs; job.latents ends as the final latents
         arrays = {name: np.stack([call[name] for call in pipe.recorded]) for name in INPUT_NAMES}
+        arrays[DECODER_INPUT] = _decoder_input(pipe, job.latents)
         partial = cache_dir / f".prompt_{index:05d}.tmp.npz"
         np.savez(partial, **arrays)
-        partial.replace(cache_dir / f"prompt_{index:05d}.npz")  # a killed run never leaves half a file
+        partial.replace(files[index])  # a killed run never leaves half a file
         progress(done, len(todo))
     return cache_dir
 
@@ -147,6 +168,26 @@ class RecordedSamples:
 
     def __iter__(self):
         return iterate_samples(self.cache_dir, self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class RecordedLatents:
+    """The VAE decoder's calibration set: the final latents of the cache's first ``count`` prompts, as the
+    decoder's input (``{"latent_sample": array of (1, 16, h, w)}``), read from disk one at a time."""
+
+    def __init__(self, cache_dir: Path, count: int):
+        self.cache_dir, self.count = cache_dir, count
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for path in sorted(self.cache_dir.glob("prompt_*.npz"))[:self.count]:
+            with np.load(path) as arrays:
+                if DECODER_INPUT not in arrays.files:
+                    raise OvsdError(f"{path} holds no final latents (recorded by an older ovsd3): delete the "
+                                    f"calibration cache {self.cache_dir} and run again")
+                latents = arrays[DECODER_INPUT]
+            yield {DECODER_INPUT: latents}
 
     def __len__(self) -> int:
         return self.count
