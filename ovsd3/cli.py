@@ -69,10 +69,10 @@ def _add_run(subparsers) -> None:
 
 def _add_quantize(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quantize", help="INT8 transformer, INT4 weights elsewhere, behind a quality gate",
-        description="Quantize an OpenVINO SD3 folder: the transformer to INT8 (NNCF, calibrated on its own "
-                    "recorded inputs), text encoders and VAE to INT4 weights; refuse the result if it draws "
-                    "too differently from the original.")
+        "quantize", help="INT8 transformer and VAE decoder, INT4 weights elsewhere, behind a quality gate",
+        description="Quantize an OpenVINO SD3 folder: the transformer and the VAE decoder to INT8 (NNCF, "
+                    "calibrated on their own inputs, recorded while the folder draws), text encoders and VAE "
+                    "encoder to INT4 weights; refuse the result if it draws too differently from the original.")
     parser.add_argument("source", type=Path, metavar="IN", help="folder from `ovsd3 convert` or optimum-intel")
     parser.add_argument("output", type=Path, metavar="OUT")
     parser.add_argument("--calib", type=int, default=200, help="transformer-input samples (default 200)")
@@ -94,6 +94,9 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--weights", choices=("int4_sym", "int4_asym", "int8"), default="int4_sym")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--vae-decoder", choices=("int8", "weights"), default="int8",
+                        help="int8 (default): INT8 activations, calibrated on the final latents of the "
+                             "calibration run, faster; weights: the --weights mode, as for the encoders")
     parser.add_argument("--gate-prompts", type=int, default=None,
                         help="held-out prompts the gate draws (default 4; 20 for the digits demo, whose share of "
                              "digits drawn as asked needs that many to see a 5-point drop)")
@@ -113,6 +116,7 @@ def _run_quantize(args) -> int:
         from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM
         from ovsd3.quantize.pipeline import QuantizeRequest, quantize_folder
         from ovsd3.quantize.transformer import TransformerQuantization
+        from ovsd3.quantize.vae import VaeDecoderQuantization
         from ovsd3.quantize.weights import WeightCompression
     quantize_folder(QuantizeRequest(
         source=args.source, output=args.output, calib=args.calib, calib_size=args.calib_size,
@@ -121,6 +125,7 @@ def _run_quantize(args) -> int:
                                             smooth_quant_alpha=args.smooth_quant_alpha, ignore=tuple(args.ignore),
                                             slices=args.slices),
         weights=WeightCompression(mode=args.weights, group_size=args.group_size, ratio=args.ratio),
+        vae_decoder=VaeDecoderQuantization(mode=args.vae_decoder),
         gate_prompts=args.gate_prompts,
         min_psnr=DEFAULT_MIN_PSNR if args.min_psnr is None else args.min_psnr,
         min_ssim=DEFAULT_MIN_SSIM if args.min_ssim is None else args.min_ssim,

@@ -1,5 +1,6 @@
-"""`ovsd3 quantize` on tiny folders: INT8 transformer with a float patch embedding, 4-bit weights
-elsewhere, loadable everywhere, calibration cached, and a quality gate that can refuse."""
+"""`ovsd3 quantize` on tiny folders: INT8 transformer with a float patch embedding, INT8 VAE decoder
+calibrated on the recorded final latents, 4-bit weights elsewhere, loadable everywhere, calibration
+cached, and a quality gate that can refuse."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ def q_flash(workdir, ov_flash) -> Path:
     out = workdir / "q-flash"
     assert quantize(ov_flash, out) == 0
     return out
+
+
+def fake_quantize_count(folder: Path, component: str) -> int:
+    model = ov.Core().read_model(layout.model_xml(folder, component))
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 def element_types(model) -> set[str]:
@@ -55,17 +61,65 @@ def test_transformer_is_int8_except_the_patch_embedding(request, folder_fixture)
 
 @pytest.mark.parametrize("folder_fixture, encoders", [
     ("q_flash", (layout.CLIP_L, layout.CLIP_G)), ("q_sd3", (layout.CLIP_L, layout.CLIP_G, layout.T5))])
-def test_text_encoders_and_vae_carry_4bit_weights(request, folder_fixture, encoders):
+def test_text_encoders_and_vae_encoder_carry_4bit_weights(request, folder_fixture, encoders):
     folder = request.getfixturevalue(folder_fixture)
-    for component in (*encoders, layout.VAE_DECODER, layout.VAE_ENCODER):
+    for component in (*encoders, layout.VAE_ENCODER):
         types = element_types(ov.Core().read_model(layout.model_xml(folder, component)))
         assert types & FOUR_BIT, (component, types)
+
+
+@pytest.mark.parametrize("folder_fixture", ["q_flash", "q_sd3"])
+def test_vae_decoder_is_int8_except_its_first_and_last_convolutions(request, folder_fixture):
+    folder = request.getfixturevalue(folder_fixture)
+    model = ov.Core().read_model(layout.model_xml(folder, layout.VAE_DECODER))
+    assert "i8" in element_types(model) and not element_types(model) & FOUR_BIT
+    convs = {op.get_friendly_name().split("/")[0]: op for op in model.get_ops() if op.get_type_name() == "Convolution"}
+    for name in ("__module.decoder.conv_in", "__module.decoder.conv_out"):
+        assert not fed_by_fake_quantize(convs.pop(name), depth=2)  # neither input nor weights quantized
+    assert all(fed_by_fake_quantize(conv, depth=2) for conv in convs.values())
+    norms = [op for op in model.get_ops() if op.get_type_name() == "GroupNormalization"]
+    assert norms and not any(fed_by_fake_quantize(op, depth=1) for op in norms)
+
+
+def test_vae_decoder_was_calibrated_on_the_recorded_final_latents(workdir, ov_flash, q_flash, tmp_path):
+    """The folder's decoder is exactly NNCF's on the cache's latents (2 prompts: 2 latents), and other latents
+    would have given other ranges."""
+    from ovsd3.quantize import calibration
+    from ovsd3.quantize.vae import VaeDecoderQuantization, quantize_vae_decoder
+
+    cache = workdir / "q-flash-calib"
+    latents = calibration.RecordedLatents(cache, 2)
+    assert [sample["latent_sample"].shape for sample in latents] == [(1, 16, 8, 8)] * 2
+    assert layout.FolderRecord.load(q_flash).quantization["vae_decoder"]["calibration_latents"] == 2
+
+    def ranges(xml: Path) -> list[np.ndarray]:
+        """Every FakeQuantize's input range (saved as fp16 constants, behind a Convert)."""
+        nodes = [op.input_value(i).get_node() for op in ov.Core().read_model(xml).get_ordered_ops()
+                 if op.get_type_name() == "FakeQuantize" for i in (1, 2)]
+        return [(node.input_value(0).get_node() if node.get_type_name() == "Convert" else node).get_data()
+                for node in nodes]
+
+    def requantized(samples) -> list[np.ndarray]:
+        model = ov.Core().read_model(layout.model_xml(ov_flash, layout.VAE_DECODER))
+        ov.save_model(quantize_vae_decoder(model, samples, VaeDecoderQuantization()), tmp_path / "decoder.xml")
+        return ranges(tmp_path / "decoder.xml")
+
+    shipped = ranges(layout.model_xml(q_flash, layout.VAE_DECODER))
+    same = requantized(latents)
+    assert len(shipped) == len(same) > 10 and all(np.array_equal(a, b) for a, b in zip(shipped, same))
+    other = requantized([{"latent_sample": 3 * sample["latent_sample"]} for sample in latents])
+    assert not all(np.array_equal(a, b) for a, b in zip(shipped, other))
 
 
 def test_record_carries_sizes_and_gate(q_sd3):
     record = layout.FolderRecord.load(q_sd3)
     assert record.quantization["weights"] == {"mode": "int4_sym", "group_size": 8, "ratio": 0.8}
     assert set(record.quantization["sizes"]) == set(layout.MODEL_COMPONENTS)
+    assert record.quantization["vae_decoder"]["mode"] == "int8"
+    assert record.quantization["vae_decoder"]["calibration_latents"] == 1  # 8 samples: 1 prompt of 28 steps
+    formats = {name: size["format"] for name, size in record.quantization["sizes"].items()}
+    assert formats == {**{name: "int4_sym weights" for name in layout.MODEL_COMPONENTS},
+                       layout.TRANSFORMER: "INT8", layout.VAE_DECODER: "INT8"}
     gate = record.quantization["gate"]
     assert gate["passed"] and len(gate["image_psnr"]) == 2 and len(gate["step_psnr"]) == 28
     assert record.defaults == layout.GenerationDefaults()  # a quantized folder keeps its defaults
@@ -103,6 +157,30 @@ def test_calibration_cache_resumes(workdir, ov_flash, capsys):
     assert [float(s["timestep"][0]) for s in samples[:4]] == pytest.approx([1000.0, 857.69, 602.15, 8.93], abs=0.01)
 
 
+def test_calibration_cache_without_latents_is_recorded_again(workdir, ov_flash, tmp_path):
+    """A cache written before the final latents were kept: its prompts are sampled again, and the decoder's
+    calibration set refuses it with a one-line error rather than calibrating on nothing."""
+    import shutil
+
+    from ovsd3.errors import OvsdError
+    from ovsd3.quantize import calibration
+
+    cache = tmp_path / "old-cache"
+    shutil.copytree(workdir / "q-flash-calib", cache)
+    with np.load(cache / "prompt_00001.npz") as arrays:
+        kept = {name: arrays[name] for name in calibration.INPUT_NAMES}
+    np.savez(cache / "prompt_00001.npz", **kept)  # as an older ovsd3 wrote it
+    with pytest.raises(OvsdError, match="holds no final latents"):
+        list(calibration.RecordedLatents(cache, 2))
+    lines = []
+    plan = calibration.CalibrationPlan(samples=8, size=64, steps=4, guidance_scale=0.0)
+    calibration.record(ov_flash, plan, calibration.load_prompts("builtin", 2), cache, lines.append)
+    assert any("1 of 2 prompts already recorded" in line for line in lines)
+    assert any("1 prompt(s) recorded by an older ovsd3 lack their final latents" in line for line in lines)
+    with np.load(cache / "prompt_00001.npz") as arrays, np.load(workdir / "q-flash-calib" / "prompt_00001.npz") as old:
+        assert np.array_equal(arrays["latent_sample"], old["latent_sample"])  # the same run, recorded again
+
+
 def test_prompt_file_and_offline_fallback(tmp_path):
     from ovsd3.quantize.calibration import builtin_prompts, load_prompts
 
@@ -136,10 +214,14 @@ def test_forced_gate_failure_writes_nothing(workdir, ov_flash, tmp_path, capsys)
     (("--dataset", "/no/such/prompts.txt"), "cannot read prompt file"),
     (("--weights", "int4_sym", "--ratio", "1.5"), "--ratio must be in (0, 1]"),
     (("--ignore", "no_such_node"), "no node named 'no_such_node'"),
+    (("--vae-decoder", "fp8"), "argument --vae-decoder: invalid choice: 'fp8'"),
 ])
 def test_bad_input(ov_flash, tmp_path, capsys, args, needle):
-    code = main(["quantize", str(ov_flash), str(tmp_path / "q"), "--calib-size", "64", "--calib", "4",
-                 "--calib-cache", str(tmp_path / "calib"), *args])
+    try:
+        code = main(["quantize", str(ov_flash), str(tmp_path / "q"), "--calib-size", "64", "--calib", "4",
+                     "--calib-cache", str(tmp_path / "calib"), *args])
+    except SystemExit as stop:  # argparse's own refusal (a choice not offered): usage, then one error line
+        code = stop.code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == EXIT_ERROR and err.startswith("ovsd3 quantize: error: ") and needle in err, err
     assert not (tmp_path / "q").exists()
@@ -173,8 +255,14 @@ def test_digits_demo_gate_scores_digits_and_can_refuse(ov_sd3, tmp_path, capsys)
     record = layout.FolderRecord.load(demo)
     record.demo = "digits"
     record.save(demo)
-    assert quantize(demo, tmp_path / "q") == 0
-    gate = layout.FolderRecord.load(tmp_path / "q").quantization["gate"]
+    # Also the --vae-decoder weights path (the decoder as before INT8 existed), to save a quantization.
+    assert quantize(demo, tmp_path / "q", "--vae-decoder", "weights") == 0
+    summary = layout.FolderRecord.load(tmp_path / "q").quantization
+    assert summary["vae_decoder"] == {"mode": "weights"}
+    assert summary["sizes"][layout.VAE_DECODER]["format"] == "int4_sym weights"
+    assert fake_quantize_count(tmp_path / "q", layout.VAE_DECODER) == 0
+    assert element_types(ov.Core().read_model(layout.model_xml(tmp_path / "q", layout.VAE_DECODER))) & FOUR_BIT
+    gate = summary["gate"]
     assert set(gate["digit_accuracy"]) == {"reference", "candidate"}
     assert all(0.0 <= value <= 1.0 for value in gate["digit_accuracy"].values())
     capsys.readouterr()
