@@ -11,8 +11,9 @@ Variants, each at batch 2 (classifier-free guidance) and batch 1:
   masked 77+256     the attention-bias IR on the full sequence with a zero bias: what the mask itself costs
 Both IRs are compiled with the runtime's CPU config (PERFORMANCE_HINT LATENCY, default precision: bf16 where
 the CPU has it). The variants are interleaved (the machine may be shared), one warm-up call each, and the
-table gives medians of wall and process CPU seconds (steadier than wall time on a shared machine) and
-their ratios to "full 77+256". Two compiled transformers are in memory at once.
+table gives medians of wall and process CPU seconds and their ratios to "full 77+256". On a shared machine
+compare ratios, not absolute times: OpenVINO's worker threads spin while they wait for a descheduled peer,
+so even CPU seconds grow with other jobs' load. Two compiled transformers are in memory at once.
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ def variants(folder: Path, size: int, batch: int, original, biased) -> dict:
 
 def time_interleaved(cases: dict, repeats: int) -> tuple[dict, dict, dict]:
     """(name -> wall seconds, name -> process CPU seconds, name -> output) per call: one warm-up call each,
-    then ``repeats`` rounds of every case. OpenVINO's threads are this process's, so CPU seconds count the
-    work done and move far less than wall seconds when other jobs share the cores."""
+    then ``repeats`` rounds of every case. Interleaved, so a change in the machine's load hits every case."""
     outputs = {name: compiled(inputs)[0].copy() for name, (compiled, inputs, _) in cases.items()}  # warm-up
     wall, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     for _ in range(repeats):
