@@ -78,7 +78,8 @@ def test_report_top_level(report, report_dir):
 def test_report_sizes_are_the_files_on_disk(report, ov_sd3, q_sd3):
     reference, quantized = report["folders"]
     for entry, folder in ((reference, ov_sd3), (quantized, q_sd3)):
-        assert set(entry) == {"label", "path", "weight_format", "quantized", "speed", "images", "size", "quality"}
+        assert set(entry) == {"label", "cache", "path", "weight_format", "quantized", "speed", "images", "size",
+                              "quality"}
         assert entry["path"] == str(folder.resolve())
         assert set(entry["size"]) == {"components", "total_bytes", "compression", "component_compression"}
         on_disk = {component: (folder / component / "openvino_model.xml").stat().st_size
@@ -100,7 +101,8 @@ def test_report_speed_fields(report):
     for entry in report["folders"]:
         speed = entry["speed"]
         assert set(speed) == {"total_seconds", "text_seconds", "step_seconds", "decode_seconds", "first_start",
-                              "peak_rss_bytes", "speedup"}
+                              "peak_rss_bytes", "speedup", "transformer_calls", "work"}
+        assert entry["cache"] == "off" and speed["transformer_calls"] == STEPS and speed["work"] == 1.0
         for part in ("total", "text", "decode"):
             check_spread(speed[f"{part}_seconds"], PROMPTS)
         check_spread(speed["step_seconds"], PROMPTS * STEPS)
@@ -230,12 +232,19 @@ def benchmark(workdir, ov_sd3, tiny_sd3) -> dict:
     out = workdir / "benchmark"
     # 12 steps: genai's TaylorSeer caching starts at step 6, so with it on some transformer calls are skipped
     assert main(["benchmark", str(ov_sd3), "--batch", "2,1", "--steps", "12", "--size", "64", "--repeats", "2",
-                 "--peers", "--torch-model", str(tiny_sd3), "--out", str(out)]) == 0
+                 "--peers", "--torch-model", str(tiny_sd3), "--cache", "off", "--cache", "taylorseer",
+                 "--out", str(out)]) == 0
     return json.loads((out / "benchmark.json").read_text()) | {"out": str(out)}
 
 
 def test_benchmark_runs_each_peer(benchmark):
-    assert set(benchmark["runners"]) == {"ovsd3", "genai", "genai+taylorseer", "diffusers-fp32", "diffusers-bf16"}
+    assert set(benchmark["runners"]) == {"ovsd3", "ovsd3 taylorseer", "genai", "genai+taylorseer", "diffusers-fp32",
+                                         "diffusers-bf16"}
+    assert benchmark["settings"]["caches"] == ["off", "taylorseer"]
+    # ovsd3's TaylorSeer makes the calls genai's makes with the same settings, on the same folder
+    assert benchmark["runners"]["ovsd3 taylorseer"]["transformer_calls"] \
+        == benchmark["runners"]["genai+taylorseer"]["transformer_calls"] < 12
+    assert benchmark["runners"]["ovsd3"]["transformer_calls"] == 12
     assert benchmark["settings"]["batches"] == [1, 2]
     for name, runner in benchmark["runners"].items():
         assert set(runner["batches"]) == {"1", "2"}
@@ -296,6 +305,21 @@ def test_benchmark_errors_are_one_line(args, expected, tmp_path, capsys, ov_sd3)
     error = capsys.readouterr().err.strip()
     assert error.startswith("ovsd3 benchmark: error: ") and expected in error and "\n" not in error
     assert not out.exists()
+
+
+def test_report_cache_modes_are_columns(tmp_path, ov_sd3):
+    out = tmp_path / "cache-report"
+    assert main(["report", str(ov_sd3), "--cache", "off", "--cache", "taylorseer", "--prompts", "1", "--steps", "12",
+                 "--guidance", "5", "--size", "64", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    labels = [folder["label"] for folder in report["folders"]]
+    assert labels == [ov_sd3.name, f"{ov_sd3.name} taylorseer"]
+    off, cached = report["folders"]
+    assert (off["cache"], off["speed"]["transformer_calls"]) == ("off", 12)
+    assert (cached["cache"], cached["speed"]["transformer_calls"]) == ("taylorseer", 9)
+    assert cached["speed"]["work"] == pytest.approx(9 / 12)
+    assert cached["quality"]["mean_psnr_db"] is not None  # against the uncached column's images
+    assert "| transformer work" in (out / "report.md").read_text()
 
 
 def test_report_digits_scores_every_folder(tmp_path, ov_sd3, q_sd3):
