@@ -43,8 +43,10 @@ class SplitTransformer:
         self.first_block_outputs = [cut_name(1, tensor) for tensor in tensors if stage[tensor[0]] == 0]
         self.head = compiler.compile_derived(layout.TRANSFORMER, extract(model, stage, None, 1))
         self.rest = compiler.compile_derived(layout.TRANSFORMER, extract(model, stage, 1, None))
-        self.rest_inputs = [name for port in self.rest.inputs for name in port.get_names()
-                            if name.startswith(CUT_PREFIX) or name in (*INPUT_NAMES, ATTENTION_BIAS)]
+        # One name per input: a transformer that ovsd3 quantize stitched from slices keeps older cut names
+        # on the same tensors, which the head does not produce.
+        self.rest_inputs = [next(name for name in sorted(port.get_names()) if name.startswith(f"{CUT_PREFIX}1:")
+                                 or name in (*INPUT_NAMES, ATTENTION_BIAS)) for port in self.rest.inputs]
 
     def run_head(self, inputs: dict) -> dict:
         result = self.head(inputs)
