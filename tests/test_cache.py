@@ -183,3 +183,31 @@ def test_run_reports_what_the_cache_skipped(ov_sd3, tmp_path, capsys):
 
     with Image.open(next(tmp_path.glob("*.png"))) as image:
         assert "taylorseer" in image.text["parameters"]
+
+
+def test_first_block_cache_on_a_transformer_stitched_from_slices(ov_sd3_fp32, tmp_path):
+    """`ovsd3 quantize` writes big transformers stitched from slices, whose tensors keep their cut names; the
+    first-block cache cuts such an IR again."""
+    import os
+    import shutil
+
+    import openvino as ov
+
+    from ovsd3 import layout
+    from ovsd3.ir.slicing import extract, stages, stitch
+
+    folder = tmp_path / "stitched"
+    shutil.copytree(ov_sd3_fp32, folder, copy_function=os.link)
+    xml = layout.model_xml(folder, layout.TRANSFORMER)
+    model = ov.Core().read_model(xml)
+    stage, _ = stages(model)
+    joined = stitch([extract(model, stage, None, 1), extract(model, stage, 1, 2), extract(model, stage, 2, None)])
+    for path in (xml, xml.with_suffix(".bin")):
+        path.unlink()  # hard links to the fixture: replace, never write through
+    ov.save_model(joined, xml, compress_to_fp16=False)
+    pipe = SD3Pipeline.load(folder, precision="f32", cache_dir=None)
+    settings = dict(latents=latents(), num_inference_steps=6, guidance_scale=5.0, **SIZE)
+    exact = np.asarray(pipe(PROMPT, **settings).images[0], float)
+    split = pipe(PROMPT, cache="first-block-cache:threshold=0.000001", **settings)
+    assert split.cache_stats.full_calls == 6
+    assert psnr(exact, np.asarray(split.images[0], float), data_range=255.0) > 45
