@@ -114,6 +114,8 @@ def main() -> int:
                                                                          f"{FAST_MODE})")
     parser.add_argument("--demo-quality", type=Path, default=None)
     parser.add_argument("--skip-flash", action="store_true")
+    parser.add_argument("--default-on", default="int8,fp16",
+                        help="folders that run the 28-step default workload (default int8,fp16)")
     parser.add_argument("--reuse", action="store_true", help="keep the results of an earlier run's parts")
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,9 @@ def main() -> int:
     demo = json.loads(args.demo_quality.read_text()) if args.demo_quality else None
     sections, summary = [], {}
     rows = []
-    for label, folder in (("INT8", args.int8), ("FP16", args.fp16)):  # the targets are on INT8: first
+    chosen = [part.strip().upper() for part in args.default_on.split(",")]
+    for label, folder in [(label, folder) for label, folder in (("INT8", args.int8), ("FP16", args.fp16))
+                          if label in chosen]:  # the targets are on INT8: first
         result = benchmark(folder, args.results / f"sd3-28-{label.lower()}", 28, 7.0, args.repeats, caches, args.reuse)
         summary[f"28-{label}"] = result
         rows += rows_of(result, label) + (projected_rows(result, label, demo, 28) if demo else [])

@@ -105,6 +105,24 @@ def ovsd3_runner(cache: str) -> str:
     return OVSD3 if cache == "off" else f"{OVSD3} {cache}"
 
 
+def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, log) -> dict[str, dict]:
+    """Each runner in its own child process, one after another; per batch size its spread and rates."""
+    runners = {}
+    for runner, task in tasks.items():
+        log(f"{runner}: batches {','.join(map(str, request.batches))}, {settings['steps']} steps, guidance "
+            f"{settings['guidance_scale']}, {request.size}x{request.size}, median of {request.repeats}")
+        result = run_child(task)
+        batches = {}
+        for batch in request.batches:
+            seconds = Spread.of(result["seconds"][str(batch)])
+            batches[str(batch)] = {"seconds_per_call": seconds.to_json(),
+                                   "seconds_per_image": seconds.median / batch,
+                                   "images_per_second": batch / seconds.median}
+            log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
+        runners[runner] = {"batches": batches, **{key: value for key, value in result.items() if key != "seconds"}}
+    return runners
+
+
 def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
     check_folder(request.folder)
     if request.repeats < 1:
@@ -122,20 +140,7 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
     request.caches = tuple(dict.fromkeys(str(CacheConfig.parse(spec)) for spec in request.caches)) or ("off",)
     output = AtomicOutput(request.out, overwrite=request.overwrite)
     output.check()
-    tasks = _tasks(request, record, settings, log)
-    runners = {}
-    for runner, task in tasks.items():
-        log(f"{runner}: batches {','.join(map(str, request.batches))}, {settings['steps']} steps, guidance "
-            f"{settings['guidance_scale']}, {request.size}x{request.size}, median of {request.repeats}")
-        result = run_child(task)
-        batches = {}
-        for batch in request.batches:
-            seconds = Spread.of(result["seconds"][str(batch)])
-            batches[str(batch)] = {"seconds_per_call": seconds.to_json(),
-                                   "seconds_per_image": seconds.median / batch,
-                                   "images_per_second": batch / seconds.median}
-            log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
-        runners[runner] = {"batches": batches, **{key: value for key, value in result.items() if key != "seconds"}}
+    runners = _run(_tasks(request, record, settings, log), request, settings, log)
     reference = ovsd3_runner(request.caches[0])  # ratios are against ovsd3 with the first cache mode (off)
     host = machine.describe(request.device, runners[reference])
     for spec in request.caches:  # kept once, under "machine"
