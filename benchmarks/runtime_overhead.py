@@ -68,9 +68,9 @@ def main() -> int:
                         help="T5 tokens for ovsd3 (repeatable; default 256, as diffusers). Without T5, diffusers "
                              "and ovsd3 append that many zero tokens; openvino.genai's sequence is shorter")
     args = parser.parse_args()
-    from ovsd3.runtime.pipeline import folder_record
+    from ovsd3.layout import ModelFolder
 
-    guidance = args.guidance if args.guidance is not None else folder_record(args.folder).defaults.guidance_scale
+    guidance = args.guidance if args.guidance is not None else ModelFolder.open(args.folder).record.defaults.guidance_scale
     print(f"{args.folder}: {args.size}x{args.size}, {args.steps} steps, guidance {guidance}, "
           f"median of {args.repeats}, CPU", flush=True)
     lengths = args.max_sequence_length or [256]

@@ -14,3 +14,8 @@ def reason_of(error: BaseException) -> str:
     library messages often run on for pages."""
     text = str(error)
     return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
+class InvalidRequest(OvsdError, ValueError):
+    """An invalid value in a generation request: a ValueError, as diffusers raises for its own checks, so code
+    that catches diffusers' validation errors catches ovsd3's."""

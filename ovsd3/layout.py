@@ -77,3 +77,86 @@ def ir_bytes(folder: Path, component: str) -> int:
     """Bytes of a component's IR (xml + bin) on disk; 0 when the folder has no such component."""
     xml = model_xml(folder, component)
     return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size if xml.exists() else 0
+
+
+REQUIRED_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, VAE_DECODER)
+
+
+def read_json(path: Path) -> dict:
+    from ovsd3.errors import OvsdError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise OvsdError(f"cannot read {path}: {error}") from None
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """An OpenVINO SD3 folder (ovsd3's or optimum-intel's), checked and read once: what the runtime, quantize,
+    report and serve need to know about it before compiling anything."""
+
+    path: Path
+    transformer_config: dict
+    vae_config: dict
+    scheduler_config: dict
+    record: FolderRecord
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "ModelFolder":
+        """A one-line OvsdError unless ``folder`` is an SD3 OpenVINO folder."""
+        folder = Path(folder)
+        check_folder(folder)
+        scheduler = read_json(folder / SCHEDULER_CONFIG) if (folder / SCHEDULER_CONFIG).exists() else {}
+        record = FolderRecord.load(folder) or FolderRecord(
+            source=str(folder), weight_format="unknown", has_t5=model_xml(folder, T5).exists(),
+            # an optimum-intel folder: its scheduler says whether it samples the Flash way
+            defaults=FLASH_DEFAULTS if scheduler.get("stochastic_sampling") else GenerationDefaults())
+        return cls(folder, read_json(folder / TRANSFORMER / "config.json"),
+                   read_json(folder / VAE_DECODER / "config.json"), scheduler, record)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2))
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was made for (transformer sample_size x the VAE's downsampling)."""
+        return int(self.transformer_config.get("sample_size", 128)) * self.vae_scale_factor
+
+    @property
+    def has_t5(self) -> bool:
+        return model_xml(self.path, T5).exists() and (self.path / TOKENIZER_OF[T5]).exists()
+
+    def has(self, component: str) -> bool:
+        return model_xml(self.path, component).exists()
+
+
+def check_folder(folder: Path) -> None:
+    """A one-line error unless ``folder`` is an SD3 OpenVINO folder (ovsd3 or optimum-intel)."""
+    from ovsd3.errors import OvsdError
+
+    if not folder.is_dir():
+        raise OvsdError(f"model folder {folder} does not exist")
+    if not (folder / MODEL_INDEX).exists():
+        raise OvsdError(f"{folder} is not an OpenVINO SD3 folder (no {MODEL_INDEX})")
+    class_name = read_json(folder / MODEL_INDEX).get("_class_name", "?")
+    if not class_name.startswith("StableDiffusion3"):
+        raise OvsdError(f"{folder} holds a {class_name}, not Stable Diffusion 3")
+    if any((folder / TRANSFORMER).glob("diffusion_pytorch_model*")):
+        raise OvsdError(f"{folder} holds a PyTorch (diffusers) model, not OpenVINO IR: convert it first "
+                        f"(ovsd3 convert {folder} OUT)")
+    for component in REQUIRED_COMPONENTS:
+        if not model_xml(folder, component).exists():
+            raise OvsdError(f"{folder} is missing component {component!r} ({model_xml(folder, component)})")
+    for tokenizer in (TOKENIZER_OF[CLIP_L], TOKENIZER_OF[CLIP_G]):
+        if not (folder / tokenizer / TOKENIZER_XML).exists():
+            raise OvsdError(f"{folder} is missing its OpenVINO {tokenizer} ({tokenizer}/{TOKENIZER_XML})")

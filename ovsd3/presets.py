@@ -105,9 +105,7 @@ class SD3Arch:
     scheduler_shift: float = 3.0
 
     def __post_init__(self) -> None:
-        clip_width = self.clip_l.hidden_size + self.clip_g.hidden_size
-        if clip_width > self.transformer.joint_attention_dim:
-            raise ValueError(f"{self.name}: CLIP widths {clip_width} exceed joint_attention_dim")
+        # CLIP widths may add up to more than joint_attention_dim: diffusers crops them then (tiny-wide-clip).
         if self.clip_l.projection_dim + self.clip_g.projection_dim != self.transformer.pooled_projection_dim:
             raise ValueError(f"{self.name}: CLIP projections must add up to pooled_projection_dim")
         if self.t5.d_model != self.transformer.joint_attention_dim:
@@ -166,6 +164,15 @@ PRESETS: Mapping[str, SD3Arch] = MappingProxyType({
                                     pos_embed_max_size=24, sample_size=16, qk_norm="rms_norm",
                                     dual_attention_layers=(0,)),
         clip_l=_TINY_CLIP_L, clip_g=_TINY_CLIP_G, t5=_TINY_T5, vae=_TINY_VAE,
+    ),
+    # diffusers' own small SD3 test configurations: CLIP-L + CLIP-G (16 + 24) wider than the joint width (32).
+    "tiny-wide-clip": SD3Arch(
+        name="tiny-wide-clip",
+        transformer=TransformerArch(num_layers=1, num_attention_heads=2, attention_head_dim=16,
+                                    joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=40,
+                                    pos_embed_max_size=24, sample_size=16),
+        clip_l=_TINY_CLIP_L, clip_g=_TINY_CLIP_G, t5=T5Arch(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2,
+                                                             vocab_size=512), vae=_TINY_VAE,
     ),
     # The demo model (ovsd3/demo): 64x64 coloured digits, latents 16 x 8 x 8, trained on 2 CPU cores.
     "digits": SD3Arch(

@@ -154,17 +154,15 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
 
     _quiet_nncf()
 
-    from ovsd3.runtime.pipeline import check_folder, folder_record, native_size
-
     source = Path(request.source)
     try:
-        check_folder(source)
+        model = layout.ModelFolder.open(source)
     except OvsdError as error:
         raise OvsdError(f"IN must be a folder from `ovsd3 convert` or optimum-intel: {error}") from None
     if request.calib < 1:
         raise OvsdError(f"--calib must be at least 1 (got {request.calib})")
     if request.calib_size is None:
-        request = dataclasses.replace(request, calib_size=min(CALIB_SIZE, native_size(source)))
+        request = dataclasses.replace(request, calib_size=min(CALIB_SIZE, model.native_size))
     if request.calib_size <= 0 or request.calib_size % 16:
         raise OvsdError(f"--calib-size must be a positive multiple of 16 (got {request.calib_size})")
     if request.gate_prompts is not None and request.gate_prompts < 1:
@@ -175,7 +173,7 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     output.check()
     started = time.perf_counter()
 
-    record = folder_record(source)
+    record = model.record
     digits_demo = record.demo == "digits"
     defaults = record.defaults
     plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,

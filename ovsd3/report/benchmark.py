@@ -21,7 +21,6 @@ from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.cache import CacheConfig
-from ovsd3.runtime.pipeline import check_folder, folder_record
 
 OVSD3 = "ovsd3"
 PEERS = ("genai", "genai+taylorseer", "diffusers-fp32", "diffusers-bf16")
@@ -124,12 +123,11 @@ def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, log)
 
 
 def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
-    check_folder(request.folder)
+    record = layout.ModelFolder.open(request.folder).record
     if request.repeats < 1:
         raise OvsdError(f"--repeats must be at least 1 (got {request.repeats})")
     if request.size <= 0 or request.size % 16:
         raise OvsdError(f"--size must be a positive multiple of 16 (got {request.size})")
-    record = folder_record(request.folder)
     settings = {"steps": request.steps or record.defaults.num_inference_steps,
                 "guidance_scale": (record.defaults.guidance_scale if request.guidance_scale is None
                                    else request.guidance_scale),

@@ -28,7 +28,6 @@ from ovsd3.report.children import run_child
 from ovsd3.report.quality import ClipScorer, image_agreement
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.cache import CacheConfig
-from ovsd3.runtime.pipeline import check_folder, folder_record, native_size
 
 
 @dataclass
@@ -104,8 +103,8 @@ def _prompts(request: ReportRequest, digits: bool) -> list[str]:
 
 def _settings(request: ReportRequest) -> dict:
     first = request.folders[0]
-    defaults = folder_record(first).defaults
-    native = native_size(first)
+    model = layout.ModelFolder.open(first)
+    defaults, native = model.record.defaults, model.native_size
     size = request.size or native
     return {"steps": request.steps or defaults.num_inference_steps,
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
@@ -150,7 +149,7 @@ def measure_folder(column: Column, prompts: list[str], seeds: list[int], setting
         "transformer_calls": _mean([run["cache"]["full_calls"] for run in runs]),
         "work": _mean([run["cache"]["work"] / run["cache"]["steps"] for run in runs]),
     }
-    record = folder_record(folder)
+    record = layout.ModelFolder.open(folder).record
     return {"label": column.label, "cache": column.cache, "path": str(folder.resolve()),
             "weight_format": record.weight_format,
             "quantized": record.quantization is not None, "speed": speed, "images": generated["images"],
@@ -183,11 +182,10 @@ def _mean(values: list[float]) -> float:
 
 
 def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> dict:
-    for folder in request.folders:
-        check_folder(folder)
+    models = [layout.ModelFolder.open(folder) for folder in request.folders]
     columns = report_columns(request)
     labels = [column.label for column in columns]
-    digits = request.digits if request.digits is not None else folder_record(request.folders[0]).demo == "digits"
+    digits = request.digits if request.digits is not None else models[0].record.demo == "digits"
     scorer_of_digits = DigitScorer() if digits else None
     prompts = _prompts(request, digits)
     seeds = [request.seed + index for index in range(len(prompts))]

@@ -29,10 +29,10 @@ from typing import Callable
 
 import numpy as np
 
-from ovsd3.errors import OvsdError
+from ovsd3.errors import InvalidRequest
 
 
-class CacheSettingError(OvsdError, ValueError):
+class CacheSettingError(InvalidRequest):
     """A cache spec that cannot be used, explained in one line."""
 
 

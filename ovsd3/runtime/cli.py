@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's native size)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
+    parser.add_argument("--noise", choices=("torch", "numpy"), default="torch",
+                        help="random stream for --seed: torch (default; the same seed draws diffusers' picture, "
+                             "as torch.Generator().manual_seed(SEED) does) or numpy (ovsd3 0.1's default)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt, batched")
     parser.add_argument("--image", type=Path, default=None, help="start from this image (image-to-image)")
     parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
@@ -66,7 +69,8 @@ def _write_preview(step, folder: Path) -> None:
 def run(args) -> int:
     from ovsd3.runtime.cache import CacheConfig
     from ovsd3.runtime.images import save_png
-    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape, check_folder, folder_record
+    from ovsd3.layout import ModelFolder
+    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape
 
     if args.steps is not None and args.steps < 1:
         raise OvsdError(f"--steps must be at least 1 (got {args.steps})")
@@ -80,8 +84,8 @@ def run(args) -> int:
     if args.static:
         if not (args.width and args.height):
             raise OvsdError("--static needs --width and --height")
-        check_folder(args.model_dir)
-        guidance = folder_record(args.model_dir).defaults.guidance_scale if args.guidance is None else args.guidance
+        defaults = ModelFolder.open(args.model_dir).record.defaults
+        guidance = defaults.guidance_scale if args.guidance is None else args.guidance
         static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
                              guidance=guidance > 1.0, max_sequence_length=args.max_sequence_length)
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
@@ -97,8 +101,9 @@ def run(args) -> int:
 
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
-                  num_images=args.num_images, image=args.image, strength=args.strength, clip_skip=args.clip_skip,
-                  max_sequence_length=args.max_sequence_length, cache=cache, callback=on_step)
+                  noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
+                  clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
+                  callback=on_step)
     first = _next_index(args.output)
     for offset, (image, params) in enumerate(zip(result.images, result.params)):
         path = save_png(image, args.output / f"{first + offset:05d}-{params['seed']}.png", params)

@@ -28,11 +28,16 @@ def load_image(source, width: int, height: int) -> np.ndarray:
     return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
 
+def to_numpy(images: np.ndarray) -> np.ndarray:
+    """(batch, 3, H, W) decoder output in [-1, 1] -> (batch, H, W, 3) in [0, 1] (diffusers' output_type="np")."""
+    return np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+
 def to_pil(images: np.ndarray):
     """(batch, 3, H, W) decoder output in [-1, 1] -> PIL images (diffusers' postprocessing)."""
     from PIL import Image
 
-    pixels = np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    pixels = to_numpy(images)
     return [Image.fromarray((pixel * 255.0).round().astype(np.uint8)) for pixel in pixels]
 
 

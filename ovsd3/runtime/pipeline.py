@@ -10,7 +10,6 @@ previews; ``pipe(...)`` runs it to the end and decodes.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,63 +18,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ovsd3 import __version__, layout
-from ovsd3.errors import OvsdError
+from ovsd3.errors import InvalidRequest
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
+from ovsd3.runtime.noise import DEFAULT_NOISE, NumpyNoise, generator_noise, noise_source  # noqa: F401 (an old home)
+from ovsd3.runtime.request import Request, as_array
 from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, flash_step, img2img_start,
                                      predicted_clean)
 from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
 from ovsd3.runtime.transformer import Transformer
-
-REQUIRED = (layout.TRANSFORMER, layout.CLIP_L, layout.CLIP_G, layout.VAE_DECODER)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise OvsdError(f"cannot read {path}: {error}") from None
-
-
-def check_folder(folder: Path) -> None:
-    """A one-line error unless ``folder`` is an SD3 OpenVINO folder (ovsd3 or optimum-intel)."""
-    if not folder.is_dir():
-        raise OvsdError(f"model folder {folder} does not exist")
-    if not (folder / layout.MODEL_INDEX).exists():
-        raise OvsdError(f"{folder} is not an OpenVINO SD3 folder (no {layout.MODEL_INDEX})")
-    class_name = _read_json(folder / layout.MODEL_INDEX).get("_class_name", "?")
-    if not class_name.startswith("StableDiffusion3"):
-        raise OvsdError(f"{folder} holds a {class_name}, not Stable Diffusion 3")
-    if any((folder / layout.TRANSFORMER).glob("diffusion_pytorch_model*")):
-        raise OvsdError(f"{folder} holds a PyTorch (diffusers) model, not OpenVINO IR: convert it first "
-                        f"(ovsd3 convert {folder} OUT)")
-    for component in REQUIRED:
-        if not layout.model_xml(folder, component).exists():
-            raise OvsdError(f"{folder} is missing component {component!r} ({layout.model_xml(folder, component)})")
-    for tokenizer in ("tokenizer", "tokenizer_2"):
-        if not (folder / tokenizer / layout.TOKENIZER_XML).exists():
-            raise OvsdError(f"{folder} is missing its OpenVINO {tokenizer} ({tokenizer}/{layout.TOKENIZER_XML})")
-
-
-def folder_record(folder: Path) -> layout.FolderRecord:
-    """The folder's ovsd3.json, or for an optimum-intel folder one derived from it: its scheduler says
-    whether it samples the Flash way (and so which defaults apply)."""
-    record = layout.FolderRecord.load(folder)
-    if record is not None:
-        return record
-    flash = FlowMatchSchedule.from_folder(folder).stochastic_sampling
-    return layout.FolderRecord(source=str(folder), weight_format="unknown",
-                               has_t5=layout.model_xml(folder, layout.T5).exists(),
-                               defaults=layout.FLASH_DEFAULTS if flash else layout.GenerationDefaults())
-
-
-def native_size(folder: Path) -> int:
-    """The image size the model was made for (transformer sample_size x the VAE's downsampling)."""
-    transformer = _read_json(Path(folder) / layout.TRANSFORMER / "config.json")
-    vae = _read_json(Path(folder) / layout.VAE_DECODER / "config.json")
-    return int(transformer.get("sample_size", 128)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-
 
 @dataclass(frozen=True)
 class StaticShape:
@@ -95,6 +47,7 @@ class Step:
     index: int  # 0-based, among the steps run
     total: int
     sigma: float
+    timestep: float  # the transformer's timestep input (diffusers' `t`)
     latents: np.ndarray  # after the step
     denoised: np.ndarray  # the clean-latent estimate at this step (for previews)
 
@@ -104,7 +57,7 @@ class Job:
     """A validated request with everything sampling needs."""
 
     params: dict
-    prompts: list[str]
+    prompts: list[str]  # one per image batch row before num_images_per_prompt ("" for given embeddings)
     embeds: PromptEmbeddings  # negatives first when guiding
     guidance_scale: float
     sigmas: np.ndarray  # the sigmas actually run, plus the final one
@@ -123,55 +76,48 @@ class GenerationResult:
     cache_stats: CacheStats | None = None  # transformer calls run and skipped
 
 
-class NumpyNoise:
-    """Standard normal draws from numpy's default generator (PCG64): the same seed, the same noise."""
-
-    def __init__(self, seed: int):
-        self._rng = np.random.default_rng(seed)
-
-    def __call__(self, shape: tuple) -> np.ndarray:
-        return self._rng.standard_normal(shape, dtype=np.float32)
-
-
 class SD3Pipeline:
-    def __init__(self, folder: Path, compiler: ModelCompiler, static: StaticShape | None = None):
-        check_folder(folder)
-        self.folder = folder
-        self.static = static
-        transformer_config = _read_json(folder / layout.TRANSFORMER / "config.json")
-        vae_config = _read_json(folder / layout.VAE_DECODER / "config.json")
-        self.latent_channels = int(transformer_config.get("in_channels", 16))
-        self.vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-        self.size_multiple = self.vae_scale_factor * int(transformer_config.get("patch_size", 2))
-        self.default_size = native_size(folder)
-        # The learned position embedding covers pos_embed_max_size patches a side: larger images cannot be drawn.
-        self.max_size = int(transformer_config.get("pos_embed_max_size") or 0) * self.size_multiple or None
-        self.scaling_factor = float(vae_config.get("scaling_factor", 1.5305))
-        self.shift_factor = float(vae_config.get("shift_factor", 0.0609))
-        self.schedule = FlowMatchSchedule.from_folder(folder)
-        self.has_t5 = layout.model_xml(folder, layout.T5).exists() and (folder / "tokenizer_3").exists()
-        self.defaults = folder_record(folder).defaults
+    """Diffusers' ``StableDiffusion3Pipeline`` call on OpenVINO (see :mod:`ovsd3.runtime.request`)."""
 
+    def __init__(self, folder: Path, compiler: ModelCompiler, static: StaticShape | None = None):
+        model = layout.ModelFolder.open(folder)
+        self.folder, self.static = model.path, static
+        self.latent_channels = int(model.transformer_config.get("in_channels", 16))
+        self.joint_attention_dim = int(model.transformer_config["joint_attention_dim"])
+        self.vae_scale_factor = model.vae_scale_factor
+        self.size_multiple = self.vae_scale_factor * model.patch_size
+        self.default_size = model.native_size
+        # The learned position embedding covers pos_embed_max_size patches a side: larger images cannot be drawn.
+        self.max_size = int(model.transformer_config.get("pos_embed_max_size") or 0) * self.size_multiple or None
+        self.scaling_factor = float(model.vae_config.get("scaling_factor", 1.5305))
+        self.shift_factor = float(model.vae_config.get("shift_factor", 0.0609))
+        self.schedule = FlowMatchSchedule.from_folder(folder)
+        self.has_t5 = model.has_t5
+        self.defaults = model.record.defaults
+        self._compile(compiler, model)
+        self.infer_seconds = {"text": 0.0, "vae": 0.0}
+        self._guidance_scale, self._clip_skip, self._num_timesteps, self._interrupt = None, None, 0, False
+
+    def _compile(self, compiler: ModelCompiler, model: layout.ModelFolder) -> None:
+        static = self.static
         latent_size = None if static is None else (static.height // self.vae_scale_factor,
                                                    static.width // self.vae_scale_factor)
-        self.text = TextEncoders(compiler, int(transformer_config["joint_attention_dim"]), self.has_t5,
+        self.text = TextEncoders(compiler, self.joint_attention_dim, self.has_t5,
                                  static_batch=None if static is None else static.batch,
                                  max_sequence_length=256 if static is None else static.max_sequence_length)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
-        self.transformer = Transformer(compiler, int(transformer_config.get("patch_size", 2)), self.has_t5,
-                                       None if static is None else {
+        self.transformer = Transformer(compiler, model.patch_size, self.has_t5, None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
             "timestep": [transformer_batch],
             "encoder_hidden_states": [transformer_batch, CLIP_MAX_LENGTH + static.max_sequence_length,
-                                      int(transformer_config["joint_attention_dim"])],
-            "pooled_projections": [transformer_batch, int(transformer_config["pooled_projection_dim"])]})
+                                      self.joint_attention_dim],
+            "pooled_projections": [transformer_batch, int(model.transformer_config["pooled_projection_dim"])]})
         self.vae_decoder = compiler.compile(layout.VAE_DECODER, None if static is None else {
             "latent_sample": [static.batch, self.latent_channels, *latent_size]})
         self.vae_encoder = None
-        if layout.model_xml(folder, layout.VAE_ENCODER).exists():
+        if model.has(layout.VAE_ENCODER):
             self.vae_encoder = compiler.compile(layout.VAE_ENCODER, None if static is None else {
                 "sample": [1, 3, static.height, static.width]})
-        self.infer_seconds = {"text": 0.0, "vae": 0.0}
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "AUTO", static: StaticShape | None = None,
@@ -186,94 +132,128 @@ class SD3Pipeline:
                                  precision=precision)
         return cls(folder, ModelCompiler(folder, options), static)
 
+    from_pretrained = load  # diffusers' name: the folder (or a converted hub id's local copy) to load
+
+    # diffusers' read-only views of the current call
+    guidance_scale = property(lambda self: self._guidance_scale)
+    do_classifier_free_guidance = property(lambda self: (self._guidance_scale or 0.0) > 1.0)
+    clip_skip = property(lambda self: self._clip_skip)
+    num_timesteps = property(lambda self: self._num_timesteps)
+    interrupt = property(lambda self: self._interrupt)
+
     # -- requests ---------------------------------------------------------------------------------------
 
-    def prepare(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
-                num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                width: int | None = None, height: int | None = None, seed: int | None = None,
-                num_images: int = 1, image=None, strength: float = 0.6, clip_skip: int | None = None,
-                max_sequence_length: int = 256, latents: np.ndarray | None = None,
-                noise: Callable[[tuple], np.ndarray] | None = None,
-                cache: str | CacheConfig | None = None) -> Job:
-        """Validate a request, encode its prompts and draw its starting latents.
+    def prepare(self, prompt: str | list[str] | None = None, **settings) -> Job:
+        """Validate a request (the keywords of :class:`~ovsd3.runtime.request.Request`), encode its prompts
+        and draw its starting latents."""
+        return self.prepare_request(Request(prompt=prompt, **settings))
 
-        ``latents``: the initial noise (batch, 16, height/8, width/8), to compare with other
-        implementations. ``noise``: where every other random draw comes from (default: numpy, ``seed``).
-        ``cache``: step caching for this call (``"taylorseer"``, ``"first-block-cache:threshold=0.1"``, ...;
-        see :mod:`ovsd3.runtime.cache`); default off.
-        """
-        cache = CacheConfig.parse(cache)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise OvsdError("no prompt given")
-        steps = self.defaults.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        guidance = self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
-        width = width or (self.static.width if self.static else self.default_size)
-        height = height or (self.static.height if self.static else self.default_size)
-        batch = len(prompts) * num_images
-        self._check_request(steps, guidance, width, height, num_images, batch, image, strength, max_sequence_length)
-        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-            raise OvsdError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-        negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
-        seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
-        noise = noise or NumpyNoise(seed)
-
-        embeds = self._encode_prompts(prompts, negatives if guidance > 1.0 else None, num_images, clip_skip,
-                                      max_sequence_length)
-        sigmas = self.schedule.sigmas(steps)
+    def prepare_request(self, request: Request) -> Job:
+        cache = CacheConfig.parse(request.cache)
+        steps = self.defaults.num_inference_steps if request.num_inference_steps is None \
+            else int(request.num_inference_steps)
+        guidance = self.defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
+        width = request.width or (self.static.width if self.static else self.default_size)
+        height = request.height or (self.static.height if self.static else self.default_size)
+        batch = request.batch_size * request.num_images_per_prompt
+        self._check_request(request, steps, guidance, width, height, batch)
+        seed, noise = self._noise_of(request, batch)
+        embeds = self._embeddings(request, guided=guidance > 1.0)
+        sigmas = self._sigmas(steps, request)
         shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise OvsdError(f"latents have shape {tuple(latents.shape)}, this request needs {shape}")
-        if image is not None:
-            first = img2img_start(steps, strength)
-            if first >= steps:
-                raise OvsdError(f"strength {strength} with {steps} steps leaves no step to run")
-            sigmas = sigmas[first:]
-        start = self._start_latents(shape, latents, noise, image, width, height, float(sigmas[0]))
-        params = dict(prompt=prompts[0], negative_prompt=negatives[0] if guidance > 1.0 else "",
+        if request.latents is not None and tuple(request.latents.shape) != shape:
+            raise InvalidRequest(f"latents have shape {tuple(request.latents.shape)}, this request needs {shape}")
+        start = self._start_latents(shape, request.latents, noise, request.image, width, height, float(sigmas[0]))
+        prompts = request.prompts()[0] if request.prompt_embeds is None else [""] * request.batch_size
+        negatives = request.negative_prompts()
+        params = dict(prompt=prompts[0], negative_prompt=negatives[0][0] if guidance > 1.0 and negatives else "",
                       num_inference_steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed,
                       sampler="flash" if self.schedule.stochastic_sampling else "euler",
-                      strength=strength if image is not None else None, model=self.folder.name,
-                      cache=str(cache), ovsd3=__version__)
+                      strength=request.strength if request.image is not None else None, model=self.folder.name,
+                      cache=str(cache), noise=getattr(noise, "name", "custom"), ovsd3=__version__)
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
                    latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache)
 
-    def _check_request(self, steps: int, guidance: float, width: int, height: int, num_images: int, batch: int,
-                       image, strength: float, max_sequence_length: int) -> None:
+    def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
+                       batch: int) -> None:
         if steps < 1:
-            raise OvsdError(f"steps must be at least 1 (got {steps})")
+            raise InvalidRequest(f"steps must be at least 1 (got {steps})")
         if width <= 0 or height <= 0 or width % self.size_multiple or height % self.size_multiple:
-            raise OvsdError(f"width and height must be positive multiples of {self.size_multiple} "
-                            f"(got {width}x{height})")
+            raise InvalidRequest(f"width and height must be positive multiples of {self.size_multiple} "
+                                 f"(got {width}x{height})")
         if self.max_size and max(width, height) > self.max_size:
-            raise OvsdError(f"this model draws at most {self.max_size}x{self.max_size} (got {width}x{height})")
+            raise InvalidRequest(f"this model draws at most {self.max_size}x{self.max_size} (got {width}x{height})")
         if guidance < 0:
-            raise OvsdError(f"guidance must not be negative (got {guidance})")
-        if num_images < 1:
-            raise OvsdError(f"number of images must be at least 1 (got {num_images})")
-        if image is not None and not 0.0 <= strength <= 1.0:
-            raise OvsdError(f"strength must be between 0 and 1 (got {strength})")
-        if image is not None and self.vae_encoder is None:
-            raise OvsdError(f"{self.folder} has no vae_encoder, which image-to-image needs")
-        if self.static is not None and (width, height, batch, guidance > 1.0, max_sequence_length) != (
+            raise InvalidRequest(f"guidance must not be negative (got {guidance})")
+        if request.image is not None and not 0.0 <= request.strength <= 1.0:
+            raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
+        if request.image is not None and self.vae_encoder is None:
+            raise InvalidRequest(f"{self.folder} has no vae_encoder, which image-to-image needs")
+        if self.static is not None and (width, height, batch, guidance > 1.0, request.max_sequence_length) != (
                 self.static.width, self.static.height, self.static.batch, self.static.guidance,
                 self.static.max_sequence_length):
-            raise OvsdError(f"this pipeline was compiled for static {self.static.width}x{self.static.height}, "
-                            f"{self.static.batch} image(s), guidance {'on' if self.static.guidance else 'off'}; "
-                            f"the request differs")
+            raise InvalidRequest(f"this pipeline was compiled for static {self.static.width}x{self.static.height}, "
+                                 f"{self.static.batch} image(s), guidance {'on' if self.static.guidance else 'off'}; "
+                                 f"the request differs")
 
-    def _encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int,
-                        clip_skip: int | None, max_sequence_length: int) -> PromptEmbeddings:
-        """Each prompt's embeddings ``num_images`` times; with ``negatives`` (guidance) [negative, positive],
-        as diffusers batches them."""
+    def _noise_of(self, request: Request, batch: int):
+        """(the seed to record, the noise source): a torch generator's stream, a given source, or ``seed``'s."""
+        if request.generator is not None:
+            if isinstance(request.generator, list) and request.image is not None:
+                raise InvalidRequest("a list of generators is for text-to-image; pass one generator with an image")
+            return generator_noise(request.generator, batch)
+        seed = int(np.random.SeedSequence().entropy % 2**32) if request.seed is None else int(request.seed)
+        if callable(request.noise):
+            return seed, request.noise
+        return seed, noise_source(request.noise or DEFAULT_NOISE, seed)
+
+    def _sigmas(self, steps: int, request: Request) -> np.ndarray:
+        sigmas = self.schedule.sigmas(steps)
+        if request.image is None:
+            return sigmas
+        first = img2img_start(steps, request.strength)
+        if first >= steps:
+            raise InvalidRequest(f"strength {request.strength} with {steps} steps leaves no step to run")
+        return sigmas[first:]
+
+    def _embeddings(self, request: Request, guided: bool) -> PromptEmbeddings:
+        """The request's embeddings, each prompt's ``num_images_per_prompt`` times; when guiding [negative,
+        positive], as diffusers batches them."""
         text_before = self.text.infer_seconds
-        embeds = self.text.encode(prompts, clip_skip=clip_skip, max_sequence_length=max_sequence_length)
-        embeds = embeds.repeat(num_images)
-        if negatives is not None:
-            negative = self.text.encode(negatives, clip_skip=None, max_sequence_length=max_sequence_length)
-            embeds = PromptEmbeddings.concat(negative.repeat(num_images), embeds)
+        repeat = request.num_images_per_prompt
+        prompts = request.prompts()
+        if prompts is None:
+            embeds = self._given(request.prompt_embeds, request.pooled_prompt_embeds, "prompt_embeds")
+        else:
+            embeds = self._encode(prompts, request.clip_skip, request.max_sequence_length)
+        embeds = embeds.repeat(repeat)
+        if guided:
+            negatives = request.negative_prompts()
+            if negatives is None:
+                negative = self._given(request.negative_prompt_embeds, request.negative_pooled_prompt_embeds,
+                                       "negative_prompt_embeds")
+            else:  # diffusers encodes negatives without clip skip
+                negative = self._encode(negatives, None, request.max_sequence_length)
+            if negative.prompt_embeds.shape[1:] != embeds.prompt_embeds.shape[1:]:
+                raise InvalidRequest(f"negative embeddings {negative.prompt_embeds.shape[1:]} and prompt embeddings "
+                                     f"{embeds.prompt_embeds.shape[1:]} differ in length or width")
+            embeds = PromptEmbeddings.concat(negative.repeat(repeat), embeds)
         self.infer_seconds["text"] += self.text.infer_seconds - text_before
         return embeds
+
+    def _encode(self, prompts: tuple[list[str], list[str], list[str]], clip_skip: int | None,
+                max_sequence_length: int) -> PromptEmbeddings:
+        return self.text.encode(prompts[0], prompts_2=prompts[1], prompts_3=prompts[2], clip_skip=clip_skip,
+                                max_sequence_length=max_sequence_length)
+
+    def _given(self, prompt_embeds: np.ndarray, pooled_embeds: np.ndarray, name: str) -> PromptEmbeddings:
+        """Embeddings passed in, checked against the transformer's widths."""
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.joint_attention_dim:
+            raise InvalidRequest(f"`{name}` must be (batch, tokens, {self.joint_attention_dim}), "
+                                 f"got {prompt_embeds.shape}")
+        if pooled_embeds.ndim != 2 or pooled_embeds.shape[0] != prompt_embeds.shape[0]:
+            raise InvalidRequest(f"pooled embeddings {pooled_embeds.shape} do not match `{name}` {prompt_embeds.shape}")
+        return PromptEmbeddings(prompt_embeds, pooled_embeds)
 
     def _start_latents(self, shape: tuple, latents: np.ndarray | None, noise, image, width: int, height: int,
                        first_sigma: float) -> np.ndarray:
@@ -342,7 +322,8 @@ class SD3Pipeline:
 
     def steps(self, job: Job) -> Iterator[Step]:
         """Run the sampler, yielding after every step; ``job.latents`` holds the result at the end and
-        ``job.cache_stats`` what the step cache skipped."""
+        ``job.cache_stats`` what the step cache skipped. Between steps a caller may replace ``job.latents``
+        or ``job.embeds`` (diffusers' callback_on_step_end does)."""
         timesteps = self.schedule.timesteps(job.sigmas)
         total = len(timesteps)
         setting = job.cache.step_cache
@@ -357,29 +338,60 @@ class SD3Pipeline:
                 job.latents = flash_step(job.latents, velocity, sigma, sigma_next, job.noise(job.latents.shape))
             else:
                 job.latents = euler_step(job.latents, velocity, sigma, sigma_next)
-            yield Step(index, total, sigma, job.latents, denoised)
+            yield Step(index, total, sigma, float(timesteps[index]), job.latents, denoised)
 
-    def decode(self, latents: np.ndarray) -> list:
+    def decode(self, latents: np.ndarray, output_type: str = "pil"):
+        """Latents -> PIL images, or for ``output_type="np"`` a (batch, height, width, 3) array in [0, 1]."""
         pixels = self._infer("vae", self.vae_decoder,
                              {"latent_sample": latents / self.scaling_factor + self.shift_factor})
-        return image_io.to_pil(pixels)
+        return image_io.to_numpy(pixels) if output_type == "np" else image_io.to_pil(pixels)
 
-    def __call__(self, prompt: str | list[str], *, callback: Callable[[Step], None] | None = None,
-                 **settings) -> GenerationResult:
-        """Generate images; ``callback`` sees every step. Settings as in :meth:`prepare`."""
+    def __call__(self, prompt: str | list[str] | None = None, **settings):
+        """Generate images with diffusers' keywords (see :mod:`ovsd3.runtime.request`); returns a
+        :class:`GenerationResult` (its ``images`` as diffusers' output has them), or ``(images,)`` for
+        ``return_dict=False``."""
         started = time.perf_counter()
         infer_before = sum(self.infer_seconds.values()) + self.transformer.seconds
-        job = self.prepare(prompt, **settings)
-        for step in self.steps(job):
-            if callback is not None:
-                callback(step)
-        images = self.decode(job.latents)
+        request = Request(prompt=prompt, **settings)
+        job = self.prepare_request(request)
+        self._sample(job, request)
+        images = job.latents if request.output_type == "latent" else self.decode(job.latents, request.output_type)
         total = time.perf_counter() - started
         infer = sum(self.infer_seconds.values()) + self.transformer.seconds - infer_before
         per_prompt = len(images) // len(job.prompts)
         per_image = [dict(job.params, prompt=job.prompts[index // per_prompt], image_index=index)
                      for index in range(len(images))]
-        return GenerationResult(images=images, params=per_image,
-                                timings={"total_seconds": total, "infer_seconds": infer,
-                                         "python_seconds": total - infer},
-                                cache_stats=job.cache_stats)
+        result = GenerationResult(images=images, params=per_image,
+                                  timings={"total_seconds": total, "infer_seconds": infer,
+                                           "python_seconds": total - infer},
+                                  cache_stats=job.cache_stats)
+        return result if request.return_dict else (images,)
+
+    def _sample(self, job: Job, request: Request) -> None:
+        """All steps, with the request's callbacks; a callback may set ``pipe._interrupt`` to stop early (the
+        latents reached so far are decoded, as diffusers does)."""
+        self._guidance_scale, self._clip_skip, self._interrupt = job.guidance_scale, request.clip_skip, False
+        self._num_timesteps = len(job.sigmas) - 1
+        for step in self.steps(job):
+            if request.callback is not None:
+                request.callback(step)
+            if request.callback_on_step_end is not None:
+                self._on_step_end(job, request, step)
+            if self._interrupt:
+                break
+        sync = getattr(job.noise, "sync", None)
+        if sync is not None:  # a torch generator passed in moves on by what was drawn, as in diffusers
+            sync()
+
+    def _on_step_end(self, job: Job, request: Request, step: Step) -> None:
+        """diffusers' callback_on_step_end(pipe, step, timestep, tensors): what it returns replaces them."""
+        tensors = {"latents": job.latents, "prompt_embeds": job.embeds.prompt_embeds,
+                   "pooled_prompt_embeds": job.embeds.pooled_embeds}
+        chosen = {name: tensors[name] for name in request.callback_on_step_end_tensor_inputs}
+        outputs = request.callback_on_step_end(self, step.index, np.float32(step.timestep), chosen) or {}
+        if "latents" in outputs:
+            job.latents = as_array(outputs.pop("latents"), "latents")
+        if "prompt_embeds" in outputs or "pooled_prompt_embeds" in outputs:
+            job.embeds = PromptEmbeddings(as_array(outputs.pop("prompt_embeds", job.embeds.prompt_embeds), "prompt_embeds"),
+                                          as_array(outputs.pop("pooled_prompt_embeds", job.embeds.pooled_embeds),
+                                                   "pooled_prompt_embeds"))

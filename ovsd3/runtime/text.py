@@ -2,7 +2,7 @@
 
 CLIP-L and CLIP-G: 77 tokens, no attention mask, token embeddings from the penultimate layer (or earlier
 with clip skip), pooled embeddings from the projection. Their token embeddings are joined on the feature
-axis, zero-padded to the transformer's joint width, and followed on the sequence axis by T5's (or by
+axis, zero-padded (or cropped) to T5's width, and followed on the sequence axis by T5's (or by
 zeros of the same shape when the folder has no T5).
 """
 
@@ -84,17 +84,26 @@ class TextEncoders:
         layer = num_states - ((clip_skip or 0) + 2)  # hidden_states[-2], or [-(clip_skip + 2)]
         return outputs[f"hidden_states.{layer}"], outputs["text_embeds"]
 
-    def encode(self, prompts: list[str], *, clip_skip: int | None = None,
-               max_sequence_length: int = 256) -> PromptEmbeddings:
+    def encode(self, prompts: list[str], *, prompts_2: list[str] | None = None, prompts_3: list[str] | None = None,
+               clip_skip: int | None = None, max_sequence_length: int = 256) -> PromptEmbeddings:
+        """CLIP-L reads ``prompts``, CLIP-G ``prompts_2`` and T5 ``prompts_3`` (each defaulting to ``prompts``,
+        as diffusers' prompt_2 and prompt_3 do)."""
         clip_l, pooled_l = self._clip(0, prompts, clip_skip)
-        clip_g, pooled_g = self._clip(1, prompts, clip_skip)
-        clip_embeds = np.concatenate([clip_l, clip_g], axis=-1)
-        clip_embeds = np.pad(clip_embeds, ((0, 0), (0, 0), (0, self.joint_attention_dim - clip_embeds.shape[-1])))
+        clip_g, pooled_g = self._clip(1, prompts_2 or prompts, clip_skip)
         if self.t5_encoder is not None:
-            t5_ids = self.t5_tokenizer(prompts, max_sequence_length)
+            t5_ids = self.t5_tokenizer(prompts_3 or prompts, max_sequence_length)
             t5_embeds = self._run(self.t5_encoder, t5_ids)["last_hidden_state"]
         else:
             t5_embeds = np.zeros((len(prompts), max_sequence_length, self.joint_attention_dim), dtype=np.float32)
+        clip_embeds = fit_width(np.concatenate([clip_l, clip_g], axis=-1), t5_embeds.shape[-1])
         prompt_embeds = np.concatenate([clip_embeds, t5_embeds], axis=1).astype(np.float32)
         pooled_embeds = np.concatenate([pooled_l, pooled_g], axis=-1).astype(np.float32)
         return PromptEmbeddings(prompt_embeds, pooled_embeds)
+
+
+def fit_width(embeds: np.ndarray, width: int) -> np.ndarray:
+    """Zero-pad the joined CLIP features to T5's width, or crop them where CLIP is wider (diffusers pads
+    with a negative width there, which crops)."""
+    if embeds.shape[-1] >= width:
+        return embeds[..., :width]
+    return np.pad(embeds, ((0, 0), (0, 0), (0, width - embeds.shape[-1])))

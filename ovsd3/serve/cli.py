@@ -33,11 +33,11 @@ def run(args) -> int:
     except ImportError:
         raise OvsdError("serving needs FastAPI and uvicorn: pip install 'ovsd3[serve]'") from None
     from ovsd3.runtime.cache import CacheConfig
-    from ovsd3.runtime.pipeline import check_folder
+    from ovsd3.layout import ModelFolder
     from ovsd3.serve.api import create_app
     from ovsd3.serve.jobs import WorkerPool, load_pipeline
 
-    check_folder(args.model_dir)
+    ModelFolder.open(args.model_dir)
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     if not 0 < args.port < 65536:
         raise OvsdError(f"--port must be between 1 and 65535 (got {args.port})")

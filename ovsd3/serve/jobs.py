@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ovsd3.errors import OvsdError
+from ovsd3.errors import InvalidRequest
 
 
 class QueueFull(Exception):
@@ -82,6 +82,11 @@ class Job:
     @property
     def error(self) -> str | None:
         return self.events[-1]["message"] if self.status == "error" else None
+
+    @property
+    def caller_error(self) -> bool:
+        """Whether the job failed on the request's values (4xx) rather than inside ovsd3 (500)."""
+        return self.status == "error" and self.events[-1].get("type") == "invalid_request_error"
 
     @property
     def images(self) -> list[str]:
@@ -221,12 +226,12 @@ class WorkerPool:
                      cache={"mode": prepared.params["cache"], **prepared.cache_stats.as_dict()})
         except Cancelled:
             job.emit("cancelled")
-        except OvsdError as error:
-            job.emit("error", message=str(error))
-        except Exception as error:  # a failed job must not take its worker down
+        except InvalidRequest as error:
+            job.emit("error", message=str(error), type="invalid_request_error")
+        except Exception as error:  # inside ovsd3, not the caller's doing; it must not take its worker down
             with self._lock:
                 self.metrics.failed += 1
-            job.emit("error", message=f"{type(error).__name__}: {error}")
+            job.emit("error", message=f"internal error: {type(error).__name__}: {error}", type="server_error")
 
 
 def load_pipeline(folder: Path, device: str) -> Callable[[], object]:

@@ -1,0 +1,160 @@
+"""One generation request, in the keywords of diffusers' ``StableDiffusion3Pipeline`` and with their meaning.
+
+    pipe(prompt, prompt_2=None, prompt_3=None, height=None, width=None, num_inference_steps=None,
+         guidance_scale=None, negative_prompt=None, negative_prompt_2=None, negative_prompt_3=None,
+         num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+         pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True,
+         clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=["latents"],
+         max_sequence_length=256)
+
+plus ovsd3's own: ``image`` and ``strength`` (image-to-image), ``seed`` and ``noise`` (where random numbers
+come from without a torch generator), ``cache`` (step caching) and ``callback`` (sees every :class:`Step`).
+``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
+``numpy.asarray`` reads (CPU torch tensors too). Invalid values raise :class:`InvalidRequest`, a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ovsd3.errors import InvalidRequest
+
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' _callback_tensor_inputs
+OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_SEQUENCE_LENGTH = 512  # T5's limit, as diffusers checks it
+
+
+def as_prompt_list(prompt: str | list[str] | None, name: str) -> list[str] | None:
+    if prompt is None or isinstance(prompt, list):
+        return prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    raise InvalidRequest(f"`{name}` has to be of type `str` or `list` but is {type(prompt)}")
+
+
+def as_array(value, name: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"`{name}` is not an array of numbers ({error})") from None
+
+
+@dataclass
+class Request:
+    prompt: str | list[str] | None = None
+    prompt_2: str | list[str] | None = None
+    prompt_3: str | list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None  # None: the folder's default (28, or 4 for Flash)
+    guidance_scale: float | None = None  # None: the folder's default (7, or 0 for Flash)
+    negative_prompt: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    negative_prompt_3: str | list[str] | None = None
+    num_images_per_prompt: int | None = None
+    generator: Any = None  # a torch.Generator (or a list, one per image), read without importing torch
+    latents: Any = None
+    prompt_embeds: Any = None
+    negative_prompt_embeds: Any = None
+    pooled_prompt_embeds: Any = None
+    negative_pooled_prompt_embeds: Any = None
+    output_type: str = "pil"
+    return_dict: bool = True
+    clip_skip: int | None = None
+    callback_on_step_end: Callable | None = None
+    callback_on_step_end_tensor_inputs: list[str] = field(default_factory=lambda: ["latents"])
+    max_sequence_length: int = 256
+    image: Any = None
+    strength: float = 0.6
+    seed: int | None = None
+    noise: Any = None  # a callable noise(shape), or the name of a source ("torch", "numpy")
+    cache: Any = None
+    callback: Callable | None = None
+    num_images: int | None = None  # the older name of num_images_per_prompt
+
+    def __post_init__(self):
+        if self.num_images is not None and self.num_images_per_prompt is not None \
+                and self.num_images != self.num_images_per_prompt:
+            raise InvalidRequest("num_images and num_images_per_prompt disagree (num_images is its older name)")
+        self.num_images_per_prompt = int(self.num_images_per_prompt or self.num_images or 1)
+        for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+            as_prompt_list(getattr(self, name), name)  # type check only: diffusers' `or` rules need the originals
+        for name in ("latents", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"):
+            setattr(self, name, as_array(getattr(self, name), name))
+        self._check_given_text()
+        self._check_options()
+
+    def _check_given_text(self) -> None:
+        """diffusers' check_inputs for prompts and embeddings: one of each pair, never both."""
+        for name in ("prompt", "prompt_2", "prompt_3"):
+            if getattr(self, name) is not None and self.prompt_embeds is not None:
+                raise InvalidRequest(f"cannot forward both `{name}` and `prompt_embeds`: give only one of the two")
+        if self.prompt is None and self.prompt_embeds is None:
+            raise InvalidRequest("provide either `prompt` or `prompt_embeds`")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise InvalidRequest("no prompt given (an empty list)")
+        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+            if getattr(self, name) is not None and self.negative_prompt_embeds is not None:
+                raise InvalidRequest(f"cannot forward both `{name}` and `negative_prompt_embeds`: give only one")
+        if self.prompt_embeds is not None and self.pooled_prompt_embeds is None:
+            raise InvalidRequest("if `prompt_embeds` are provided, `pooled_prompt_embeds` also have to be passed")
+        if self.negative_prompt_embeds is not None and self.negative_pooled_prompt_embeds is None:
+            raise InvalidRequest("if `negative_prompt_embeds` are provided, `negative_pooled_prompt_embeds` also "
+                                 "have to be passed")
+        if self.prompt_embeds is not None and self.negative_prompt_embeds is not None \
+                and self.prompt_embeds.shape != self.negative_prompt_embeds.shape:
+            raise InvalidRequest(f"`prompt_embeds` {self.prompt_embeds.shape} and `negative_prompt_embeds` "
+                                 f"{self.negative_prompt_embeds.shape} must have the same shape")
+
+    def _check_options(self) -> None:
+        if self.max_sequence_length is not None and self.max_sequence_length > MAX_SEQUENCE_LENGTH:
+            raise InvalidRequest(f"`max_sequence_length` cannot be greater than {MAX_SEQUENCE_LENGTH} but is "
+                                 f"{self.max_sequence_length}")
+        unknown = [name for name in self.callback_on_step_end_tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise InvalidRequest(f"`callback_on_step_end_tensor_inputs` has to be in {list(CALLBACK_TENSOR_INPUTS)}, "
+                                 f"but found {unknown}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise InvalidRequest(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {self.output_type!r}; "
+                                 f"ovsd3 runs without torch, so there is no 'pt')")
+        if self.num_images_per_prompt < 1:
+            raise InvalidRequest(f"number of images must be at least 1 (got {self.num_images_per_prompt})")
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts (or given embeddings) in the request, before num_images_per_prompt."""
+        if self.prompt is not None:
+            return len(as_prompt_list(self.prompt, "prompt"))
+        return int(self.prompt_embeds.shape[0])
+
+    def prompts(self) -> tuple[list[str], list[str], list[str]] | None:
+        """The prompts for CLIP-L, CLIP-G and T5 (prompt_2 and prompt_3 default to prompt), or None when the
+        request brings its embeddings."""
+        if self.prompt_embeds is not None:
+            return None
+        prompt = as_prompt_list(self.prompt, "prompt")
+        return prompt, *(self._matched(as_prompt_list(other or self.prompt, name), name, len(prompt))
+                         for other, name in ((self.prompt_2, "prompt_2"), (self.prompt_3, "prompt_3")))
+
+    def negative_prompts(self) -> tuple[list[str], list[str], list[str]] | None:
+        """diffusers' negatives: "" by default, negative_prompt_2/3 defaulting to negative_prompt, a single
+        string repeated for every prompt; None when the request brings negative embeddings."""
+        if self.negative_prompt_embeds is not None:
+            return None
+        negative = self.negative_prompt or ""
+        chosen = (negative, self.negative_prompt_2 or negative, self.negative_prompt_3 or negative)
+        names = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+        return tuple(self._matched([text] * self.batch_size if isinstance(text, str) else list(text), name,
+                                   self.batch_size) for text, name in zip(chosen, names))
+
+    @staticmethod
+    def _matched(prompts: list[str], name: str, batch_size: int) -> list[str]:
+        if len(prompts) != batch_size:
+            raise InvalidRequest(f"`{name}` has batch size {len(prompts)}, but `prompt` has batch size {batch_size}")
+        return prompts
