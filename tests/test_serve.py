@@ -143,7 +143,14 @@ def test_cancel_stops_a_running_job(server):
     ({"prompt": "cat", "size": "big"}, 400, "512x512"),
     ({"prompt": "cat", "num_inference_steps": 0}, 400, "num_inference_steps"),
     ({"prompt": "cat", "num_inference_steps": 1000}, 400, "num_inference_steps"),
-    ({"prompt": "cat", "style": "vivid"}, 400, "style"),
+    ({"prompt": "cat", "colour": "red"}, 400, "colour"),  # an unknown field
+    ({"prompt": "cat", "style": "baroque"}, 400, "style"),  # OpenAI's field, a value it does not have
+    ({"prompt": "cat", "n": 2, "num_images_per_prompt": 2}, 400, "give one"),
+    ({"prompt": "cat", "size": "64x64", "width": 64, "height": 64}, 400, "size and width/height"),
+    ({"prompt": "cat", "strength": 0.5}, 400, "/v3/images/edits"),
+    ({"prompt": "cat", "max_sequence_length": 600}, 400, "max_sequence_length"),
+    ({"prompt": "cat", "rng_seed": -1}, 400, "rng_seed"),
+    ({"prompt": "cat", "output_format": "gif"}, 400, "output_format"),
     ({"prompt": "cat", "response_format": "url"}, 400, "b64_json"),
     ({"prompt": "cat", "cache": "warp-speed"}, 400, "unknown cache mode 'warp-speed'"),
     ({"prompt": "cat", "cache": "taylorseer:interval=-1"}, 400, "cache_interval must be at least 2"),
@@ -268,3 +275,107 @@ def test_web_page_generates_with_a_live_preview(ov_sd3):
                 assert browser.execute_script("return arguments[0].naturalWidth", image) > 0  # it decoded
         finally:
             browser.quit()
+
+
+def test_ovms_request_body_with_its_meaning(server):
+    """OVMS's documented fields: rng_seed seeds (seed is its alias), num_images_per_prompt is n, width and
+    height are size, prompt_2/prompt_3 and the negatives reach their encoders."""
+    body = {"model": "ovsd3", "prompt": "a photo of a cat", "rng_seed": 11, "num_images_per_prompt": 2,
+            "width": SIZE, "height": SIZE, "num_inference_steps": 2, "guidance_scale": 4.0,
+            "max_sequence_length": 64, "negative_prompt": "blurry", "response_format": "b64_json"}
+    first = httpx.post(f"{server}/v3/images/generations", json=body, timeout=60).json()
+    assert len(first["data"]) == 2 and decode_png(first["data"][0]["b64_json"]).size == (SIZE, SIZE)
+    alias = {key: value for key, value in body.items() if key not in ("rng_seed", "num_images_per_prompt")}
+    second = httpx.post(f"{server}/v3/images/generations", json={**alias, "seed": 11, "n": 2}, timeout=60).json()
+    assert second["data"] == first["data"]
+    for extra in ({"prompt_2": "a dog"}, {"prompt_3": "a dog"}, {"negative_prompt_2": "a dog"}):
+        other = httpx.post(f"{server}/v3/images/generations", json={**body, **extra}, timeout=60).json()
+        assert other["data"][0] != first["data"][0], extra
+
+
+def test_openai_client_against_the_server(server):
+    """The official client, as a user of OpenAI's API or of OVMS writes it (base_url .../v3)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v3", api_key="unused")
+    ovms_extras = {"rng_seed": 7, "num_inference_steps": 2, "prompt_2": "a red sofa", "max_sequence_length": 77}
+    answer = client.images.generate(model="ovsd3", prompt="a photo of a cat", n=2, size=f"{SIZE}x{SIZE}",
+                                    response_format="b64_json", extra_body=ovms_extras)
+    assert len(answer.data) == 2 and decode_png(answer.data[0].b64_json).size == (SIZE, SIZE)
+    again = client.images.generate(model="ovsd3", prompt="a photo of a cat", n=2, size=f"{SIZE}x{SIZE}",
+                                   response_format="b64_json", extra_body=ovms_extras)
+    assert [item.b64_json for item in again.data] == [item.b64_json for item in answer.data]  # seeded
+    openai_fields = client.images.generate(prompt="a photo of a cat", size=f"{SIZE}x{SIZE}", quality="high",
+                                           style="natural", user="someone", background="auto", moderation="low",
+                                           output_format="jpeg", output_compression=80,
+                                           extra_body={"num_inference_steps": 1})
+    raw = base64.b64decode(openai_fields.data[0].b64_json)
+    assert raw[:3] == b"\xff\xd8\xff"  # output_format honoured: a JPEG
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (30, 200, 30)).save(buffer, format="PNG")
+    edited = client.images.edit(model="ovsd3", image=("start.png", buffer.getvalue(), "image/png"),
+                                prompt="a green digit", n=1, size=f"{SIZE}x{SIZE}", input_fidelity="low",
+                                extra_body={"strength": 0.5, "num_inference_steps": 4, "rng_seed": 1})
+    assert decode_png(edited.data[0].b64_json).size == (SIZE, SIZE)
+    listed = client.images.edit(model="ovsd3", image=[("start.png", buffer.getvalue(), "image/png")],
+                                prompt="a green digit", size=f"{SIZE}x{SIZE}",
+                                extra_body={"strength": 0.5, "num_inference_steps": 4, "rng_seed": 1})
+    assert listed.data[0].b64_json == edited.data[0].b64_json  # the client's list form, image[]
+    with pytest.raises(openai.BadRequestError, match="colour"):
+        client.images.generate(prompt="a cat", extra_body={"colour": "red"})
+
+
+class BrokenPipeline:
+    """A pipeline that fails inside (not on the request): the server must answer 500, not blame the caller."""
+
+    size_multiple, max_size = 16, None
+
+    def prepare(self, prompt, **settings):
+        raise RuntimeError("the accelerator caught fire")
+
+
+def test_an_internal_failure_is_a_500():
+    from starlette.testclient import TestClient
+
+    from ovsd3.serve.api import create_app
+    from ovsd3.serve.jobs import WorkerPool
+
+    pool = WorkerPool(BrokenPipeline, workers=1, max_queue=4)
+    try:
+        with TestClient(create_app(pool)) as client:
+            answer = client.post("/v3/images/generations", json={"prompt": "a cat"})
+    finally:
+        pool.close()
+    assert answer.status_code == 500
+    assert answer.json()["error"]["type"] == "server_error" and "fire" in answer.json()["error"]["message"]
+
+
+def test_write_ovms_config(ov_sd3, tmp_path):
+    """The files OVMS documents for an image generation graph (docs/image_generation/reference.md)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ovms"
+    done = subprocess.run([sys.executable, "-m", "ovsd3", "serve", str(ov_sd3), "--write-ovms-config", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ovms --rest_port 8000 --config_path" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config == {"model_config_list": [{"config": {"name": ov_sd3.name, "base_path": ov_sd3.name}}]}
+    graph = (out / ov_sd3.name / "graph.pbtxt").read_text()
+    for line in ('input_stream: "HTTP_REQUEST_PAYLOAD:input"', 'output_stream: "HTTP_RESPONSE_PAYLOAD:output"',
+                 'calculator: "ImageGenCalculator"', 'input_side_packet: "IMAGE_GEN_NODE_RESOURCES:pipes"',
+                 "[type.googleapis.com / mediapipe.ImageGenCalculatorOptions]"):
+        assert line in graph
+    options = dict(line.strip().split(": ", 1) for line in graph.splitlines()
+                   if line.startswith("          "))
+    proto_fields = {"models_path", "device", "plugin_config", "max_resolution", "default_resolution",
+                    "max_num_images_per_prompt", "default_num_inference_steps", "max_num_inference_steps",
+                    "resolution", "num_images_per_prompt", "guidance_scale"}
+    assert set(options) <= proto_fields
+    assert json.loads(options["models_path"]) == str(ov_sd3.resolve())
+    assert options["device"] == '"CPU"' and options["default_num_inference_steps"] == "28"
+    assert options["default_resolution"] == '"128x128"' and options["max_resolution"] == '"384x384"'
+    refused = subprocess.run([sys.executable, "-m", "ovsd3", "serve", str(ov_sd3), "--write-ovms-config", str(out)],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "already exists" in refused.stderr and "Traceback" not in refused.stderr

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ovsd3.errors import InvalidRequest
+from ovsd3.errors import InvalidRequest, OvsdError
 
 
 class QueueFull(Exception):
@@ -31,35 +31,52 @@ class Cancelled(Exception):
 
 @dataclass
 class GenerationRequest:
-    """What one call asks for, already validated (see api.py)."""
+    """What one call asks for, already validated (see bodies.py), in SD3Pipeline's keywords."""
 
     prompt: str
+    prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt: str | None = None
+    negative_prompt_2: str | None = None
+    negative_prompt_3: str | None = None
     n: int = 1
     width: int | None = None
     height: int | None = None
-    negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    max_sequence_length: int = 256
+    noise: str = "torch"
     image: bytes | None = None  # image-to-image: the start picture (PNG/JPEG bytes)
     strength: float = 0.6
     preview_every: int = 1  # 0: no previews
     cache: str | None = None  # step caching spec (ovsd3.runtime.cache); None: the server's default
+    output_format: str = "png"  # png, jpeg or webp
+    output_compression: int | None = None  # 0-100 for jpeg and webp (OpenAI's meaning: 100 = least compressed)
 
     def pipeline_settings(self) -> dict:
-        settings = dict(negative_prompt=self.negative_prompt, num_inference_steps=self.num_inference_steps,
-                        guidance_scale=self.guidance_scale, width=self.width, height=self.height, seed=self.seed,
-                        num_images=self.n, cache=self.cache)
+        settings = dict(prompt_2=self.prompt_2, prompt_3=self.prompt_3, negative_prompt=self.negative_prompt,
+                        negative_prompt_2=self.negative_prompt_2, negative_prompt_3=self.negative_prompt_3,
+                        num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                        width=self.width, height=self.height, seed=self.seed, noise=self.noise,
+                        max_sequence_length=self.max_sequence_length, num_images_per_prompt=self.n, cache=self.cache)
         if self.image is not None:
             from PIL import Image
 
             settings.update(image=Image.open(io.BytesIO(self.image)).convert("RGB"), strength=self.strength)
         return settings
 
+    def encode(self, image) -> str:
+        """One image as base64, in the asked format."""
+        return image_base64(image, self.output_format, self.output_compression)
 
-def png_base64(image) -> str:
+
+def image_base64(image, output_format: str = "png", compression: int | None = None) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=output_format.upper(), quality=100 if compression is None else compression)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -217,12 +234,12 @@ class WorkerPool:
                 data = {"step": step.index + 1, "total": step.total}
                 every = job.request.preview_every
                 if every and ((step.index + 1) % every == 0 or step.index + 1 == step.total):
-                    data["previews"] = [png_base64(image) for image in preview_images(step.denoised)]
+                    data["previews"] = [image_base64(image) for image in preview_images(step.denoised)]
                 job.emit("step", **data)
             images = pipe.decode(prepared.latents)
             with self._lock:
                 self.metrics.images += len(images)
-            job.emit("done", seed=prepared.params["seed"], images=[png_base64(image) for image in images],
+            job.emit("done", seed=prepared.params["seed"], images=[job.request.encode(image) for image in images],
                      cache={"mode": prepared.params["cache"], **prepared.cache_stats.as_dict()})
         except Cancelled:
             job.emit("cancelled")
