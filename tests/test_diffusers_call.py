@@ -195,3 +195,26 @@ def test_clip_wider_than_the_joint_width_is_cropped(workdir):
     got = SD3Pipeline.load(folder, precision="f32", cache_dir=None)(PROMPTS[0], generator=generator(0), **call)
     expected = StableDiffusion3Pipeline.from_pretrained(source)(PROMPTS[0], generator=generator(0), **call).images
     assert close(expected, got.images)
+
+
+def test_openvino_genai_generate_call(pipes, ov_sd3_fp32):
+    """pipe.generate as openvino.genai's Text2ImagePipeline.generate: same properties, same generator, the
+    same picture; a callback that returns True stops it."""
+    import openvino_genai
+
+    ovsd3_pipe, _ = pipes
+    genai_pipe = openvino_genai.Text2ImagePipeline(str(ov_sd3_fp32), "CPU", INFERENCE_PRECISION_HINT="f32")
+    properties = dict(width=64, height=64, num_inference_steps=3, guidance_scale=4.0, negative_prompt="blurry",
+                      num_images_per_prompt=2, prompt_2="a dog")
+    expected = genai_pipe.generate(PROMPTS[0], generator=openvino_genai.TorchGenerator(5), **properties).data
+    got = ovsd3_pipe.generate(PROMPTS[0], generator=openvino_genai.TorchGenerator(5), **properties)
+    assert got.data.dtype == np.uint8 and got.data.shape == expected.shape == (2, 64, 64, 3)
+    assert psnr(expected.astype(np.float64), got.data.astype(np.float64), data_range=255.0) >= MIN_PSNR
+    default_seed = ovsd3_pipe.generate(PROMPTS[0], **properties).data  # rng_seed 42 unless given
+    np.testing.assert_array_equal(default_seed, ovsd3_pipe.generate(PROMPTS[0], rng_seed=42, **properties).data)
+    steps = []
+    stopped = ovsd3_pipe.generate(PROMPTS[0], callback=lambda step, total, latent: steps.append(step) or step == 1,
+                                  **properties)
+    assert steps == [0, 1] and stopped.data.size == 0
+    with pytest.raises(ValueError, match="ignores negative prompt"):
+        ovsd3_pipe.generate(PROMPTS[0], guidance_scale=1.0, negative_prompt="x", width=64, height=64)
