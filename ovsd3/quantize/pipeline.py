@@ -153,10 +153,43 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     import openvino as ov
 
     _quiet_nncf()
+    request, model = _checked(request)
+    output = AtomicOutput(request.output, overwrite=request.overwrite)
+    output.check()
+    started = time.perf_counter()
+    record = model.record
+    digits_demo = record.demo == "digits"
+    defaults = record.defaults
+    plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
+                                       steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)
+    prompts, cache_dir = _calibrate(request, model.path, plan, digits_demo, log)
+    decoder_latents = min(len(prompts), MAX_DECODER_LATENTS)  # one per prompt: its final latents
+    with output as staging:
+        _copy_everything_but_models(model.path, staging)
+        rows = _quantize_models(ov.Core(), model.path, staging, request,
+                                calibration.RecordedLatents(cache_dir, decoder_latents), cache_dir, log)
+        gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
+                            steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
+                            min_psnr=request.min_psnr, min_ssim=request.min_ssim,
+                            max_digit_drop=request.max_digit_drop if digits_demo else None)
+        report = _gate(model.path, staging, gate, log)
+        summary = {"calibration": {**asdict(plan), "dataset": request.dataset},
+                   "transformer": asdict(request.transformer), "weights": asdict(request.weights),
+                   "vae_decoder": _decoder_summary(request.vae_decoder, decoder_latents),
+                   "sizes": {row.component: {"before_bytes": row.before_bytes, "after_bytes": row.after_bytes,
+                                             "format": row.format} for row in rows},
+                   "gate": report.as_dict()}
+        record.quantization = summary
+        record.ovsd3_version = __version__
+        record.save(staging)
+    log(f"wrote {output.target} in {time.perf_counter() - started:.0f} s")
+    return summary
 
-    source = Path(request.source)
+
+def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFolder]:
+    """The request with its calibration size filled in, and the source folder; one-line errors before any work."""
     try:
-        model = layout.ModelFolder.open(source)
+        model = layout.ModelFolder.open(Path(request.source))
     except OvsdError as error:
         raise OvsdError(f"IN must be a folder from `ovsd3 convert` or optimum-intel: {error}") from None
     if request.calib < 1:
@@ -169,15 +202,11 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
         raise OvsdError("--gate-prompts must be at least 1: the quality gate always runs")
     request.weights.check()
     request.vae_decoder.check()
-    output = AtomicOutput(request.output, overwrite=request.overwrite)
-    output.check()
-    started = time.perf_counter()
+    return request, model
 
-    record = model.record
-    digits_demo = record.demo == "digits"
-    defaults = record.defaults
-    plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
-                                       steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)
+
+def _calibrate(request: QuantizeRequest, source: Path, plan, digits_demo: bool, log) -> tuple[list[str], Path]:
+    """Record (or find recorded) the transformer inputs and final latents; returns the prompts and the cache."""
     if digits_demo and request.dataset == calibration.BUILTIN:
         from ovsd3.demo.digits import calibration_prompts
 
@@ -188,53 +217,41 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     log(f"[1/4] calibration: {request.calib} transformer inputs from {len(prompts)} prompts x "
         f"{plan.steps} steps at {plan.size}x{plan.size} (guidance {plan.guidance_scale}), cached in {cache_dir}")
     calibration.record(source, plan, prompts, cache_dir, log)
-    decoder_latents = min(len(prompts), MAX_DECODER_LATENTS)  # one per prompt: its final latents
+    return prompts, cache_dir
 
-    core = ov.Core()
-    rows: list[SizeRow] = []
-    with output as staging:
-        _copy_everything_but_models(source, staging)
-        log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
-        rows.append(_quantize_transformer(core, source, staging, request, cache_dir, log))
-        decoder_int8 = request.vae_decoder.mode == "int8"
-        log(f"[3/4] text encoders and VAE{' encoder' if decoder_int8 else ''}: {request.weights.mode} weights "
-            f"(group size {request.weights.group_size}, ratio {request.weights.ratio})")
-        weight_only = WEIGHT_COMPRESSED + (() if decoder_int8 else (layout.VAE_DECODER,))
-        rows += _compress_weights(core, source, staging, weight_only, request.weights)
-        if decoder_int8:
-            rows.append(_quantize_decoder(core, source, staging, request.vae_decoder,
-                                          calibration.RecordedLatents(cache_dir, decoder_latents), log))
-        log(size_table(rows))
 
-        gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
-                            steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
-                            min_psnr=request.min_psnr, min_ssim=request.min_ssim,
-                            max_digit_drop=request.max_digit_drop if digits_demo else None)
-        log(f"[4/4] quality gate: {len(gate.prompts)} held-out prompts, same seeds, original vs quantized")
-        report = run_gate(source, staging, gate)
-        log("      image PSNR " + ", ".join(f"{value:.1f}" for value in report.image_psnr)
-            + f" dB (mean {report.mean_psnr:.1f}); SSIM " + ", ".join(f"{v:.3f}" for v in report.image_ssim)
-            + f" (mean {report.mean_ssim:.3f})")
-        log("      transformer output PSNR per step: " + ", ".join(f"{v:.1f}" for v in report.step_psnr) + " dB")
-        digits = report.digit_accuracy
-        if digits is not None:
-            log(f"      digits matching their prompt: original {digits['reference']:.0%}, quantized "
-                f"{digits['candidate']:.0%}")
-        if not report.passed:
-            digit_note = "" if digits is None else (
-                f", digits matching {digits['candidate']:.0%} against the original's {digits['reference']:.0%} "
-                f"(may fall by {gate.max_digit_drop:.0%} at most)")
-            raise OvsdError(f"quality gate failed: mean image PSNR {report.mean_psnr:.1f} dB (needs "
-                            f">= {gate.min_psnr}), mean SSIM {report.mean_ssim:.3f} (needs >= {gate.min_ssim})"
-                            f"{digit_note}; nothing was written")
-        summary = {"calibration": {**asdict(plan), "dataset": request.dataset},
-                   "transformer": asdict(request.transformer), "weights": asdict(request.weights),
-                   "vae_decoder": _decoder_summary(request.vae_decoder, decoder_latents),
-                   "sizes": {row.component: {"before_bytes": row.before_bytes, "after_bytes": row.after_bytes,
-                                             "format": row.format} for row in rows},
-                   "gate": report.as_dict()}
-        record.quantization = summary
-        record.ovsd3_version = __version__
-        record.save(staging)
-    log(f"wrote {output.target} in {time.perf_counter() - started:.0f} s")
-    return summary
+def _quantize_models(core, source: Path, staging: Path, request: QuantizeRequest, decoder_latents,
+                     cache_dir: Path, log) -> list[SizeRow]:
+    log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
+    rows = [_quantize_transformer(core, source, staging, request, cache_dir, log)]
+    decoder_int8 = request.vae_decoder.mode == "int8"
+    log(f"[3/4] text encoders and VAE{' encoder' if decoder_int8 else ''}: {request.weights.mode} weights "
+        f"(group size {request.weights.group_size}, ratio {request.weights.ratio})")
+    weight_only = WEIGHT_COMPRESSED + (() if decoder_int8 else (layout.VAE_DECODER,))
+    rows += _compress_weights(core, source, staging, weight_only, request.weights)
+    if decoder_int8:
+        rows.append(_quantize_decoder(core, source, staging, request.vae_decoder, decoder_latents, log))
+    log(size_table(rows))
+    return rows
+
+
+def _gate(source: Path, staging: Path, gate: GateSettings, log):
+    """Run the quality gate; a failure raises (and the staging folder goes)."""
+    log(f"[4/4] quality gate: {len(gate.prompts)} held-out prompts, same seeds, original vs quantized")
+    report = run_gate(source, staging, gate)
+    log("      image PSNR " + ", ".join(f"{value:.1f}" for value in report.image_psnr)
+        + f" dB (mean {report.mean_psnr:.1f}); SSIM " + ", ".join(f"{v:.3f}" for v in report.image_ssim)
+        + f" (mean {report.mean_ssim:.3f})")
+    log("      transformer output PSNR per step: " + ", ".join(f"{v:.1f}" for v in report.step_psnr) + " dB")
+    digits = report.digit_accuracy
+    if digits is not None:
+        log(f"      digits matching their prompt: original {digits['reference']:.0%}, quantized "
+            f"{digits['candidate']:.0%}")
+    if not report.passed:
+        digit_note = "" if digits is None else (
+            f", digits matching {digits['candidate']:.0%} against the original's {digits['reference']:.0%} "
+            f"(may fall by {gate.max_digit_drop:.0%} at most)")
+        raise OvsdError(f"quality gate failed: mean image PSNR {report.mean_psnr:.1f} dB (needs "
+                        f">= {gate.min_psnr}), mean SSIM {report.mean_ssim:.3f} (needs >= {gate.min_ssim})"
+                        f"{digit_note}; nothing was written")
+    return report
