@@ -78,15 +78,48 @@ def chart(rows: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def merge(paths: list[Path], out: Path | None) -> int:
+    runs = [json.loads(path.read_text()) for path in paths]
+    settings = {(run["prompts"], run["steps"], run["guidance"], round(run["modes"]["off"]["digit_share"], 6))
+                for run in runs}
+    if len(settings) != 1:
+        raise SystemExit(f"cannot merge runs with different prompts, settings or uncached results: {settings}")
+    rows = {}
+    for run in runs:
+        for spec, row in run["modes"].items():
+            rows.setdefault(spec, row)
+    print_table(rows)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cache_quality.json").write_text(json.dumps({**runs[0], "modes": rows}, indent=2) + "\n")
+        chart(rows, out / "cache_quality.png")
+    return 0
+
+
+def print_table(rows: dict) -> None:
+    print("| cache | digits as asked | digit | colour | PSNR vs off | SSIM vs off | transformer work (demo) | "
+          "work at 24 blocks | whole calls | s / image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec, row in rows.items():
+        print(f"| `{spec}` | {row['digit_share']:.1%} | {row['digit']:.1%} | {row['colour']:.1%} | "
+              f"{row['psnr']:.1f} dB | {row['ssim']:.3f} | {row['work']:.0%} | {row['work_sd3_medium']:.0%} | "
+              f"{row['full_calls']:.1f} | {row['seconds']:.3f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="?")
     parser.add_argument("-n", type=int, default=240, help="generations per mode")
     parser.add_argument("--cache", action="append", default=None, help="a cache spec (repeatable)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="instead of drawing, join earlier runs' cache_quality.json (same folder, prompts and "
+                             "settings) into one table and chart in --out")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     from ovsd3.demo.digits import DigitScorer, evaluation_prompts
     from ovsd3.runtime import SD3Pipeline
 
@@ -98,13 +131,7 @@ def main() -> int:
     rows = {spec: score(scorer, run, runs["off"]["images"], prompts) for spec, run in runs.items()}
     print(f"{args.folder}: {len(prompts)} prompts, seeds 0-{len(prompts) - 1}, {args.steps} steps, "
           f"guidance {args.guidance}\n")
-    print("| cache | digits as asked | digit | colour | PSNR vs off | SSIM vs off | transformer work (demo) | "
-          "work at 24 blocks | whole calls | s / image |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for spec, row in rows.items():
-        print(f"| `{spec}` | {row['digit_share']:.1%} | {row['digit']:.1%} | {row['colour']:.1%} | "
-              f"{row['psnr']:.1f} dB | {row['ssim']:.3f} | {row['work']:.0%} | {row['work_sd3_medium']:.0%} | "
-              f"{row['full_calls']:.1f} | {row['seconds']:.3f} |")
+    print_table(rows)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cache_quality.json").write_text(json.dumps(

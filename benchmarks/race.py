@@ -15,7 +15,8 @@ process (``ovsd3 benchmark``: one 1-step warm-up, then ``--repeats`` timed image
 It prints seconds per image, whole transformer calls, and each runner's time against genai+TaylorSeer on the
 same folder (and, for Flash, the INT8 pipeline against FP16). An adaptive mode's skip rate depends on the
 weights, which are random here: ``--demo-quality`` (``benchmarks/cache_quality.py``'s JSON on the demo model)
-projects each adaptive mode from its measured work there and this run's cost of one whole call.
+projects each adaptive mode from its measured work there and this run's cost of one whole call
+(``--demo-quality-int8``: the same measured on the demo's INT8 folder, for the INT8 rows).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def main() -> int:
     parser.add_argument("--cache", action="append", default=None, help="ovsd3 modes (default: off, taylorseer, "
                                                                          f"{FAST_MODE})")
     parser.add_argument("--demo-quality", type=Path, default=None)
+    parser.add_argument("--demo-quality-int8", type=Path, default=None,
+                        help="the same measured on the demo's INT8 folder, for the INT8 rows (default: --demo-quality)")
     parser.add_argument("--skip-flash", action="store_true")
     parser.add_argument("--default-on", default="int8,fp16",
                         help="folders that run the 28-step default workload (default int8,fp16)")
@@ -121,6 +124,7 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     caches = tuple(args.cache or DEFAULT_CACHES)
     demo = json.loads(args.demo_quality.read_text()) if args.demo_quality else None
+    demo_of = {"FP16": demo, "INT8": json.loads(args.demo_quality_int8.read_text()) if args.demo_quality_int8 else demo}
     sections, summary = [], {}
     rows = []
     chosen = [part.strip().upper() for part in args.default_on.split(",")]
@@ -128,7 +132,7 @@ def main() -> int:
                           if label in chosen]:  # the targets are on INT8: first
         result = benchmark(folder, args.results / f"sd3-28-{label.lower()}", 28, 7.0, args.repeats, caches, args.reuse)
         summary[f"28-{label}"] = result
-        rows += rows_of(result, label) + (projected_rows(result, label, demo, 28) if demo else [])
+        rows += rows_of(result, label) + (projected_rows(result, label, demo_of[label], 28) if demo_of[label] else [])
     sections.append(table(rows, "SD3 default: 28 steps, guidance 7, 512x512, one image"))
     if not args.skip_flash:
         flash_rows = []
