@@ -26,16 +26,6 @@ def as_float(images) -> np.ndarray:
     return np.stack([np.asarray(image, dtype=np.float64) for image in images])
 
 
-class TorchNoise:
-    """Draws the standard normals diffusers draws, in the same order, from a seeded torch generator."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, shape):
-        return torch.randn(tuple(shape), generator=self.generator).numpy()
-
-
 def torch_pipeline(source: Path, **components):
     from diffusers import StableDiffusion3Pipeline
 
@@ -92,7 +82,7 @@ def test_image_to_image_matches_diffusers(ov_pipe, tiny_sd3):
 
     init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     settings = dict(strength=0.6, num_inference_steps=5, guidance_scale=3.0, **SIZE)
-    got = ov_pipe(PROMPT, image=init, noise=TorchNoise(7), **settings).images
+    got = ov_pipe(PROMPT, image=init, seed=7, **settings).images  # seed 7 = diffusers' manual_seed(7)
     expected = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_sd3)(
         PROMPT, image=init, generator=torch.Generator().manual_seed(7), **settings).images
     assert psnr(as_float(expected), as_float(got), data_range=255.0) >= MIN_PSNR
@@ -100,13 +90,12 @@ def test_image_to_image_matches_diffusers(ov_pipe, tiny_sd3):
 
 def test_flash_folder_follows_the_flash_sampler(ov_flash, tiny_sd3, tiny_flash_adapter):
     """Flash defaults (4 steps, no guidance) and the stochastic sampler, against diffusers running the
-    PEFT-merged transformer with stochastic_sampling (its per-step noise comes from torch's global RNG)."""
+    PEFT-merged transformer with stochastic_sampling, both from the same seed."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from peft import PeftModel
 
     pipe = SD3Pipeline.load(ov_flash, precision="f32", cache_dir=None)
-    latents = initial_latents(1, seed=4)
-    result = pipe(PROMPT, latents=latents, noise=TorchNoise(11), **SIZE)
+    result = pipe(PROMPT, seed=11, **SIZE)  # the same seed draws diffusers' latents and per-step noise
     assert result.params[0]["num_inference_steps"] == 4 and result.params[0]["guidance_scale"] == 0.0
     assert result.params[0]["sampler"] == "flash"
 
@@ -116,9 +105,8 @@ def test_flash_folder_follows_the_flash_sampler(ov_flash, tiny_sd3, tiny_flash_a
                                                                 stochastic_sampling=True)
     reference = torch_pipeline(tiny_sd3, transformer=merged, scheduler=scheduler, text_encoder_3=None,
                                tokenizer_3=None)
-    torch.manual_seed(11)
-    expected = reference(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=4, guidance_scale=0.0,
-                         **SIZE).images
+    expected = reference(PROMPT, generator=torch.Generator().manual_seed(11), num_inference_steps=4,
+                         guidance_scale=0.0, **SIZE).images
     assert psnr(as_float(expected), as_float(result.images), data_range=255.0) >= MIN_PSNR
 
 
