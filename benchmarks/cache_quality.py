@@ -29,11 +29,11 @@ DEFAULT_MODES = ("off", "taylorseer", "taylorseer:interval=2", "taylorseer:inter
                  "taylorseer+guidance-interval:low=0.1,high=1.0")
 
 
-def draw(pipe, spec: str, prompts: list[str], steps: int, guidance: float) -> dict:
+def draw(pipe, spec: str, prompts: list[str], steps: int, guidance: float, noise: str) -> dict:
     images, work, full_size_work, calls, seconds = [], 0.0, 0.0, 0, []
     for seed, prompt in enumerate(prompts):
         started = time.perf_counter()
-        result = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, cache=spec)
+        result = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, cache=spec, noise=noise)
         seconds.append(time.perf_counter() - started)
         images.append(result.images[0])
         work += result.cache_stats.work
@@ -114,6 +114,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--noise", choices=("numpy", "torch"), default="numpy",
+                        help="the seeds' random stream (default numpy: the committed results were drawn with it)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="instead of drawing, join earlier runs' cache_quality.json (same folder, prompts and "
                              "settings) into one table and chart in --out")
@@ -127,7 +129,7 @@ def main() -> int:
     prompts = evaluation_prompts(args.n)
     pipe = SD3Pipeline.load(args.folder, device="CPU", cache_dir=None)
     scorer = DigitScorer()
-    runs = {spec: draw(pipe, spec, prompts, args.steps, args.guidance) for spec in modes}
+    runs = {spec: draw(pipe, spec, prompts, args.steps, args.guidance, args.noise) for spec in modes}
     rows = {spec: score(scorer, run, runs["off"]["images"], prompts) for spec, run in runs.items()}
     print(f"{args.folder}: {len(prompts)} prompts, seeds 0-{len(prompts) - 1}, {args.steps} steps, "
           f"guidance {args.guidance}\n")
@@ -136,7 +138,7 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cache_quality.json").write_text(json.dumps(
             {"folder": str(args.folder), "prompts": len(prompts), "steps": args.steps, "guidance": args.guidance,
-             "modes": rows}, indent=2) + "\n")
+             "noise": args.noise, "modes": rows}, indent=2) + "\n")
         chart(rows, args.out / "cache_quality.png")
     return 0
 

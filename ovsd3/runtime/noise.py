@@ -164,6 +164,16 @@ def generator_noise(generator, batch: int):
     return int(generators[0].initial_seed()), noise
 
 
+def global_torch_noise():
+    """torch's global generator as a noise source, when the caller's process has torch loaded (it passed a torch
+    generator): diffusers' SD3 pipeline does not hand its generator to the scheduler, so the Flash sampler's
+    per-step noise comes from ``torch.manual_seed``'s stream. None without torch."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return None if torch is None else TorchNoise.from_torch(torch.default_generator)
+
+
 NOISE_SOURCES = {"numpy": NumpyNoise, "torch": TorchNoise}
 
 

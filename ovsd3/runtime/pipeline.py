@@ -22,7 +22,8 @@ from ovsd3.errors import InvalidRequest
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
-from ovsd3.runtime.noise import DEFAULT_NOISE, NumpyNoise, generator_noise, noise_source  # noqa: F401 (an old home)
+from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
+                                 noise_source)
 from ovsd3.runtime.request import Request, as_array
 from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, flash_step, img2img_start,
                                      predicted_clean)
@@ -64,6 +65,7 @@ class Job:
     latents: np.ndarray
     noise: Callable[[tuple], np.ndarray]
     stochastic: bool
+    step_noise: Callable[[tuple], np.ndarray] | None = None  # the Flash sampler's, when not ``noise`` (diffusers)
     cache: CacheConfig = field(default_factory=CacheConfig)
     cache_stats: CacheStats | None = None  # filled in by sampling
 
@@ -171,8 +173,11 @@ class SD3Pipeline:
                       sampler="flash" if self.schedule.stochastic_sampling else "euler",
                       strength=request.strength if request.image is not None else None, model=self.folder.name,
                       cache=str(cache), noise=getattr(noise, "name", "custom"), ovsd3=__version__)
+        step_noise = global_torch_noise() if request.generator is not None and self.schedule.stochastic_sampling \
+            else None
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
-                   latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache)
+                   latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache,
+                   step_noise=step_noise)
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
                        batch: int) -> None:
@@ -335,7 +340,8 @@ class SD3Pipeline:
             velocity = self.velocity(job, cache, index, sigma, float(timesteps[index]))
             denoised = predicted_clean(job.latents, velocity, sigma)
             if job.stochastic:
-                job.latents = flash_step(job.latents, velocity, sigma, sigma_next, job.noise(job.latents.shape))
+                noise = (job.step_noise or job.noise)(job.latents.shape)
+                job.latents = flash_step(job.latents, velocity, sigma, sigma_next, noise)
             else:
                 job.latents = euler_step(job.latents, velocity, sigma, sigma_next)
             yield Step(index, total, sigma, float(timesteps[index]), job.latents, denoised)
@@ -386,9 +392,10 @@ class SD3Pipeline:
                 self._on_step_end(job, request, step)
             if self._interrupt:
                 break
-        sync = getattr(job.noise, "sync", None)
-        if sync is not None:  # a torch generator passed in moves on by what was drawn, as in diffusers
-            sync()
+        for source in (job.noise, job.step_noise):  # torch generators move on by what was drawn, as in diffusers
+            sync = getattr(source, "sync", None)
+            if sync is not None:
+                sync()
 
     def _on_step_end(self, job: Job, request: Request, step: Step) -> None:
         """diffusers' callback_on_step_end(pipe, step, timestep, tensors): what it returns replaces them."""

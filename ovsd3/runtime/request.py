@@ -81,7 +81,8 @@ class Request:
         if self.num_images is not None and self.num_images_per_prompt is not None \
                 and self.num_images != self.num_images_per_prompt:
             raise InvalidRequest("num_images and num_images_per_prompt disagree (num_images is its older name)")
-        self.num_images_per_prompt = int(self.num_images_per_prompt or self.num_images or 1)
+        given = self.num_images_per_prompt if self.num_images_per_prompt is not None else self.num_images
+        self.num_images_per_prompt = 1 if given is None else int(given)
         for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
             as_prompt_list(getattr(self, name), name)  # type check only: diffusers' `or` rules need the originals
         for name in ("latents", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
