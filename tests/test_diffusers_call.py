@@ -169,6 +169,11 @@ def test_a_list_of_generators_draws_each_image_from_its_own(pipes):
     (dict(prompt=3), "has to be of type `str` or `list`"),
     (dict(prompt="cat", noise="dice"), "unknown noise source 'dice'"),
     (dict(prompt="cat", generator=12), "generator must be a torch.Generator"),
+    (dict(prompt="cat", guidance_scale=float("nan")), "guidance must be a finite number"),
+    (dict(prompt="cat", guidance_scale=float("inf")), "guidance must be a finite number"),
+    (dict(prompt="cat", width=0), "positive multiples of 16"),
+    (dict(prompt="cat", clip_skip=-1), "clip_skip must not be negative"),
+    (dict(prompt="cat", max_sequence_length=0), "max_sequence_length must be at least 1"),
 ])
 def test_invalid_values_are_value_errors(pipes, settings, message):
     ovsd3_pipe, _ = pipes
@@ -176,7 +181,7 @@ def test_invalid_values_are_value_errors(pipes, settings, message):
         ovsd3_pipe(num_inference_steps=1, guidance_scale=0.0, output_type="latent", **settings, **SIZE)
         return
     with pytest.raises(ValueError) as raised:
-        ovsd3_pipe(num_inference_steps=1, **settings, **SIZE)
+        ovsd3_pipe(num_inference_steps=1, **{**SIZE, **settings})
     assert isinstance(raised.value, InvalidRequest) and message in str(raised.value)
     assert "\n" not in str(raised.value)
 

@@ -178,6 +178,11 @@ def test_bad_uploads_get_a_json_4xx(server):
     buffer = io.BytesIO()
     Image.new("RGB", (SIZE, SIZE)).save(buffer, format="PNG")
     image = {"image": ("x.png", buffer.getvalue(), "image/png")}
+    bomb = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(bomb, format="PNG")  # a few kB that decode to 25 million pixels
+    answer = httpx.post(f"{server}/v3/images/edits", files={"image": ("bomb.png", bomb.getvalue(), "image/png")},
+                        data={"prompt": "cat"})
+    assert answer.status_code == 400 and "5000x5000 is more than" in answer.json()["error"]["message"]
     bad_fields = (({"prompt": "cat", "quality": "hd"}, "quality"), ({"prompt": "cat", "n": "two"}, "n"),
                   ({"prompt": "cat", "strength": "0"}, "strength"), ({"prompt": "cat", "strength": "x"}, "strength"),
                   ({"prompt": ""}, "prompt"))

@@ -155,8 +155,10 @@ class SD3Pipeline:
         steps = self.defaults.num_inference_steps if request.num_inference_steps is None \
             else int(request.num_inference_steps)
         guidance = self.defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
-        width = request.width or (self.static.width if self.static else self.default_size)
-        height = request.height or (self.static.height if self.static else self.default_size)
+        default_width, default_height = (self.static.width, self.static.height) if self.static else \
+            (self.default_size, self.default_size)
+        width = default_width if request.width is None else int(request.width)  # 0 is refused, not defaulted
+        height = default_height if request.height is None else int(request.height)
         batch = request.batch_size * request.num_images_per_prompt
         self._check_request(request, steps, guidance, width, height, batch)
         seed, noise = self._noise_of(request, batch)
@@ -188,8 +190,8 @@ class SD3Pipeline:
                                  f"(got {width}x{height})")
         if self.max_size and max(width, height) > self.max_size:
             raise InvalidRequest(f"this model draws at most {self.max_size}x{self.max_size} (got {width}x{height})")
-        if guidance < 0:
-            raise InvalidRequest(f"guidance must not be negative (got {guidance})")
+        if not 0 <= guidance < float("inf"):  # also nan: it would run unguided and record "nan"
+            raise InvalidRequest(f"guidance must be a finite number, not negative (got {guidance})")
         if request.image is not None and not 0.0 <= request.strength <= 1.0:
             raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
         if request.image is not None and self.vae_encoder is None:

@@ -124,6 +124,10 @@ class Request:
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidRequest(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {self.output_type!r}; "
                                  f"ovsd3 runs without torch, so there is no 'pt')")
+        if self.clip_skip is not None and self.clip_skip < 0:
+            raise InvalidRequest(f"clip_skip must not be negative (got {self.clip_skip})")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise InvalidRequest(f"max_sequence_length must be at least 1 (got {self.max_sequence_length})")
         if self.num_images_per_prompt < 1:
             raise InvalidRequest(f"number of images must be at least 1 (got {self.num_images_per_prompt})")
 

@@ -140,7 +140,7 @@ async def _upload(form, limits: Limits) -> bytes:
     data = await uploads[0].read()
     if len(data) > limits.max_upload_bytes:
         raise BadRequest(f"image: larger than {limits.max_upload_bytes} bytes", status=413)
-    _check_image(data)
+    _check_image(data, limits.max_upload_pixels)
     return data
 
 
@@ -225,12 +225,17 @@ def _image_data(job: Job) -> list[dict]:
     return [{"b64_json": image} for image in job.images]
 
 
-def _check_image(data: bytes) -> None:
+def _check_image(data: bytes, max_pixels: int) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadRequest(f"image: {width}x{height} is more than {max_pixels} pixels")
             image.verify()
+    except Image.DecompressionBombError:
+        raise BadRequest(f"image: more than {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError):
         raise BadRequest("image: not a PNG/JPEG/WebP image Pillow can read") from None
 

@@ -33,6 +33,7 @@ class Limits:
     max_steps: int = 100
     max_guidance: float = 30.0
     max_upload_bytes: int = 16 * 1024 * 1024
+    max_upload_pixels: int = 4096 * 4096  # checked from the header, before decoding (image bombs)
     retry_after_seconds: int = 5
 
 
