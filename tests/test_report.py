@@ -201,19 +201,22 @@ def test_chart_and_markdown(report, report_dir):
         assert expected in text
 
 
-@pytest.mark.parametrize("case", ["one folder", "missing folder", "not SD3", "bad clip", "zero prompts"])
+@pytest.mark.parametrize("case", ["one folder", "missing folder", "not SD3", "bad clip", "zero prompts",
+                                  "zero steps"])
 def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
     out = tmp_path / "report"
     args = {"one folder": [str(ov_sd3)],
             "missing folder": [str(ov_sd3), str(tmp_path / "nowhere")],
             "not SD3": [str(ov_sd3), str(tiny_sd3)],
             "bad clip": [str(ov_sd3), str(ov_sd3), "--clip", str(tmp_path / "no-clip")],
-            "zero prompts": [str(ov_sd3), str(ov_sd3), "--prompts", "0"]}[case]
-    assert main(["report", *args, "--out", str(out), "--size", "64", "--steps", "1"]) == EXIT_ERROR
+            "zero prompts": [str(ov_sd3), str(ov_sd3), "--prompts", "0"],
+            "zero steps": [str(ov_sd3), str(ov_sd3), "--steps", "0"]}[case]  # the later --steps wins
+    assert main(["report", "--out", str(out), "--size", "64", "--steps", "1", *args]) == EXIT_ERROR
     error = capsys.readouterr().err.strip()
     assert error.startswith("ovsd3 report: error: ") and "\n" not in error
     expected = {"one folder": "two or more", "missing folder": "does not exist", "not SD3": "PyTorch (diffusers) model, not OpenVINO IR",
-                "bad clip": "cannot load CLIP model", "zero prompts": "--prompts"}[case]
+                "bad clip": "cannot load CLIP model", "zero prompts": "--prompts",
+                "zero steps": "--steps must be at least 1"}[case]
     assert expected in error
     assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
 
@@ -277,10 +280,10 @@ def test_benchmark_files(benchmark):
 
 
 def test_benchmark_without_peers_and_flash_diffusers(tmp_path, ov_sd3, ov_flash):
-    assert main(["benchmark", str(ov_sd3), "--batch", "1", "--size", "64", "--steps", "1", "--repeats", "1",
-                 "--out", str(tmp_path / "alone")]) == 0
+    assert main(["benchmark", str(ov_sd3), "--batch", "1", "--steps", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "alone")]) == 0  # no --size: the model's own (128 for the tiny one)
     alone = json.loads((tmp_path / "alone" / "benchmark.json").read_text())
-    assert set(alone["runners"]) == {"ovsd3"}
+    assert set(alone["runners"]) == {"ovsd3"} and alone["settings"]["width"] == 128
     # A Flash folder: diffusers gets the same merged LoRA and the folder's stochastic scheduler; its PyTorch
     # model is found from the folder's record (the local folder it was converted from).
     assert main(["benchmark", str(ov_flash), "--batch", "1", "--size", "64", "--repeats", "1", "--peers",
@@ -296,6 +299,7 @@ def test_benchmark_without_peers_and_flash_diffusers(tmp_path, ov_sd3, ov_flash)
     (["--peers", "comfy"], "--peers takes"),
     (["--peers", "diffusers", "--torch-model", "/nowhere/model"], "diffusers cannot load"),
     (["--size", "60"], "multiple of 16"),
+    (["--steps", "0"], "--steps must be at least 1"),  # not silently the folder's 28
 ])
 def test_benchmark_errors_are_one_line(args, expected, tmp_path, capsys, ov_sd3):
     out = tmp_path / "bench"

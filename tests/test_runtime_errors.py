@@ -18,7 +18,13 @@ def run_cli(capsys, folder, *extra) -> tuple[int, str]:
 
 @pytest.mark.parametrize("extra, needle", [
     (("--width", "72", "--height", "64"), "multiples of 16 (got 72x64)"),
-    (("--steps", "0"), "steps must be at least 1"),
+    (("--steps", "0"), "steps must be between 1 and 1000"),
+    (("--steps", "1000000000"), "steps must be between 1 and 1000"),
+    (("--num-images", "10000"), "prompts x images at most 64"),
+    (("--guidance", "nan"), "guidance must be a finite number"),
+    (("--guidance", "inf"), "guidance must be a finite number"),
+    (("--width", "0", "--height", "64"), "positive multiples of 16"),
+    (("--clip-skip", "-1"), "clip_skip must not be negative"),
     (("--image", "{image}", "--strength", "1.5"), "strength must be between 0 and 1"),
     (("--image", "{image}", "--strength", "-0.1"), "strength must be between 0 and 1"),
     (("--device", "NPU"), "device NPU is not available here"),
@@ -26,7 +32,7 @@ def run_cli(capsys, folder, *extra) -> tuple[int, str]:
     (("--device", "unet=CPU"), "unknown component 'unet'"),
     (("--image", "{missing}"), "cannot read image"),
     (("--image", "{not_an_image}"), "cannot read image"),
-    (("--num-images", "0"), "number of images must be at least 1"),
+    (("--num-images", "0"), "--num-images must be at least 1"),
 ])
 def test_bad_input_is_one_line(ov_sd3, tmp_path, capsys, extra, needle):
     from PIL import Image
@@ -39,6 +45,21 @@ def test_bad_input_is_one_line(ov_sd3, tmp_path, capsys, extra, needle):
     code, err = run_cli(capsys, ov_sd3, "--width", "64", "--height", "64", "--output", tmp_path / "out", *extra)
     assert code == EXIT_ERROR
     assert err.startswith("ovsd3 run: error: ") and needle in err, err
+    assert not (tmp_path / "out").exists()  # a refused run leaves no folder behind
+
+
+def test_concurrent_runs_into_one_folder_keep_every_image(ov_sd3, tmp_path):
+    """Four runs with the same seed into one folder at once: four images, none overwritten, no leftovers."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "ovsd3", "run", str(ov_sd3), "--prompt", "a cat", "--steps", "1", "--seed", "5",
+               "--width", "64", "--height", "64", "--no-cache", "--output", str(tmp_path / "shared")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    printed = [run.communicate()[0].strip() for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    written = sorted(path.name for path in (tmp_path / "shared").iterdir())
+    assert len(written) == 4 and len(set(printed)) == 4 and all(name.endswith("-5.png") for name in written)
 
 
 def test_missing_component(ov_sd3, tmp_path, capsys):

@@ -35,7 +35,7 @@ class BenchmarkRequest:
     batches: list[int] = field(default_factory=lambda: [1, 2, 4])
     steps: int | None = None  # default: the folder's
     guidance_scale: float | None = None
-    size: int = 512
+    size: int | None = None  # None: the model's native size
     repeats: int = 3
     device: str = "AUTO"
     peers: tuple[str, ...] = ()  # of PEER_FAMILIES
@@ -123,12 +123,15 @@ def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, log)
 
 
 def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
-    record = layout.ModelFolder.open(request.folder).record
+    model = layout.ModelFolder.open(request.folder)
+    record = model.record
+    if request.size is None:  # the model's own size, as `ovsd3 report` does
+        request.size = model.native_size
     if request.repeats < 1:
         raise OvsdError(f"--repeats must be at least 1 (got {request.repeats})")
     if request.size <= 0 or request.size % 16:
         raise OvsdError(f"--size must be a positive multiple of 16 (got {request.size})")
-    settings = {"steps": request.steps or record.defaults.num_inference_steps,
+    settings = {"steps": record.defaults.num_inference_steps if request.steps is None else request.steps,
                 "guidance_scale": (record.defaults.guidance_scale if request.guidance_scale is None
                                    else request.guidance_scale),
                 "width": request.size, "height": request.size,

@@ -48,7 +48,7 @@ def add_parsers(subparsers) -> None:
     benchmark.add_argument("--batch", default="1,2,4", help="batch sizes, comma-separated (default 1,2,4)")
     benchmark.add_argument("--steps", type=int, default=None, help="default: the folder's")
     benchmark.add_argument("--guidance", type=float, default=None, help="default: the folder's")
-    benchmark.add_argument("--size", type=int, default=512)
+    benchmark.add_argument("--size", type=int, default=None, help="square image size (default: the model's)")
     benchmark.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (default 3)")
     benchmark.add_argument("--device", default="AUTO")
     _add_max_sequence_length(benchmark)

@@ -106,7 +106,7 @@ def _settings(request: ReportRequest) -> dict:
     model = layout.ModelFolder.open(first)
     defaults, native = model.record.defaults, model.native_size
     size = request.size or native
-    return {"steps": request.steps or defaults.num_inference_steps,
+    return {"steps": defaults.num_inference_steps if request.steps is None else request.steps,
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "width": size, "height": size, "max_sequence_length": request.max_sequence_length}
 
@@ -190,6 +190,8 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     prompts = _prompts(request, digits)
     seeds = [request.seed + index for index in range(len(prompts))]
     settings = _settings(request)
+    if settings["steps"] < 1:
+        raise OvsdError(f"--steps must be at least 1 (got {settings['steps']})")
     scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
     output = AtomicOutput(request.out, overwrite=request.overwrite)
     output.check()

@@ -53,14 +53,45 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+# Bounds said before any work: beyond them a typo would grow until the machine kills the process.
+MAX_STEPS = 1000
+MAX_IMAGES = 64  # prompts x images per prompt, in one batch
+
+
 def _next_index(folder: Path) -> int:
     numbers = [int(path.name.split("-")[0]) for path in folder.glob("*.png") if path.name.split("-")[0].isdigit()]
     return max(numbers, default=-1) + 1
 
 
+def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
+    """Write ``NNNNN{suffix}.png`` under the next free number, never replacing a file: the PNG is written whole
+    under a private name and hard-linked into place (which fails, rather than overwrites, if another run took
+    the name first), so concurrent runs into one folder keep every image and no half-written PNG appears."""
+    import os
+    import uuid
+
+    from ovsd3.runtime.images import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    private = folder / f".{os.getpid()}-{uuid.uuid4().hex}.png.tmp"
+    try:
+        save_png(image, private, params)
+        index = _next_index(folder)
+        while True:
+            target = folder / f"{index:05d}{suffix}.png"
+            try:
+                os.link(private, target)
+                return target
+            except FileExistsError:
+                index += 1
+    finally:
+        private.unlink(missing_ok=True)
+
+
 def _write_preview(step, folder: Path) -> None:
     from ovsd3.runtime.preview import preview_images
 
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".preview.png.tmp"
     preview_images(step.denoised[:1])[0].save(tmp, format="PNG")
     tmp.replace(folder / "preview.png")  # atomic, so a viewer never sees half a file
@@ -68,12 +99,14 @@ def _write_preview(step, folder: Path) -> None:
 
 def run(args) -> int:
     from ovsd3.runtime.cache import CacheConfig
-    from ovsd3.runtime.images import save_png
     from ovsd3.layout import ModelFolder
     from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape
 
-    if args.steps is not None and args.steps < 1:
-        raise OvsdError(f"--steps must be at least 1 (got {args.steps})")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise OvsdError(f"--steps must be between 1 and {MAX_STEPS} (got {args.steps})")
+    if not 1 <= len(args.prompt) * args.num_images <= MAX_IMAGES:
+        raise OvsdError(f"--num-images must be at least 1, and prompts x images at most {MAX_IMAGES} "
+                        f"(got {len(args.prompt)} x {args.num_images})")
     if args.preview_every < 0:
         raise OvsdError("--preview-every must not be negative")
     cache = CacheConfig.parse(args.cache)  # a bad spec is refused before anything loads
@@ -91,7 +124,6 @@ def run(args) -> int:
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
                             cache_dir=None if args.no_cache else (args.cache_dir or "default"))
     print(f"loaded {args.model_dir} on {args.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    args.output.mkdir(parents=True, exist_ok=True)
     progress = ProgressBar()
 
     def on_step(step):
@@ -104,9 +136,8 @@ def run(args) -> int:
                   noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
                   clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
                   callback=on_step)
-    first = _next_index(args.output)
-    for offset, (image, params) in enumerate(zip(result.images, result.params)):
-        path = save_png(image, args.output / f"{first + offset:05d}-{params['seed']}.png", params)
+    for image, params in zip(result.images, result.params):
+        path = save_new_png(image, args.output, params, f"-{params['seed']}")
         print(path)
     timings = result.timings
     if cache.active:

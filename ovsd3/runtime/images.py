@@ -60,5 +60,5 @@ def save_png(image, path: Path, params: dict) -> Path:
     info.add_text("parameters", parameters_text(params))
     info.add_text("ovsd3", json.dumps(params, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    image.save(path, format="PNG", pnginfo=info)
     return path
