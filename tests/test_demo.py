@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ovsd3.demo.digits import COLOURS, DigitPrompt, DigitScorer, evaluation_prompts
+from ovsd3.quantize.pipeline import QuantizeRequest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo" / "sd3-digits"
@@ -92,7 +93,10 @@ def test_quantize_gate_scored_the_digits(quickstart):
     gate = record["quantization"]["gate"]
     assert len(gate["image_psnr"]) == 20  # the demo's default: 20 prompts, so one image is 5 points
     digits = gate["digit_accuracy"]
-    assert digits["reference"] >= MIN_MATCH and digits["candidate"] >= digits["reference"] - 0.05
+    # the gate's own limit (15 points: INT8 costs ~5 over 240 prompts, measured +-5 by 20); a broken quantization
+    # would draw next to no digits
+    allowed_drop = QuantizeRequest.max_digit_drop
+    assert digits["reference"] >= MIN_MATCH and digits["candidate"] >= digits["reference"] - allowed_drop
 
 
 def test_openvino_genai_draws_the_converted_folder(quickstart, scorer):
