@@ -133,6 +133,13 @@ class ModelFolder:
         return int(self.transformer_config.get("sample_size", 128)) * self.vae_scale_factor
 
     @property
+    def max_size(self) -> int | None:
+        """The largest side it can draw: the learned position embedding covers pos_embed_max_size patches a side
+        (None when the config does not say)."""
+        patches = int(self.transformer_config.get("pos_embed_max_size") or 0)
+        return patches * self.patch_size * self.vae_scale_factor or None
+
+    @property
     def has_t5(self) -> bool:
         return model_xml(self.path, T5).exists() and (self.path / TOKENIZER_OF[T5]).exists()
 

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from ovsd3.errors import InvalidRequest
+
 MERSENNE_STATE_N = 624
 DEFAULT_NOISE = "torch"  # the same seed draws diffusers' picture; as fast as numpy's (benchmarks/noise.py)
 
@@ -151,8 +153,6 @@ class GeneratorListNoise:
 def generator_noise(generator, batch: int):
     """(the seed to record, the noise source) for diffusers' ``generator``: a CPU torch.Generator or a list
     with one per image."""
-    from ovsd3.errors import InvalidRequest
-
     generators = generator if isinstance(generator, list) else [generator]
     if not all(hasattr(item, "get_state") and hasattr(item, "initial_seed") for item in generators):
         raise InvalidRequest("generator must be a torch.Generator (or a list of them); without torch, pass seed=")
@@ -182,6 +182,4 @@ def noise_source(name: str, seed: int):
     try:
         return NOISE_SOURCES[name](seed)
     except KeyError:
-        from ovsd3.errors import InvalidRequest
-
         raise InvalidRequest(f"unknown noise source {name!r} (choose from {', '.join(NOISE_SOURCES)})") from None

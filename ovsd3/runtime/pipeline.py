@@ -89,8 +89,7 @@ class SD3Pipeline:
         self.vae_scale_factor = model.vae_scale_factor
         self.size_multiple = self.vae_scale_factor * model.patch_size
         self.default_size = model.native_size
-        # The learned position embedding covers pos_embed_max_size patches a side: larger images cannot be drawn.
-        self.max_size = int(model.transformer_config.get("pos_embed_max_size") or 0) * self.size_multiple or None
+        self.max_size = model.max_size
         self.scaling_factor = float(model.vae_config.get("scaling_factor", 1.5305))
         self.shift_factor = float(model.vae_config.get("shift_factor", 0.0609))
         self.schedule = FlowMatchSchedule.from_folder(folder)

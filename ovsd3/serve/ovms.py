@@ -46,8 +46,7 @@ def graph_options(model: ModelFolder, device: str, max_images: int, max_steps: i
     if device not in OVMS_DEVICES:
         raise OvsdError(f"OVMS takes one of {', '.join(OVMS_DEVICES)} as its device (got {device!r}); "
                         f"pass --device CPU, GPU or NPU with --write-ovms-config")
-    max_side = int(model.transformer_config.get("pos_embed_max_size") or 0) * model.vae_scale_factor \
-        * model.patch_size or 4096
+    max_side = model.max_size or 4096  # OVMS's own default where the config says nothing
     native = model.native_size
     return {"models_path": str(model.path.resolve()), "device": device,
             "max_resolution": f"{max_side}x{max_side}", "default_resolution": f"{native}x{native}",
