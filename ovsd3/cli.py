@@ -23,11 +23,15 @@ def _add_convert(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "convert", help="SD3 / SD3.5 (PyTorch, diffusers layout) to an OpenVINO model folder",
+        usage="ovsd3 convert [-h] [--flash-lora [ADAPTER]] [--no-t5] [--weight-format {fp16,fp32}] [--overwrite] "
+              "[--min-psnr MIN_PSNR] [MODEL] OUT",
         description="Convert a Stable Diffusion 3 pipeline to OpenVINO IR in the layout optimum-intel writes "
                     "(loads in openvino.genai, optimum-intel and OpenVINO Model Server).")
-    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_ID, metavar="MODEL",
-                        help=f"model hub id or local diffusers folder (default {DEFAULT_MODEL_ID})")
-    parser.add_argument("output", type=Path, metavar="OUT", help="output folder (created atomically)")
+    # One positional list, so that options may come between MODEL and OUT (argparse alone cannot split an
+    # optional positional from a required one once an option separates them); main() adds what follows.
+    parser.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
+                        help=f"MODEL: model hub id or local diffusers folder (default {DEFAULT_MODEL_ID}); "
+                             "OUT: output folder (created atomically)")
     parser.add_argument("--flash-lora", nargs="?", const=FLASH_LORA_ID, default=None, metavar="ADAPTER",
                         help=f"merge a PEFT LoRA into the transformer (default adapter {FLASH_LORA_ID}); "
                              "the folder then defaults to 4 steps, no guidance, the Flash sampler")
@@ -52,10 +56,13 @@ def _convert_extras_needed(task: str):
 
 
 def _run_convert(args) -> int:
+    if len(args.paths) > 2:
+        raise OvsdError(f"convert takes MODEL and OUT, got {len(args.paths)} paths: {' '.join(args.paths)}")
+    model, output = args.paths if len(args.paths) == 2 else (DEFAULT_MODEL_ID, args.paths[0])
     with _convert_extras_needed("conversion"):
         from ovsd3.convert import ConvertRequest, convert_model
     convert_model(ConvertRequest(
-        model=args.model, output=args.output, flash_lora=args.flash_lora, with_t5=not args.no_t5,
+        model=model, output=Path(output), flash_lora=args.flash_lora, with_t5=not args.no_t5,
         weight_format=args.weight_format, overwrite=args.overwrite, min_psnr=args.min_psnr,
     ))
     return 0
@@ -160,23 +167,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "convert" or any(value.startswith("-") for value in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.paths += extra  # `convert SRC --overwrite OUT`
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.handler(args)
     except OvsdError as error:
         print(f"ovsd3 {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"ovsd3 {args.command}: interrupted; nothing was written", file=sys.stderr)
+        # run keeps the images it finished (and its preview); the other commands write whole folders or nothing
+        written = "" if args.command in ("run", "serve") else "; nothing was written"
+        print(f"ovsd3 {args.command}: interrupted{written}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # a bug, or a library failing in a way not foreseen: still one line
         if os.environ.get("OVSD3_DEBUG"):
             raise
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        print(f"ovsd3 {args.command}: internal error: {type(error).__name__}: {first_line} "
-              f"(set OVSD3_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _report_unexpected(args.command, error)
+
+
+def _report_unexpected(command: str, error: Exception) -> int:
+    from ovsd3.atomic import ENVIRONMENT_ERRNOS
+
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:  # a full disk, a read-only folder
+        where = f": {error.filename}" if error.filename else ""
+        print(f"ovsd3 {command}: error: {error.strerror}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    print(f"ovsd3 {command}: internal error: {type(error).__name__}: {first_line} "
+          f"(set OVSD3_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -61,12 +61,18 @@ class FolderRecord:
 
     @classmethod
     def load(cls, folder: Path) -> "FolderRecord | None":
+        from ovsd3.errors import OvsdError
+
         path = Path(folder) / OVSD3_RECORD
         if not path.exists():
             return None
-        data = json.loads(path.read_text())
-        data["defaults"] = GenerationDefaults(**data.get("defaults", {}))
-        return cls(**data)
+        data = read_json(path)
+        try:
+            data["defaults"] = GenerationDefaults(**data.get("defaults", {}))
+            return cls(**data)
+        except TypeError as error:  # fields missing, unknown or of the wrong kind
+            raise OvsdError(f"{path} is not an ovsd3 record ({error}); delete it to use the folder without "
+                            "ovsd3's defaults") from None
 
 
 def model_xml(folder: Path, component: str) -> Path:
@@ -86,9 +92,12 @@ def read_json(path: Path) -> dict:
     from ovsd3.errors import OvsdError
 
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise OvsdError(f"cannot read {path}: {error}") from None
+        raise OvsdError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    if not isinstance(data, dict):
+        raise OvsdError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
+    return data
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,28 @@ class ModelFolder:
 
     def has(self, component: str) -> bool:
         return model_xml(self.path, component).exists()
+
+
+REPORT_JSON, BENCHMARK_JSON, OVMS_CONFIG = "report.json", "benchmark.json", "config.json"
+
+
+def made_by(folder: Path) -> str | None:
+    """Which ovsd3 command wrote ``folder`` ("convert", "quantize", "report", "benchmark", "ovms-config"), by the
+    file each leaves behind; None for anything else (a model or folder the user brought). `--overwrite` replaces
+    only a folder that the same command made."""
+    folder = Path(folder)
+    try:
+        if (folder / OVSD3_RECORD).is_file():
+            record = json.loads((folder / OVSD3_RECORD).read_text())
+            return "quantize" if isinstance(record, dict) and record.get("quantization") else "convert"
+        for command, marker in (("report", REPORT_JSON), ("benchmark", BENCHMARK_JSON)):
+            if (folder / marker).is_file():
+                return command
+        if (folder / OVMS_CONFIG).is_file() and "model_config_list" in json.loads((folder / OVMS_CONFIG).read_text()):
+            return "ovms-config"
+    except (OSError, ValueError, TypeError):
+        return None
+    return None
 
 
 def check_folder(folder: Path) -> None:

@@ -44,7 +44,8 @@ def test_not_an_sd3_pipeline(tmp_path, capsys):
 
 
 def test_not_a_pipeline_folder(tmp_path, capsys):
-    code, err = run_cli(capsys, tmp_path, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, tmp_path / "empty", tmp_path / "out")
     assert_one_line_error(code, err, "no model_index.json")
 
 
@@ -104,7 +105,7 @@ def test_output_not_writable(tmp_path, tiny_sd3, capsys):
     assert_one_line_error(code, err, "cannot create output folder")
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, tiny_sd3_without_t5, capsys):
+def test_overwrite_replaces_only_an_earlier_convert_output(tmp_path, tiny_sd3_without_t5, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep")
@@ -112,8 +113,15 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, tiny_
     assert_one_line_error(code, err, "already exists", "--overwrite")
     assert (out / "precious.txt").exists()
 
+    code, err = run_cli(capsys, tiny_sd3_without_t5, out, "--overwrite")  # not an earlier convert's output
+    assert_one_line_error(code, err, "was not written by ovsd3")
+    assert (out / "precious.txt").exists()
+
+    (out / "precious.txt").unlink()  # an empty folder holds nothing to lose
     assert main(["convert", str(tiny_sd3_without_t5), str(out), "--overwrite"]) == 0
-    assert not (out / "precious.txt").exists() and (out / "transformer" / "openvino_model.xml").exists()
+    (out / "added-later.txt").write_text("replaced with the folder")
+    assert main(["convert", str(tiny_sd3_without_t5), str(out), "--overwrite"]) == 0  # an earlier convert: replaced
+    assert not (out / "added-later.txt").exists() and (out / "transformer" / "openvino_model.xml").exists()
     assert not leftovers(out)
 
 

@@ -210,7 +210,7 @@ def test_forced_gate_failure_writes_nothing(workdir, ov_flash, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--calib", "0"), "--calib must be at least 1"),
+    (("--calib", "0"), "--calib must be between 1 and 1000"),
     (("--dataset", "/no/such/prompts.txt"), "cannot read prompt file"),
     (("--weights", "int4_sym", "--ratio", "1.5"), "--ratio must be in (0, 1]"),
     (("--ignore", "no_such_node"), "no node named 'no_such_node'"),

@@ -216,7 +216,7 @@ def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
     assert error.startswith("ovsd3 report: error: ") and "\n" not in error
     expected = {"one folder": "two or more", "missing folder": "does not exist", "not SD3": "PyTorch (diffusers) model, not OpenVINO IR",
                 "bad clip": "cannot load CLIP model", "zero prompts": "--prompts",
-                "zero steps": "--steps must be at least 1"}[case]
+                "zero steps": "--steps must be between 1 and 1000"}[case]
     assert expected in error
     assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
 
@@ -299,7 +299,7 @@ def test_benchmark_without_peers_and_flash_diffusers(tmp_path, ov_sd3, ov_flash)
     (["--peers", "comfy"], "--peers takes"),
     (["--peers", "diffusers", "--torch-model", "/nowhere/model"], "diffusers cannot load"),
     (["--size", "60"], "multiple of 16"),
-    (["--steps", "0"], "--steps must be at least 1"),  # not silently the folder's 28
+    (["--steps", "0"], "--steps must be between 1 and 1000"),  # not silently the folder's 28
 ])
 def test_benchmark_errors_are_one_line(args, expected, tmp_path, capsys, ov_sd3):
     out = tmp_path / "bench"

@@ -66,26 +66,9 @@ def _quiet_libraries() -> None:
         pass
 
 
-def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -> ConvertReport:
-    """Convert every component, check each against PyTorch, and publish the folder atomically."""
-    if request.weight_format not in WEIGHT_FORMATS:
-        raise OvsdError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}")
-    _quiet_libraries()
-    start = time.perf_counter()
-    options = ExportOptions(weight_format=request.weight_format, min_psnr=request.min_psnr)
-    output = AtomicOutput(request.output, overwrite=request.overwrite)
-    output.check()  # before any download or load
-
-    source = ModelSource.open(request.model, with_t5=request.with_t5)
-    lora_folder = None
-    if request.flash_lora:
-        from ovsd3.convert.lora import resolve_adapter
-
-        lora_folder = resolve_adapter(request.flash_lora)
-    with_t5 = request.with_t5 and source.has_t5
-    if request.with_t5 and not source.has_t5:
-        log(f"note: {request.model} has no T5 encoder; converting without it")
-
+def _conversion_steps(source: ModelSource, options: ExportOptions, lora_folder: Path | None,
+                      with_t5: bool) -> list[tuple[str, Callable[[Path], object]]]:
+    """(label, function of the staging folder) for every component and tokenizer, in the order they are made."""
     steps: list[tuple[str, Callable[[Path], object]]] = [
         ("transformer" + (" (+ merged LoRA)" if lora_folder else ""),
          lambda out: components.convert_transformer(source, out, options, lora_folder)),
@@ -101,7 +84,42 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
     tokenizers = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if with_t5 else [])
     for name in tokenizers:
         steps.append((name, lambda out, name=name: components.convert_tokenizer(source, name, out)))
+    return steps
 
+
+def _log_step(result, seconds: float, log: Callable[[str], None]) -> None:
+    if isinstance(result, ComponentResult):
+        log(f"      {result.size_bytes / 1e6:,.1f} MB, {result.seconds:.1f} s; "
+            f"agreement with PyTorch: {result.agreement}"
+            + ("" if result.precision == "f32" else " (checked at the device's default precision)"))
+        return
+    log(f"      checked against the original on {result.probes} probe prompts ({seconds:.1f} s)")
+    for note in result.notes:
+        log(f"      note: {note}")
+
+
+def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -> ConvertReport:
+    """Convert every component, check each against PyTorch, and publish the folder atomically."""
+    if request.weight_format not in WEIGHT_FORMATS:
+        raise OvsdError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}")
+    _quiet_libraries()
+    start = time.perf_counter()
+    options = ExportOptions(weight_format=request.weight_format, min_psnr=request.min_psnr)
+    output = AtomicOutput(request.output, command="convert", overwrite=request.overwrite,
+                          inputs=(request.model, request.flash_lora))
+    output.check()  # before any download or load
+
+    source = ModelSource.open(request.model, with_t5=request.with_t5)
+    lora_folder = None
+    if request.flash_lora:
+        from ovsd3.convert.lora import resolve_adapter
+
+        lora_folder = resolve_adapter(request.flash_lora)
+    with_t5 = request.with_t5 and source.has_t5
+    if request.with_t5 and not source.has_t5:
+        log(f"note: {request.model} has no T5 encoder; converting without it")
+
+    steps = _conversion_steps(source, options, lora_folder, with_t5)
     report = ConvertReport(output=output.target)
     with output as staging:
         for index, (label, step) in enumerate(steps, 1):
@@ -111,14 +129,7 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
             release_memory()
             if isinstance(result, ComponentResult):
                 report.components.append(result)
-                log(f"      {result.size_bytes / 1e6:,.1f} MB, {result.seconds:.1f} s; "
-                    f"agreement with PyTorch: {result.agreement}"
-                    + ("" if result.precision == "f32" else " (checked at the device's default precision)"))
-            else:
-                log(f"      checked against the original on {result.probes} probe prompts "
-                    f"({time.perf_counter() - step_start:.1f} s)")
-                for note in result.notes:
-                    log(f"      note: {note}")
+            _log_step(result, time.perf_counter() - step_start, log)
         components.write_scheduler(source, staging, flash=lora_folder is not None)
         components.write_model_index(source, staging, with_t5)
         layout.FolderRecord(

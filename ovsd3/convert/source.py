@@ -82,7 +82,7 @@ class ModelSource:
         marker = self.root / layout.DEMO_RECORD
         try:
             return json.loads(marker.read_text()).get("demo") if marker.exists() else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return None
 
     @staticmethod
@@ -90,10 +90,7 @@ class ModelSource:
         index_path = root / "model_index.json"
         if not root.is_dir() or not index_path.exists():
             raise OvsdError(f"{model!r} is not a diffusers pipeline folder (no model_index.json)")
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError) as error:
-            raise OvsdError(f"cannot read {index_path}: {error}") from None
+        index = layout.read_json(index_path)
         class_name = index.get("_class_name", "?")
         if class_name not in SD3_PIPELINE_CLASSES:
             raise OvsdError(f"{model!r} is a {class_name}, not a Stable Diffusion 3 pipeline")
@@ -128,11 +125,15 @@ class ModelSource:
         files = sorted((self.root / component).glob("*.safetensors"))
         if not files:
             return torch.float32
-        with safe_open(files[0], framework="pt") as handle:
-            for key in handle.keys():
-                dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
-                if dtype is not None:
-                    return dtype
+        try:
+            with safe_open(files[0], framework="pt") as handle:
+                for key in handle.keys():
+                    dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+                    if dtype is not None:
+                        return dtype
+        except Exception as error:  # safetensors raises its own SafetensorError for a cut or corrupt file
+            raise OvsdError(f"cannot read {files[0]}: {reason_of(error)} (a truncated or corrupt download?)") from None
+        return torch.float32
         return torch.float32
 
     def load_dtype(self, component: str, weight_format: str) -> torch.dtype:

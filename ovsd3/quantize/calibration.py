@@ -53,13 +53,9 @@ def load_prompts(dataset: str, count: int, log: Callable[[str], None] = print) -
                 f"set instead (calibration/prompts.txt, 400 captions of the same kind)")
             prompts = builtin_prompts()
     else:
-        path = Path(dataset)
-        try:
-            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise OvsdError(f"cannot read prompt file {dataset}: {getattr(error, 'strerror', None) or error}") from None
-        if not prompts:
-            raise OvsdError(f"prompt file {dataset} holds no prompts")
+        from ovsd3.prompt_file import read_prompt_file
+
+        prompts = read_prompt_file(dataset)
     if not prompts:
         raise OvsdError(f"no calibration prompts from {dataset}")
     return [prompts[i % len(prompts)] for i in range(count)]  # a short list is reused in order

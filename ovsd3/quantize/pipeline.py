@@ -27,6 +27,8 @@ WEIGHT_COMPRESSED = (layout.CLIP_L, layout.CLIP_G, layout.T5, layout.VAE_ENCODER
 # The decoder calibrates on one recorded latent per prompt; beyond this many, more add quantization time
 # (a full-size decoder call per latent) rather than range (the demo: 8 latents 50.6 dB, 64 latents 51.9 dB).
 MAX_DECODER_LATENTS = 64
+MAX_CALIB = 1000  # five times the published recipe's 200; each sample is kept on disk (~11 MB at full size)
+MAX_GATE_PROMPTS = 400
 
 
 @dataclass
@@ -154,7 +156,8 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
 
     _quiet_nncf()
     request, model = _checked(request)
-    output = AtomicOutput(request.output, overwrite=request.overwrite)
+    output = AtomicOutput(request.output, command="quantize", overwrite=request.overwrite,
+                          inputs=(model.path, request.calib_cache, request.dataset))
     output.check()
     started = time.perf_counter()
     record = model.record
@@ -192,14 +195,20 @@ def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFol
         model = layout.ModelFolder.open(Path(request.source))
     except OvsdError as error:
         raise OvsdError(f"IN must be a folder from `ovsd3 convert` or optimum-intel: {error}") from None
-    if request.calib < 1:
-        raise OvsdError(f"--calib must be at least 1 (got {request.calib})")
+    if not 1 <= request.calib <= MAX_CALIB:
+        raise OvsdError(f"--calib must be between 1 and {MAX_CALIB} (got {request.calib})")
+    blocks = int(model.transformer_config.get("num_layers", 0)) or None
+    slices = request.transformer.slices
+    if slices is not None and not 1 <= slices <= (blocks or slices):
+        raise OvsdError(f"--slices must be between 1 and the transformer's {blocks} blocks (got {slices})")
     if request.calib_size is None:
         request = dataclasses.replace(request, calib_size=min(CALIB_SIZE, model.native_size))
     if request.calib_size <= 0 or request.calib_size % 16:
         raise OvsdError(f"--calib-size must be a positive multiple of 16 (got {request.calib_size})")
-    if request.gate_prompts is not None and request.gate_prompts < 1:
-        raise OvsdError("--gate-prompts must be at least 1: the quality gate always runs")
+    if request.gate_prompts is not None and not 1 <= request.gate_prompts <= MAX_GATE_PROMPTS:
+        raise OvsdError(f"--gate-prompts must be between 1 and {MAX_GATE_PROMPTS}: the quality gate always runs")
+    if model.max_size and request.calib_size > model.max_size:
+        raise OvsdError(f"--calib-size {request.calib_size} is more than this model draws ({model.max_size})")
     request.weights.check()
     request.vae_decoder.check()
     return request, model

@@ -1,4 +1,4 @@
-"""INT8 activation quantization of the VAE decoder with NNCF, calibrated on the final latents that the
+r"""INT8 activation quantization of the VAE decoder with NNCF, calibrated on the final latents that the
 folder's own pipeline produced while calibration recorded the transformer's inputs.
 
 Weight-only INT4 leaves the decoder as slow as before: at 512x512 it is bound by its activations (every

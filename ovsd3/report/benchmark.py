@@ -19,6 +19,7 @@ from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
+from ovsd3.report.settings import MAX_REPEATS, check_batches, check_count, check_settings
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.cache import CacheConfig
 
@@ -127,19 +128,17 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
     record = model.record
     if request.size is None:  # the model's own size, as `ovsd3 report` does
         request.size = model.native_size
-    if request.repeats < 1:
-        raise OvsdError(f"--repeats must be at least 1 (got {request.repeats})")
-    if request.size <= 0 or request.size % 16:
-        raise OvsdError(f"--size must be a positive multiple of 16 (got {request.size})")
+    check_count("--repeats", request.repeats, MAX_REPEATS)
+    check_batches(request.batches)
     settings = {"steps": record.defaults.num_inference_steps if request.steps is None else request.steps,
                 "guidance_scale": (record.defaults.guidance_scale if request.guidance_scale is None
                                    else request.guidance_scale),
                 "width": request.size, "height": request.size,
                 "max_sequence_length": request.max_sequence_length}
-    if settings["steps"] < 1:
-        raise OvsdError(f"--steps must be at least 1 (got {settings['steps']})")
+    check_settings(settings, model)
     request.caches = tuple(dict.fromkeys(str(CacheConfig.parse(spec)) for spec in request.caches)) or ("off",)
-    output = AtomicOutput(request.out, overwrite=request.overwrite)
+    output = AtomicOutput(request.out, command="benchmark", overwrite=request.overwrite,
+                          inputs=(request.folder, request.torch_model))
     output.check()
     runners = _run(_tasks(request, record, settings, log), request, settings, log)
     reference = ovsd3_runner(request.caches[0])  # ratios are against ovsd3 with the first cache mode (off)

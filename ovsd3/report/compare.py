@@ -25,9 +25,11 @@ from ovsd3.demo.digits import DigitScorer, evaluation_prompts
 from ovsd3.errors import OvsdError
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
+from ovsd3.report.settings import MAX_PROMPTS, check_count, check_settings
 from ovsd3.report.quality import ClipScorer, image_agreement
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.cache import CacheConfig
+from ovsd3.runtime.request import MAX_SEED
 
 
 @dataclass
@@ -84,8 +86,7 @@ def component_sizes(folder: Path) -> dict[str, int]:
 
 
 def _prompts(request: ReportRequest, digits: bool) -> list[str]:
-    if request.prompts < 1:
-        raise OvsdError(f"--prompts must be at least 1 (got {request.prompts})")
+    check_count("--prompts", request.prompts, MAX_PROMPTS)
     if request.prompt_file is None and digits:
         return evaluation_prompts(request.prompts)
     if request.prompt_file is None:
@@ -188,12 +189,14 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     digits = request.digits if request.digits is not None else models[0].record.demo == "digits"
     scorer_of_digits = DigitScorer() if digits else None
     prompts = _prompts(request, digits)
+    if not 0 <= request.seed <= MAX_SEED - len(prompts):
+        raise OvsdError(f"--seed must be between 0 and 2**64 - 1 - prompts (got {request.seed})")
     seeds = [request.seed + index for index in range(len(prompts))]
     settings = _settings(request)
-    if settings["steps"] < 1:
-        raise OvsdError(f"--steps must be at least 1 (got {settings['steps']})")
+    check_settings(settings, models[0])
     scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
-    output = AtomicOutput(request.out, overwrite=request.overwrite)
+    output = AtomicOutput(request.out, command="report", overwrite=request.overwrite,
+                          inputs=(*request.folders, request.prompt_file, request.clip))
     output.check()
     with output as staging:
         folders = _measure_columns(columns, prompts, seeds, settings, request.device, staging, log)

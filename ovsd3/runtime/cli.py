@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 from ovsd3.errors import OvsdError
 from ovsd3.progress import ProgressBar
+from ovsd3.runtime.request import MAX_IMAGES, MAX_STEPS
+
+PREVIEW = "preview.png"
 
 
 def add_parser(subparsers) -> None:
@@ -53,10 +57,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-# Bounds said before any work: beyond them a typo would grow until the machine kills the process.
-MAX_STEPS = 1000
-MAX_IMAGES = 64  # prompts x images per prompt, in one batch
-
 
 def _next_index(folder: Path) -> int:
     numbers = [int(path.name.split("-")[0]) for path in folder.glob("*.png") if path.name.split("-")[0].isdigit()]
@@ -67,7 +67,6 @@ def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
     """Write ``NNNNN{suffix}.png`` under the next free number, never replacing a file: the PNG is written whole
     under a private name and hard-linked into place (which fails, rather than overwrites, if another run took
     the name first), so concurrent runs into one folder keep every image and no half-written PNG appears."""
-    import os
     import uuid
 
     from ovsd3.runtime.images import save_png
@@ -75,7 +74,10 @@ def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / f".{os.getpid()}-{uuid.uuid4().hex}.png.tmp"
     try:
-        save_png(image, private, params)
+        try:
+            save_png(image, private, params)
+        except OSError as error:  # a full disk: no file (the private one goes below), one line
+            raise OvsdError(f"cannot write an image in {folder}: {error.strerror or error}") from None
         index = _next_index(folder)
         while True:
             target = folder / f"{index:05d}{suffix}.png"
@@ -93,14 +95,38 @@ def _write_preview(step, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".preview.png.tmp"
-    preview_images(step.denoised[:1])[0].save(tmp, format="PNG")
-    tmp.replace(folder / "preview.png")  # atomic, so a viewer never sees half a file
+    try:
+        preview_images(step.denoised[:1])[0].save(tmp, format="PNG")
+        tmp.replace(folder / PREVIEW)  # atomic, so a viewer never sees half a file
+    except OSError as error:
+        raise OvsdError(f"cannot write the preview in {folder}: {error.strerror or error}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_output(output: Path, model_dir: Path) -> None:
+    """Refuse, before loading, an --output that cannot take PNGs or that would put them in the model folder."""
+    from ovsd3.atomic import overlap
+
+    if output.is_symlink() and not output.exists():
+        raise OvsdError(f"--output {output} is a symbolic link to nothing")
+    if output.exists() and not output.is_dir():
+        raise OvsdError(f"--output {output} exists and is not a folder")
+    # PNGs replace nothing (each takes a free name), so --output may contain the model (`--output .`), but
+    # images inside the model folder would be mistaken for part of it
+    if model_dir.exists() and overlap(output, model_dir) in ("is", "lies inside"):
+        raise OvsdError(f"--output {output} is inside the model folder {model_dir}: choose another folder")
+    existing = next(path for path in (output, *output.absolute().parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OvsdError(f"--output {output}: {existing} is not a writable folder")
 
 
 def run(args) -> int:
-    from ovsd3.runtime.cache import CacheConfig
+    from ovsd3.atomic import cleaned_up_on_failure
     from ovsd3.layout import ModelFolder
+    from ovsd3.runtime.cache import CacheConfig
     from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape
+    from ovsd3.runtime.request import Request
 
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         raise OvsdError(f"--steps must be between 1 and {MAX_STEPS} (got {args.steps})")
@@ -110,6 +136,9 @@ def run(args) -> int:
     if args.preview_every < 0:
         raise OvsdError("--preview-every must not be negative")
     cache = CacheConfig.parse(args.cache)  # a bad spec is refused before anything loads
+    Request(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, seed=args.seed,
+            clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length)  # the same, for its checks
+    _check_output(args.output, args.model_dir)
     if args.image is not None and not args.image.is_file():
         raise OvsdError(f"cannot read image {args.image}: no such file")
     started = time.perf_counter()
@@ -124,6 +153,11 @@ def run(args) -> int:
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
                             cache_dir=None if args.no_cache else (args.cache_dir or "default"))
     print(f"loaded {args.model_dir} on {args.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    with cleaned_up_on_failure(args.output, [args.output / PREVIEW] if args.preview_every else []):
+        return _generate(pipe, args, cache)
+
+
+def _generate(pipe, args, cache) -> int:
     progress = ProgressBar()
 
     def on_step(step):

@@ -95,8 +95,18 @@ class ModelCompiler:
         self.core = ov.Core()
         check_available(self.core, options.plan)
         if options.cache_dir is not None:
-            options.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.core.set_property({"CACHE_DIR": str(options.cache_dir)})
+            self._use_cache(options.cache_dir)
+
+    def _use_cache(self, cache_dir: Path) -> None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OvsdError(f"cannot create the model cache {cache_dir}: {error.strerror} (choose another with "
+                            "--cache-dir, or pass --no-cache)") from None
+        if not os.access(cache_dir, os.W_OK | os.X_OK):
+            raise OvsdError(f"the model cache {cache_dir} is not writable (choose another with --cache-dir, or "
+                            "pass --no-cache)")
+        self.core.set_property({"CACHE_DIR": str(cache_dir)})
 
     def _config(self, device: str) -> dict:
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -135,5 +145,8 @@ class ModelCompiler:
 
     def compile_tokenizer(self, tokenizer_folder: str):
         """(compiled tokenizer, its model). Tokenizers are string processing: always on the CPU."""
-        model = self.core.read_model(self.folder / tokenizer_folder / layout.TOKENIZER_XML)
-        return self.core.compile_model(model, "CPU"), model
+        try:
+            model = self.core.read_model(self.folder / tokenizer_folder / layout.TOKENIZER_XML)
+            return self.core.compile_model(model, "CPU"), model
+        except RuntimeError as error:
+            raise OvsdError(f"cannot read {tokenizer_folder}: {reason_of(error)}") from None

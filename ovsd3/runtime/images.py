@@ -9,6 +9,10 @@ import numpy as np
 
 from ovsd3.errors import OvsdError
 
+# An input image is resized to at most the model's largest size; decoding one far beyond that (an image bomb:
+# a small file that unpacks to gigabytes) is refused from the header.
+MAX_INPUT_PIXELS = 8192 * 8192
+
 
 def load_image(source, width: int, height: int) -> np.ndarray:
     """An image file (or PIL image) as a (1, 3, height, width) array in [-1, 1], as diffusers preprocesses it."""
@@ -16,8 +20,14 @@ def load_image(source, width: int, height: int) -> np.ndarray:
 
     if isinstance(source, (str, Path)):
         try:
-            with Image.open(source) as opened:
+            with Image.open(source) as opened:  # reads the header only: the size is known before decoding
+                if opened.width * opened.height > MAX_INPUT_PIXELS:
+                    raise OvsdError(f"image {source} is {opened.width}x{opened.height}, more than "
+                                    f"{MAX_INPUT_PIXELS // 2**20} megapixels: scale it down first")
                 image = opened.convert("RGB")
+        except Image.DecompressionBombError:  # Pillow's own limit, beyond ours, refused before ours is checked
+            raise OvsdError(f"image {source} is more than {MAX_INPUT_PIXELS // 2**20} megapixels: scale it down "
+                            "first") from None
         except (OSError, UnidentifiedImageError) as error:
             raise OvsdError(f"cannot read image {source}: {error}") from None
     else:

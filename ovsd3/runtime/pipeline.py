@@ -24,11 +24,12 @@ from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCa
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
                                  noise_source)
-from ovsd3.runtime.request import Request, as_array
+from ovsd3.runtime.request import MAX_GUIDANCE, Request, as_array
 from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, flash_step, img2img_start,
                                      predicted_clean)
 from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
 from ovsd3.runtime.transformer import Transformer
+
 
 @dataclass(frozen=True)
 class StaticShape:
@@ -189,8 +190,8 @@ class SD3Pipeline:
                                  f"(got {width}x{height})")
         if self.max_size and max(width, height) > self.max_size:
             raise InvalidRequest(f"this model draws at most {self.max_size}x{self.max_size} (got {width}x{height})")
-        if not 0 <= guidance < float("inf"):  # also nan: it would run unguided and record "nan"
-            raise InvalidRequest(f"guidance must be a finite number, not negative (got {guidance})")
+        if not 0 <= guidance <= MAX_GUIDANCE:  # also nan: it would run unguided and record "nan"
+            raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {guidance})")
         if request.image is not None and not 0.0 <= request.strength <= 1.0:
             raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
         if request.image is not None and self.vae_encoder is None:

@@ -24,15 +24,35 @@ from ovsd3.errors import InvalidRequest
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' _callback_tensor_inputs
 OUTPUT_TYPES = ("pil", "np", "latent")
+# Bounds said before any work: beyond them a typo would grow until the machine kills the process.
+MAX_STEPS = 1000
+MAX_IMAGES = 64  # prompts x images per prompt, in one batch
 MAX_SEQUENCE_LENGTH = 512  # T5's limit, as diffusers checks it
+# Beyond this, guidance only adds noise and overflows (1e308 is inf in float32: a black image); diffusers
+# takes any float, and 7 is its default
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as torch.Generator.manual_seed and openvino.genai take them
 
 
 def as_prompt_list(prompt: str | list[str] | None, name: str) -> list[str] | None:
-    if prompt is None or isinstance(prompt, list):
+    if prompt is None:
         return prompt
     if isinstance(prompt, str):
-        return [prompt]
+        prompt = [prompt]
+    if isinstance(prompt, list):
+        for text in prompt:
+            _check_text(text, name)
+        return prompt
     raise InvalidRequest(f"`{name}` has to be of type `str` or `list` but is {type(prompt)}")
+
+
+def _check_text(text, name: str) -> None:
+    if not isinstance(text, str):
+        raise InvalidRequest(f"`{name}` has to be of type `str` or `list` of `str`, but holds {type(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, as Python decodes a command line or a file
+        raise InvalidRequest(f"`{name}` is not valid UTF-8 text") from None
 
 
 def as_array(value, name: str) -> np.ndarray | None:
@@ -128,6 +148,10 @@ class Request:
             raise InvalidRequest(f"clip_skip must not be negative (got {self.clip_skip})")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise InvalidRequest(f"max_sequence_length must be at least 1 (got {self.max_sequence_length})")
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # nan too
+            raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {self.guidance_scale})")
+        if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
+            raise InvalidRequest(f"seed must be between 0 and 2**64 - 1 (got {self.seed})")
         if self.num_images_per_prompt < 1:
             raise InvalidRequest(f"number of images must be at least 1 (got {self.num_images_per_prompt})")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ovsd3 import layout
+from ovsd3.errors import InvalidRequest
 
 CLIP_MAX_LENGTH = 77
 
@@ -82,6 +83,9 @@ class TextEncoders:
         outputs = self._run(self.clip_encoders[index], self.clip_tokenizers[index](prompts, CLIP_MAX_LENGTH))
         num_states = sum(name.startswith("hidden_states.") for name in outputs)
         layer = num_states - ((clip_skip or 0) + 2)  # hidden_states[-2], or [-(clip_skip + 2)]
+        if layer < 0:  # diffusers fails with an IndexError here
+            raise InvalidRequest(f"clip_skip must be at most {num_states - 2}: the CLIP text encoders have "
+                                 f"{num_states - 1} layers (got {clip_skip})")
         return outputs[f"hidden_states.{layer}"], outputs["text_embeds"]
 
     def encode(self, prompts: list[str], *, prompts_2: list[str] | None = None, prompts_3: list[str] | None = None,

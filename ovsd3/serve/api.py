@@ -23,9 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ovsd3.serve.bodies import BadRequest, EditBody, GenerationBody, Limits, ServerSettings
-from ovsd3.serve.jobs import Job, QueueFull, WorkerPool
+from ovsd3.serve.jobs import Job, QueueFull, ShuttingDown, WorkerPool
+
+DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting image request checks that its client is still there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +48,8 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
     app.state.ovsd3 = AppState(pool, ServerSettings(limits, getattr(pipe, "size_multiple", 16), default_cache,
                                                     default_noise), model_name)
     for status_type, handler in ((RequestValidationError, invalid_body), (StarletteHTTPException, http_error),
-                                 (BadRequest, bad_request), (QueueFull, queue_full), (Exception, internal_error)):
+                                 (BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
+                                 (ClientDisconnect, client_gone), (Exception, internal_error)):
         app.add_exception_handler(status_type, handler)
     for method, path, endpoint in (("POST", "/v3/images/generations", generations),
                                    ("POST", "/v3/images/edits", edits),
@@ -88,20 +92,34 @@ async def queue_full(request: Request, exc: QueueFull):
                  headers={"Retry-After": str(state_of(request).settings.limits.retry_after_seconds)})
 
 
+async def shutting_down(request: Request, exc: ShuttingDown):
+    return error(503, "the server is shutting down", "server_error")
+
+
+async def client_gone(request: Request, exc: ClientDisconnect):  # mid-upload: nobody reads the answer
+    return Response(status_code=400)
+
+
 async def internal_error(request: Request, exc: Exception):
     return error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
 
 # -- the image API (OVMS, OpenAI) ---------------------------------------------------------------------
 
-async def finished(job: Job) -> Job:
-    await asyncio.to_thread(job.wait)
+async def finished(job: Job, request: Request) -> Job:
+    """The job once it ends; cancelled if the client goes away first (nobody would receive its images)."""
+    while not await asyncio.to_thread(job.wait, DISCONNECT_POLL_SECONDS):
+        if await request.is_disconnected():
+            job.cancel()
+            await asyncio.to_thread(job.wait)
     return job
 
 
-def images_response(job: Job):
+def images_response(job: Job, pool: WorkerPool):
     if job.status == "error":
         return error(400, job.error) if job.caller_error else error(500, job.error, "server_error")
+    if job.status == "cancelled" and pool.closing:
+        return error(503, "the server is shutting down; the job was cancelled", "server_error")
     if job.status == "cancelled":
         return error(409, "the job was cancelled")
     return {"created": int(job.created), "data": _image_data(job)}
@@ -110,7 +128,7 @@ def images_response(job: Job):
 async def generations(body: GenerationBody, request: Request):
     state = state_of(request)
     job = state.pool.submit(body.to_request(state.settings, previews=False))
-    return images_response(await finished(job))
+    return images_response(await finished(job, request), state.pool)
 
 
 async def edits(request: Request):
@@ -126,7 +144,7 @@ async def edits(request: Request):
     except ValidationError as invalid_form:
         raise BadRequest(_first_problem(invalid_form.errors())) from None
     job = state.pool.submit(body.to_request(state.settings, previews=False, image=data, strength=body.strength))
-    return images_response(await finished(job))
+    return images_response(await finished(job, request), state.pool)
 
 
 async def _upload(form, limits: Limits) -> bytes:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import sys
 from pathlib import Path
 
 from ovsd3.errors import OvsdError
@@ -52,25 +55,81 @@ def run(args) -> int:
         return write_ovms(args)
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise OvsdError("serving needs FastAPI and uvicorn: pip install 'ovsd3[serve]'") from None
-    from ovsd3.runtime.cache import CacheConfig
     from ovsd3.layout import ModelFolder
+    from ovsd3.runtime.cache import CacheConfig
     from ovsd3.serve.api import create_app
     from ovsd3.serve.jobs import WorkerPool, load_pipeline
 
     ModelFolder.open(args.model_dir)
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
-    if not 0 < args.port < 65536:
-        raise OvsdError(f"--port must be between 1 and 65535 (got {args.port})")
-    pool = WorkerPool(load_pipeline(args.model_dir, args.device), args.workers, args.max_queue)
+    listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
+    try:
+        pool = WorkerPool(load_pipeline(args.model_dir, args.device), args.workers, args.max_queue)
+    except BaseException:
+        listening.close()
+        raise
     try:
         app = create_app(pool, model_name=args.model_dir.name, default_cache=default_cache,
                          default_noise=args.noise)
         print(f"ovsd3 serve: {args.model_dir} on http://{args.host}:{args.port} ({args.workers} worker(s), "
-              f"queue {args.max_queue})", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+              f"queue {args.max_queue}); Ctrl-C stops it, cancelling queued and running jobs", flush=True)
+        serve(app, pool, listening)
     finally:
-        pool.close()
+        if not pool.close(timeout=SHUTDOWN_SECONDS):
+            print("ovsd3 serve: a worker is still inside a model call; leaving it", file=sys.stderr)
     return 0
+
+
+SHUTDOWN_SECONDS = 10.0  # for open connections to finish once their jobs are cancelled, then for the workers
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use or an unknown host is a one-line error."""
+    if not 0 < port < 65536:
+        raise OvsdError(f"--port must be between 1 and 65535 (got {port})")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise OvsdError(f"--host {host}: {error.strerror}") from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+    try:
+        listening.bind(address)
+    except OSError as error:
+        listening.close()
+        raise OvsdError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return listening
+
+
+def serve(app, pool, listening: socket.socket) -> None:
+    """uvicorn on ``listening``; on Ctrl-C or SIGTERM the pool stops taking work and cancels its jobs first,
+    so that requests waiting for images end (503) and uvicorn's graceful shutdown does not wait for them."""
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:  # the first signal; a second one forces uvicorn's exit
+                threading.Thread(target=_report_cancelled, args=(pool,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+    # Once shut down, uvicorn raises the signal again with the handlers it found: SIGTERM then ends here too
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        Server(config).run(sockets=[listening])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM, after the graceful shutdown: the normal end of `ovsd3 serve`
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("ovsd3 serve: stopped", file=sys.stderr)
+
+
+def _report_cancelled(pool) -> None:
+    queued, running = pool.cancel_all()  # in a thread: a signal handler must not wait for the pool's locks
+    print(f"ovsd3 serve: stopping; cancelled {queued} queued and {running} running job(s)", file=sys.stderr,
+          flush=True)

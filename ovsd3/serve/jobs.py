@@ -25,8 +25,16 @@ class QueueFull(Exception):
     """The bounded queue has no room: the caller answers 429."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new work: the caller answers 503."""
+
+
 class Cancelled(Exception):
     pass
+
+
+KEEP_FINISHED = 256  # finished jobs kept for GET /v1/jobs/{id}
+KEEP_FINISHED_BYTES = 256 * 2**20  # ... and at most this much of their images and previews
 
 
 @dataclass
@@ -139,6 +147,13 @@ class Job:
     def cancel_requested(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def held_bytes(self) -> int:
+        """What the job's events hold in images and previews (base64 text), about its memory."""
+        with self._changed:
+            return sum(len(text) for event in self.events for key in ("images", "previews")
+                       for text in event.get(key, ()))
+
 
 @dataclass
 class Metrics:
@@ -163,6 +178,7 @@ class WorkerPool:
         self.jobs: dict[str, Job] = {}
         self.metrics = Metrics()
         self.busy = 0
+        self.closing = False  # set on shutdown: new requests get 503
         self._lock = threading.Lock()
         self.pipelines = [load() for _ in range(workers)]  # compiled before the server answers
         self._threads = [threading.Thread(target=self._work, args=(pipe,), daemon=True, name=f"ovsd3-worker-{i}")
@@ -175,6 +191,8 @@ class WorkerPool:
         return self.pending.qsize()
 
     def submit(self, request: GenerationRequest) -> Job:
+        if self.closing:
+            raise ShuttingDown
         job = Job(request)
         job.emit("queued", position=self.queued + 1)  # before a worker can see it, so events stay in order
         with self._lock:
@@ -188,16 +206,37 @@ class WorkerPool:
             self._forget_old_jobs()
         return job
 
-    def _forget_old_jobs(self, keep: int = 256) -> None:
-        finished = [job_id for job_id, job in self.jobs.items() if job.finished]
-        for job_id in finished[:-keep]:
-            del self.jobs[job_id]
+    def _forget_old_jobs(self) -> None:
+        """Keep the newest finished jobs (for GET /v1/jobs/{id}), at most KEEP_FINISHED of them and
+        KEEP_FINISHED_BYTES of images and previews: a few large images must not fill memory."""
+        finished = [job for job in self.jobs.values() if job.finished]  # oldest first (insertion order)
+        held = sum(job.held_bytes for job in finished)
+        for index, job in enumerate(finished):
+            if len(finished) - index <= KEEP_FINISHED and held <= KEEP_FINISHED_BYTES:
+                break
+            held -= job.held_bytes
+            del self.jobs[job.id]
 
-    def close(self) -> None:
+    def cancel_all(self) -> tuple[int, int]:
+        """Stop taking work and cancel every job: queued ones at once, running ones at their next step.
+        Returns (queued, running) counts. Safe from any thread."""
+        self.closing = True
+        counts = [0, 0]
+        for job in list(self.jobs.values()):
+            if not job.finished:
+                counts[job.status != "queued"] += 1
+                job.cancel()
+        return counts[0], counts[1]
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Cancel what is left, end the workers; False if one is still inside a model call after ``timeout``."""
+        self.cancel_all()
         for _ in self._threads:
             self.pending.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _work(self, pipe) -> None:
         while True:

@@ -66,7 +66,7 @@ def write_ovms_config(model_dir: Path, out: Path, *, name: str | None = None, de
     model = ModelFolder.open(model_dir)
     name = name or model.name
     options = graph_options(model, device, max_images, max_steps)
-    output = AtomicOutput(out, overwrite=overwrite)
+    output = AtomicOutput(out, command="ovms-config", overwrite=overwrite, inputs=(model.path,))
     output.check()
     with output as staging:
         (staging / name).mkdir(parents=True)
