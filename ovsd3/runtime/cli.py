@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
                              "as torch.Generator().manual_seed(SEED) does) or numpy (ovsd3 0.1's default)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt, batched")
     parser.add_argument("--image", type=Path, default=None, help="start from this image (image-to-image)")
+    parser.add_argument("--mask", type=Path, default=None,
+                        help="with --image: redraw only where this mask is white (inpainting, as diffusers' "
+                             "StableDiffusion3InpaintPipeline); black is kept")
     parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
     parser.add_argument("--clip-skip", type=int, default=None)
     parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
@@ -139,8 +142,11 @@ def run(args) -> int:
     Request(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, seed=args.seed,
             clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length)  # the same, for its checks
     _check_output(args.output, args.model_dir)
-    if args.image is not None and not args.image.is_file():
-        raise OvsdError(f"cannot read image {args.image}: no such file")
+    for name, path in (("image", args.image), ("mask", args.mask)):
+        if path is not None and not path.is_file():
+            raise OvsdError(f"cannot read {name} {path}: no such file")
+    if args.mask is not None and args.image is None:
+        raise OvsdError("--mask needs --image: the picture to inpaint")
     started = time.perf_counter()
     static = None
     if args.static:
@@ -168,6 +174,7 @@ def _generate(pipe, args, cache) -> int:
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
+                  mask_image=args.mask,
                   clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
                   callback=on_step)
     for image, params in zip(result.images, result.params):

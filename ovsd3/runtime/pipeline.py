@@ -22,6 +22,7 @@ from ovsd3.errors import InvalidRequest
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
+from ovsd3.runtime.inpaint import MaskBlend, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
                                  noise_source)
 from ovsd3.runtime.request import MAX_GUIDANCE, Request, as_array
@@ -69,6 +70,7 @@ class Job:
     step_noise: Callable[[tuple], np.ndarray] | None = None  # the Flash sampler's, when not ``noise`` (diffusers)
     cache: CacheConfig = field(default_factory=CacheConfig)
     cache_stats: CacheStats | None = None  # filled in by sampling
+    blend: MaskBlend | None = None  # inpainting
 
 
 @dataclass
@@ -167,7 +169,7 @@ class SD3Pipeline:
         shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if request.latents is not None and tuple(request.latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(request.latents.shape)}, this request needs {shape}")
-        start = self._start_latents(shape, request.latents, noise, request.image, width, height, float(sigmas[0]))
+        start, blend = self._start_latents(shape, request, noise, width, height, float(sigmas[0]))
         prompts = request.prompts()[0] if request.prompt_embeds is None else [""] * request.batch_size
         negatives = request.negative_prompts()
         params = dict(prompt=prompts[0], negative_prompt=negatives[0][0] if guidance > 1.0 and negatives else "",
@@ -179,7 +181,7 @@ class SD3Pipeline:
             else None
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
                    latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache,
-                   step_noise=step_noise)
+                   step_noise=step_noise, blend=blend)
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
                        batch: int) -> None:
@@ -262,17 +264,22 @@ class SD3Pipeline:
             raise InvalidRequest(f"pooled embeddings {pooled_embeds.shape} do not match `{name}` {prompt_embeds.shape}")
         return PromptEmbeddings(prompt_embeds, pooled_embeds)
 
-    def _start_latents(self, shape: tuple, latents: np.ndarray | None, noise, image, width: int, height: int,
-                       first_sigma: float) -> np.ndarray:
+    def _start_latents(self, shape: tuple, request: Request, noise, width: int, height: int,
+                       first_sigma: float) -> tuple[np.ndarray, MaskBlend | None]:
         """Text-to-image: the initial noise. Image-to-image: the image's latents noised to the first sigma run
-        (diffusers' scale_noise); its posterior sample is drawn before the noise, in diffusers' order."""
-        clean = None
-        if image is not None:
-            clean = self._encode_image(image_io.load_image(image, width, height), noise)
-        start_noise = noise(shape) if latents is None else np.asarray(latents, dtype=np.float32)
-        if clean is None:
-            return start_noise
-        return add_noise(np.repeat(clean, shape[0] // clean.shape[0], axis=0), start_noise, first_sigma)
+        (diffusers' scale_noise); its posterior sample is drawn before the noise, in diffusers' order.
+        Inpainting: the same, and what puts the kept region back after each step (given latents are the
+        start and that noise, as in diffusers' inpainting)."""
+        if request.image is None:
+            return (noise(shape) if request.latents is None else request.latents), None
+        clean = self._encode_image(image_io.load_image(request.image, width, height), noise)
+        clean = np.repeat(clean, shape[0] // clean.shape[0], axis=0)
+        start_noise = noise(shape) if request.latents is None else request.latents
+        if request.mask_image is None:
+            return add_noise(clean, start_noise, first_sigma), None
+        mask = load_mask(request.mask_image, width, height, request.image)
+        start = start_noise if request.latents is not None else add_noise(clean, start_noise, first_sigma)
+        return start, MaskBlend.of(mask, self.vae_scale_factor, clean, start_noise)
 
     def _encode_image(self, pixels: np.ndarray, noise) -> np.ndarray:
         """Image in [-1, 1] -> scaled latents, sampling the VAE posterior as diffusers does."""
@@ -346,6 +353,8 @@ class SD3Pipeline:
                 job.latents = flash_step(job.latents, velocity, sigma, sigma_next, noise)
             else:
                 job.latents = euler_step(job.latents, velocity, sigma, sigma_next)
+            if job.blend is not None:  # inpainting: the kept region back, noised to where sampling now is
+                job.latents = job.blend(job.latents, sigma_next)
             yield Step(index, total, sigma, float(timesteps[index]), job.latents, denoised)
 
     def decode(self, latents: np.ndarray, output_type: str = "pil"):

@@ -7,6 +7,7 @@
          clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=["latents"],
          max_sequence_length=256)
 
+``mask_image`` (with ``image``: inpainting, as ``StableDiffusion3InpaintPipeline``),
 plus ovsd3's own: ``image`` and ``strength`` (image-to-image), ``seed`` and ``noise`` (where random numbers
 come from without a torch generator), ``cache`` (step caching) and ``callback`` (sees every :class:`Step`).
 ``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
@@ -91,6 +92,9 @@ class Request:
     max_sequence_length: int = 256
     image: Any = None
     strength: float = 0.6
+    mask_image: Any = None  # inpainting (diffusers' StableDiffusion3InpaintPipeline): white is redrawn
+    masked_image_latents: Any = None  # accepted as diffusers does; its SD3 (16-channel) transformer ignores them
+    padding_mask_crop: int | None = None
     seed: int | None = None
     noise: Any = None  # a callable noise(shape), or the name of a source ("torch", "numpy")
     cache: Any = None
@@ -148,6 +152,11 @@ class Request:
             raise InvalidRequest(f"clip_skip must not be negative (got {self.clip_skip})")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise InvalidRequest(f"max_sequence_length must be at least 1 (got {self.max_sequence_length})")
+        if self.mask_image is not None and self.image is None:
+            raise InvalidRequest("mask_image needs an `image` to inpaint")
+        if self.padding_mask_crop is not None:
+            raise InvalidRequest("padding_mask_crop is not supported: ovsd3 redraws the masked region at the "
+                                 "image's size")
         if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # nan too
             raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {self.guidance_scale})")
         if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:

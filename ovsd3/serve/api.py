@@ -136,14 +136,14 @@ async def edits(request: Request):
     limits = state.settings.limits
     form = await request.form(max_part_size=limits.max_upload_bytes)
     data = await _upload(form, limits)
-    fields = {key: value for key, value in form.items() if key not in ("image", "image[]")}
-    if fields.get("mask") is not None:
-        raise BadRequest("mask: inpainting is not supported yet; send the image alone for image-to-image")
+    mask = await _mask_upload(form, limits)
+    fields = {key: value for key, value in form.items() if key not in ("image", "image[]", "mask")}
     try:
         body = EditBody.model_validate({key: value for key, value in fields.items() if value != ""})
     except ValidationError as invalid_form:
         raise BadRequest(_first_problem(invalid_form.errors())) from None
-    job = state.pool.submit(body.to_request(state.settings, previews=False, image=data, strength=body.strength))
+    job = state.pool.submit(body.to_request(state.settings, previews=False, image=data, mask=mask,
+                                            strength=body.strength))
     return images_response(await finished(job, request), state.pool)
 
 
@@ -159,6 +159,23 @@ async def _upload(form, limits: Limits) -> bytes:
     if len(data) > limits.max_upload_bytes:
         raise BadRequest(f"image: larger than {limits.max_upload_bytes} bytes", status=413)
     _check_image(data, limits.max_upload_pixels)
+    return data
+
+
+async def _mask_upload(form, limits: Limits) -> bytes | None:
+    """The optional inpainting mask (multipart field ``mask``, as OpenAI and OVMS name it), one file."""
+    masks = form.getlist("mask")
+    if not masks or masks == [""]:
+        return None
+    if len(masks) > 1 or isinstance(masks[0], str):
+        raise BadRequest("mask: one mask image file (multipart field 'mask')")
+    data = await masks[0].read()
+    if len(data) > limits.max_upload_bytes:
+        raise BadRequest(f"mask: larger than {limits.max_upload_bytes} bytes", status=413)
+    try:
+        _check_image(data, limits.max_upload_pixels)
+    except BadRequest as problem:
+        raise BadRequest(str(problem).replace("image:", "mask:", 1)) from None
     return data
 
 

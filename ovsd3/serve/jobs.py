@@ -56,6 +56,7 @@ class GenerationRequest:
     max_sequence_length: int = 256
     noise: str = "torch"
     image: bytes | None = None  # image-to-image: the start picture (PNG/JPEG bytes)
+    mask: bytes | None = None  # inpainting: white (or, with transparency, alpha 0) is redrawn
     strength: float = 0.6
     preview_every: int = 1  # 0: no previews
     cache: str | None = None  # step caching spec (ovsd3.runtime.cache); None: the server's default
@@ -72,6 +73,12 @@ class GenerationRequest:
             from PIL import Image
 
             settings.update(image=Image.open(io.BytesIO(self.image)).convert("RGB"), strength=self.strength)
+        if self.mask is not None:
+            from PIL import Image
+
+            from ovsd3.runtime.inpaint import openai_mask
+
+            settings.update(mask_image=openai_mask(Image.open(io.BytesIO(self.mask))))
         return settings
 
     def encode(self, image) -> str:
