@@ -14,6 +14,15 @@ from ovsd3.runtime.request import MAX_IMAGES, MAX_STEPS
 PREVIEW = "preview.png"
 
 
+def _block_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block indices separated by commas, such as 7,8,9 (got {text!r})") from None
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="generate images from an OpenVINO SD3 folder",
@@ -38,6 +47,14 @@ def add_parser(subparsers) -> None:
                              "StableDiffusion3InpaintPipeline); black is kept")
     parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
     parser.add_argument("--clip-skip", type=int, default=None)
+    parser.add_argument("--skip-layers", type=_block_list, default=None, metavar="7,8,9",
+                        help="skip-layer guidance (diffusers' skip_guidance_layers; SD3.5 Medium: 7,8,9): an extra "
+                             "conditional pass with these blocks skipped on the early steps")
+    parser.add_argument("--skip-layer-scale", type=float, default=2.8, help="skip_layer_guidance_scale (default 2.8)")
+    parser.add_argument("--skip-layer-start", type=float, default=0.01,
+                        help="skip_layer_guidance_start, a fraction of the steps (default 0.01)")
+    parser.add_argument("--skip-layer-stop", type=float, default=0.2,
+                        help="skip_layer_guidance_stop (default 0.2)")
     parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
     parser.add_argument("--device", default="AUTO",
                         help="OpenVINO device (AUTO, CPU, GPU, NPU) or a plan like transformer=GPU,text=CPU,vae=GPU")
@@ -107,6 +124,11 @@ def _write_preview(step, folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _skip_layer_guidance(args) -> dict:
+    return dict(skip_guidance_layers=args.skip_layers, skip_layer_guidance_scale=args.skip_layer_scale,
+                skip_layer_guidance_start=args.skip_layer_start, skip_layer_guidance_stop=args.skip_layer_stop)
+
+
 def _check_output(output: Path, model_dir: Path) -> None:
     """Refuse, before loading, an --output that cannot take PNGs or that would put them in the model folder."""
     from ovsd3.atomic import overlap
@@ -140,7 +162,8 @@ def run(args) -> int:
         raise OvsdError("--preview-every must not be negative")
     cache = CacheConfig.parse(args.cache)  # a bad spec is refused before anything loads
     Request(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, seed=args.seed,
-            clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length)  # the same, for its checks
+            clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length,
+            **_skip_layer_guidance(args))  # the same, for its checks
     _check_output(args.output, args.model_dir)
     for name, path in (("image", args.image), ("mask", args.mask)):
         if path is not None and not path.is_file():
@@ -174,7 +197,7 @@ def _generate(pipe, args, cache) -> int:
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
-                  mask_image=args.mask,
+                  mask_image=args.mask, **_skip_layer_guidance(args),
                   clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
                   callback=on_step)
     for image, params in zip(result.images, result.params):

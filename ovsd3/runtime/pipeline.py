@@ -22,6 +22,7 @@ from ovsd3.errors import InvalidRequest
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
+from ovsd3.runtime.guidance import SkipLayerGuidance
 from ovsd3.runtime.inpaint import MaskBlend, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
                                  noise_source)
@@ -71,6 +72,7 @@ class Job:
     cache: CacheConfig = field(default_factory=CacheConfig)
     cache_stats: CacheStats | None = None  # filled in by sampling
     blend: MaskBlend | None = None  # inpainting
+    skip_layer_guidance: SkipLayerGuidance | None = None
 
 
 @dataclass
@@ -93,6 +95,7 @@ class SD3Pipeline:
         self.size_multiple = self.vae_scale_factor * model.patch_size
         self.default_size = model.native_size
         self.max_size = model.max_size
+        self.block_count = int(model.transformer_config.get("num_layers", 0))
         self.scaling_factor = float(model.vae_config.get("scaling_factor", 1.5305))
         self.shift_factor = float(model.vae_config.get("shift_factor", 0.0609))
         self.schedule = FlowMatchSchedule.from_folder(folder)
@@ -162,7 +165,7 @@ class SD3Pipeline:
         width = default_width if request.width is None else int(request.width)  # 0 is refused, not defaulted
         height = default_height if request.height is None else int(request.height)
         batch = request.batch_size * request.num_images_per_prompt
-        self._check_request(request, steps, guidance, width, height, batch)
+        self._check_request(request, steps, guidance, width, height, batch, cache)
         seed, noise = self._noise_of(request, batch)
         embeds = self._embeddings(request, guided=guidance > 1.0)
         sigmas = self._sigmas(steps, request)
@@ -181,10 +184,11 @@ class SD3Pipeline:
             else None
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
                    latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache,
-                   step_noise=step_noise, blend=blend)
+                   step_noise=step_noise, blend=blend,
+                   skip_layer_guidance=SkipLayerGuidance.of(request) if guidance > 1.0 else None)
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
-                       batch: int) -> None:
+                       batch: int, cache: CacheConfig) -> None:
         if steps < 1:
             raise InvalidRequest(f"steps must be at least 1 (got {steps})")
         if width <= 0 or height <= 0 or width % self.size_multiple or height % self.size_multiple:
@@ -196,6 +200,8 @@ class SD3Pipeline:
             raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {guidance})")
         if request.image is not None and not 0.0 <= request.strength <= 1.0:
             raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
+        if request.skip_guidance_layers is not None:
+            self._check_skip_layers(request, cache)
         if request.image is not None and self.vae_encoder is None:
             raise InvalidRequest(f"{self.folder} has no vae_encoder, which image-to-image needs")
         if self.static is not None and (width, height, batch, guidance > 1.0, request.max_sequence_length) != (
@@ -204,6 +210,14 @@ class SD3Pipeline:
             raise InvalidRequest(f"this pipeline was compiled for static {self.static.width}x{self.static.height}, "
                                  f"{self.static.batch} image(s), guidance {'on' if self.static.guidance else 'off'}; "
                                  f"the request differs")
+
+    def _check_skip_layers(self, request: Request, cache: CacheConfig) -> None:
+        outside = [layer for layer in request.skip_guidance_layers if layer >= self.block_count]
+        if outside:
+            raise InvalidRequest(f"skip_guidance_layers {outside} are outside the transformer's blocks "
+                                 f"0-{self.block_count - 1}")
+        if cache.active:
+            raise InvalidRequest("skip-layer guidance runs with step caching off (cache='off')")
 
     def _noise_of(self, request: Request, batch: int):
         """(the seed to record, the noise source): a torch generator's stream, a given source, or ``seed``'s."""
@@ -325,7 +339,14 @@ class SD3Pipeline:
             if not guided:
                 return out
             uncond, cond = np.split(out, 2)
-            return uncond + np.float32(job.guidance_scale) * (cond - uncond)
+            guided_velocity = uncond + np.float32(job.guidance_scale) * (cond - uncond)
+            skip = job.skip_layer_guidance
+            if skip is None or not skip.applies(index, len(job.sigmas) - 1):
+                return guided_velocity
+            half = cond.shape[0]
+            skipped = self.transformer.skipping(skip.layers, {name: value[half:] if name != "hidden_states" else
+                                                              value[:half] for name, value in inputs.items()})
+            return guided_velocity + (cond - skipped) * np.float32(skip.scale)
 
         def probe():
             signal, finish = self.transformer.probe(inputs)

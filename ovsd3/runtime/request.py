@@ -7,7 +7,8 @@
          clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=["latents"],
          max_sequence_length=256)
 
-``mask_image`` (with ``image``: inpainting, as ``StableDiffusion3InpaintPipeline``),
+``mask_image`` (with ``image``: inpainting, as ``StableDiffusion3InpaintPipeline``), ``skip_guidance_layers``
+and ``skip_layer_guidance_scale`` / ``_start`` / ``_stop`` (skip-layer guidance),
 plus ovsd3's own: ``image`` and ``strength`` (image-to-image), ``seed`` and ``noise`` (where random numbers
 come from without a torch generator), ``cache`` (step caching) and ``callback`` (sees every :class:`Step`).
 ``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
@@ -95,6 +96,10 @@ class Request:
     mask_image: Any = None  # inpainting (diffusers' StableDiffusion3InpaintPipeline): white is redrawn
     masked_image_latents: Any = None  # accepted as diffusers does; its SD3 (16-channel) transformer ignores them
     padding_mask_crop: int | None = None
+    skip_guidance_layers: list[int] | None = None  # skip-layer guidance (SD3.5 Medium: [7, 8, 9])
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_stop: float = 0.2
+    skip_layer_guidance_start: float = 0.01
     seed: int | None = None
     noise: Any = None  # a callable noise(shape), or the name of a source ("torch", "numpy")
     cache: Any = None
@@ -157,12 +162,30 @@ class Request:
         if self.padding_mask_crop is not None:
             raise InvalidRequest("padding_mask_crop is not supported: ovsd3 redraws the masked region at the "
                                  "image's size")
+        self._check_skip_layer_guidance()
         if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # nan too
             raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {self.guidance_scale})")
         if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and 2**64 - 1 (got {self.seed})")
         if self.num_images_per_prompt < 1:
             raise InvalidRequest(f"number of images must be at least 1 (got {self.num_images_per_prompt})")
+
+    def _check_skip_layer_guidance(self) -> None:
+        if self.skip_guidance_layers is None:
+            return
+        layers = self.skip_guidance_layers
+        if not isinstance(layers, (list, tuple)) or not layers or \
+                not all(isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) for layer in layers):
+            raise InvalidRequest(f"skip_guidance_layers must be a list of block indices, such as [7, 8, 9] "
+                                 f"(got {layers!r})")
+        if min(layers) < 0:
+            raise InvalidRequest(f"skip_guidance_layers are 0-based block indices (got {list(layers)})")
+        if not 0 <= self.skip_layer_guidance_scale <= MAX_GUIDANCE:
+            raise InvalidRequest(f"skip_layer_guidance_scale must be a number from 0 to {MAX_GUIDANCE:g} "
+                                 f"(got {self.skip_layer_guidance_scale})")
+        if not 0 <= self.skip_layer_guidance_start <= self.skip_layer_guidance_stop <= 1:
+            raise InvalidRequest(f"skip_layer_guidance_start and _stop must satisfy 0 <= start <= stop <= 1 (got "
+                                 f"{self.skip_layer_guidance_start} and {self.skip_layer_guidance_stop})")
 
     @property
     def batch_size(self) -> int:

@@ -9,6 +9,8 @@ derives from the folder's IR the variants that save work:
   without T5 compiles only that variant; a folder with T5 compiles it the first time a call qualifies.
 - Step caching: the first block alone and the rest of the blocks (first-block cache), compiled only when a
   call first asks for them.
+- Skip-layer guidance: the transformer with some blocks skipped (``ovsd3/ir/skip_blocks.py``), compiled the
+  first time a request names those blocks.
 
 Observers always see the inputs as the pipeline made them (the full text sequence).
 """
@@ -75,6 +77,7 @@ class Transformer:
         self.seconds = 0.0
         self.calls = 0
         self._split: SplitTransformer | None = None
+        self._skipping: dict[tuple[int, ...], object] = {}  # skip-layer guidance variants, by skipped blocks
 
     def _biased_model(self):
         try:
@@ -147,6 +150,24 @@ class Transformer:
             return out
 
         return split.signal(head_outputs), finish
+
+    def skipping(self, layers: tuple[int, ...], inputs: dict) -> np.ndarray:
+        """One call with the blocks ``layers`` skipped (skip-layer guidance); the variant is compiled on first use."""
+        from ovsd3.ir.skip_blocks import skip_blocks
+        from ovsd3.ir.slicing import stages
+
+        self._check(inputs)
+        if self.static_shapes is not None:
+            raise OvsdError("skip-layer guidance is not available with static shapes (--static)")
+        if layers not in self._skipping:
+            model = self._biased_model()
+            try:
+                skip_blocks(model, list(layers), stages(model)[1])
+            except ValueError as error:
+                raise OvsdError(f"cannot skip blocks {list(layers)} in this folder's transformer: {error}") from None
+            self._skipping[layers] = self.compiler.compile_derived(layout.TRANSFORMER, model)
+        feed = collapse_text(inputs, self.patch_size).biased_inputs()  # zero bias where it cannot collapse
+        return self._timed(lambda: self._skipping[layers](feed)[0])
 
     @property
     def block_count(self) -> int:

@@ -1,0 +1,70 @@
+"""Skip-layer guidance against diffusers' StableDiffusion3Pipeline(skip_guidance_layers=...)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ovsd3.errors import InvalidRequest
+from ovsd3.metrics import psnr
+from ovsd3.runtime import SD3Pipeline
+
+SIZE = dict(width=64, height=64)
+MIN_PSNR = 35.0
+SLG = dict(skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5)
+
+
+@pytest.fixture(scope="module")
+def pipes(ov_sd35_fp32, tiny_sd35):
+    from diffusers import StableDiffusion3Pipeline
+
+    return SD3Pipeline.from_pretrained(ov_sd35_fp32, precision="f32", cache_dir=None), \
+        StableDiffusion3Pipeline.from_pretrained(tiny_sd35)
+
+
+@pytest.mark.parametrize("layers", [[0], [1], [0, 1]])
+def test_skip_layer_guidance_matches_diffusers(pipes, layers):
+    ovsd3_pipe, diffusers_pipe = pipes
+    call = dict(num_inference_steps=8, guidance_scale=4.0, skip_guidance_layers=layers, output_type="np", **SLG,
+                **SIZE)
+    got = ovsd3_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2), **call).images
+    expected = diffusers_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2), **call).images
+    plain = ovsd3_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2),
+                       **{**call, "skip_guidance_layers": None}).images
+    assert psnr(expected.astype(np.float64), got.astype(np.float64), data_range=1.0) >= MIN_PSNR
+    assert psnr(plain.astype(np.float64), got.astype(np.float64), data_range=1.0) < 60  # it did change the picture
+
+
+@pytest.mark.parametrize("folder", ["ov_sd35", "q_sd3"])
+def test_skip_layer_guidance_on_fp16_and_int8_folders(request, folder):
+    pipe = SD3Pipeline.load(request.getfixturevalue(folder), device="CPU", cache_dir=None)
+    call = dict(num_inference_steps=6, guidance_scale=4.0, seed=3, output_type="np", **SLG, **SIZE)
+    plain = pipe("a cat", **call).images
+    skipped = pipe("a cat", skip_guidance_layers=[1], **call).images
+    assert np.isfinite(skipped).all() and not np.array_equal(plain, skipped)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(skip_guidance_layers=[5]), r"skip_guidance_layers \[5\] are outside the transformer's blocks 0-1"),
+    (dict(skip_guidance_layers=[-1]), "0-based block indices"),
+    (dict(skip_guidance_layers="7,8"), "must be a list of block indices"),
+    (dict(skip_guidance_layers=[1], skip_layer_guidance_scale=float("nan")), "skip_layer_guidance_scale"),
+    (dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.5, skip_layer_guidance_stop=0.1), "start <= stop"),
+    (dict(skip_guidance_layers=[1], cache="fast"), "step caching off"),
+])
+def test_bad_skip_layer_settings_are_value_errors(pipes, settings, message):
+    ovsd3_pipe, _ = pipes
+    with pytest.raises(InvalidRequest, match=message):
+        ovsd3_pipe("a cat", num_inference_steps=2, **SIZE, **settings)
+
+
+def test_skip_layers_on_the_command_line(ov_sd35, tmp_path, capsys):
+    from ovsd3.cli import EXIT_ERROR, main
+
+    common = ["run", str(ov_sd35), "--prompt", "a cat", "--steps", "6", "--seed", "1", "--width", "64", "--height",
+              "64", "--no-cache", "--output", str(tmp_path / "out")]
+    assert main([*common, "--skip-layers", "1", "--skip-layer-scale", "2.8", "--skip-layer-stop", "0.5"]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    assert main([*common, "--skip-layers", "1,9"]) == EXIT_ERROR
+    assert "outside the transformer's blocks" in capsys.readouterr().err
