@@ -68,3 +68,24 @@ def test_skip_layers_on_the_command_line(ov_sd35, tmp_path, capsys):
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
     assert main([*common, "--skip-layers", "1,9"]) == EXIT_ERROR
     assert "outside the transformer's blocks" in capsys.readouterr().err
+
+
+def test_skip_layer_guidance_through_the_server(ov_sd35):
+    """The JSON fields reach the pipeline: the server's picture is the pipeline's own with the same settings."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from ovsd3.serve.launch import serving
+
+    settings = dict(num_inference_steps=6, guidance_scale=4.0, skip_guidance_layers=[1], skip_layer_guidance_stop=0.5)
+    expected = SD3Pipeline.load(ov_sd35, device="CPU", cache_dir=None)("a cat", seed=4, **settings, **SIZE).images[0]
+    with serving(ov_sd35, "--device", "CPU") as base:
+        answer = httpx.post(f"{base}/v3/images/generations", timeout=120,
+                            json={"prompt": "a cat", "rng_seed": 4, "size": "64x64", **settings})
+        wrong = httpx.post(f"{base}/v3/images/generations", json={"prompt": "a cat", "skip_guidance_layers": [9]})
+    got = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert wrong.status_code == 400 and "outside the transformer's blocks" in wrong.json()["error"]["message"]

@@ -89,6 +89,11 @@ class GenerationBody(BaseModel):
     preview_every: int = Field(1, ge=0)
     cache: str | None = Field(None, max_length=200)
     noise: Literal["torch", "numpy"] | None = None
+    # diffusers' skip-layer guidance (SD3.5)
+    skip_guidance_layers: list[int] | None = Field(None, max_length=64)
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
 
     def to_request(self, server: ServerSettings, *, previews: bool = True, **extra) -> GenerationRequest:
         """Check the body against the server's limits; ``previews``: False where nobody would see them."""
@@ -108,7 +113,10 @@ class GenerationBody(BaseModel):
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, seed=seed,
             max_sequence_length=self.max_sequence_length or 256, noise=self.noise or server.default_noise,
             preview_every=self.preview_every if previews else 0, cache=cache, output_format=self.output_format,
-            output_compression=self.output_compression, **extra)
+            output_compression=self.output_compression, skip_guidance_layers=self.skip_guidance_layers,
+            skip_layer_guidance_scale=self.skip_layer_guidance_scale,
+            skip_layer_guidance_start=self.skip_layer_guidance_start,
+            skip_layer_guidance_stop=self.skip_layer_guidance_stop, **extra)
 
     def _check_text(self, limits: Limits) -> None:
         for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):

@@ -62,13 +62,21 @@ class GenerationRequest:
     cache: str | None = None  # step caching spec (ovsd3.runtime.cache); None: the server's default
     output_format: str = "png"  # png, jpeg or webp
     output_compression: int | None = None  # 0-100 for jpeg and webp (OpenAI's meaning: 100 = least compressed)
+    skip_guidance_layers: list[int] | None = None  # skip-layer guidance, diffusers' keywords
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
 
     def pipeline_settings(self) -> dict:
         settings = dict(prompt_2=self.prompt_2, prompt_3=self.prompt_3, negative_prompt=self.negative_prompt,
                         negative_prompt_2=self.negative_prompt_2, negative_prompt_3=self.negative_prompt_3,
                         num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                         width=self.width, height=self.height, seed=self.seed, noise=self.noise,
-                        max_sequence_length=self.max_sequence_length, num_images_per_prompt=self.n, cache=self.cache)
+                        max_sequence_length=self.max_sequence_length, num_images_per_prompt=self.n, cache=self.cache,
+                        skip_guidance_layers=self.skip_guidance_layers,
+                        skip_layer_guidance_scale=self.skip_layer_guidance_scale,
+                        skip_layer_guidance_start=self.skip_layer_guidance_start,
+                        skip_layer_guidance_stop=self.skip_layer_guidance_stop)
         if self.image is not None:
             from PIL import Image
 
