@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
                              "StableDiffusion3InpaintPipeline); black is kept")
     parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
     parser.add_argument("--clip-skip", type=int, default=None)
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="a LoRA adapter for the transformer (PEFT folder, diffusers or kohya safetensors), "
+                             "applied when the folder loads, with its weight (default 1); repeatable")
     parser.add_argument("--skip-layers", type=_block_list, default=None, metavar="7,8,9",
                         help="skip-layer guidance (diffusers' skip_guidance_layers; SD3.5 Medium: 7,8,9): an extra "
                              "conditional pass with these blocks skipped on the early steps")
@@ -180,7 +183,10 @@ def run(args) -> int:
         static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
                              guidance=guidance > 1.0, max_sequence_length=args.max_sequence_length)
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
-                            cache_dir=None if args.no_cache else (args.cache_dir or "default"))
+                            cache_dir=None if args.no_cache else (args.cache_dir or "default"), adapters=args.lora)
+    if pipe.ignored_text_tensors:
+        print(f"note: {pipe.ignored_text_tensors} text-encoder LoRA tensor(s) left out (ovsd3 applies LoRA to the "
+              "transformer)", file=sys.stderr)
     print(f"loaded {args.model_dir} on {args.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     with cleaned_up_on_failure(args.output, [args.output / PREVIEW] if args.preview_every else []):
         return _generate(pipe, args, cache)

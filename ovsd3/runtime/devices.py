@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ovsd3 import layout
 from ovsd3.errors import OvsdError, reason_of
@@ -93,6 +94,8 @@ class ModelCompiler:
         self.folder = Path(folder)
         self.options = options
         self.core = ov.Core()
+        self._edits: dict[str, Callable] = {}
+        self._originals: dict[str, object] = {}  # IRs read once for edits
         check_available(self.core, options.plan)
         if options.cache_dir is not None:
             self._use_cache(options.cache_dir)
@@ -114,26 +117,42 @@ class ModelCompiler:
             config["INFERENCE_PRECISION_HINT"] = self.options.precision
         return config
 
+    def edit(self, component: str, change: Callable | None) -> None:
+        """Apply ``change(model)`` to ``component``'s IR whenever it is read or compiled from now on (LoRA
+        adapters); None removes it. The folder's IR is then read once and kept, so a new change does not read
+        the folder again."""
+        if change is None:
+            self._edits.pop(component, None)
+        else:
+            self._edits[component] = change
+
     def compile(self, component: str, static_shapes: dict | None = None):
         """Compile ``component``; ``static_shapes`` (input name -> shape) fixes every dimension first."""
         xml = layout.model_xml(self.folder, component)
         device = self.options.plan.device_for(component)
         try:
-            if static_shapes is None:
+            if static_shapes is None and component not in self._edits:
                 return self.core.compile_model(xml, device, self._config(device))
-            model = self.core.read_model(xml)
-            model.reshape({name: shape for name, shape in static_shapes.items()
-                           if name in {port.any_name for port in model.inputs}})
+            model = self.read(component)
+            if static_shapes is not None:
+                model.reshape({name: shape for name, shape in static_shapes.items()
+                               if name in {port.any_name for port in model.inputs}})
             return self.core.compile_model(model, device, self._config(device))
         except RuntimeError as error:
             raise OvsdError(f"cannot compile {component} for {device}: {reason_of(error)}") from None
 
     def read(self, component: str):
-        """The component's IR as an ``ov.Model``, to derive variants from."""
+        """The component's IR as an ``ov.Model`` (with its edit applied), to derive variants from."""
         try:
-            return self.core.read_model(layout.model_xml(self.folder, component))
+            if component not in self._edits:
+                return self.core.read_model(layout.model_xml(self.folder, component))
+            if component not in self._originals:
+                self._originals[component] = self.core.read_model(layout.model_xml(self.folder, component))
+            model = self._originals[component].clone()
         except RuntimeError as error:
             raise OvsdError(f"cannot read {component}: {reason_of(error)}") from None
+        self._edits[component](model)
+        return model
 
     def compile_derived(self, component: str, model):
         """Compile a model derived from ``component``'s IR on that component's device."""

@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ovsd3 import __version__, layout
-from ovsd3.errors import InvalidRequest
+from ovsd3.errors import InvalidRequest, OvsdError
 from ovsd3.runtime import images as image_io
+from ovsd3.runtime.adapters import LoraAdapter
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
 from ovsd3.runtime.guidance import SkipLayerGuidance
@@ -86,7 +87,8 @@ class GenerationResult:
 class SD3Pipeline:
     """Diffusers' ``StableDiffusion3Pipeline`` call on OpenVINO (see :mod:`ovsd3.runtime.request`)."""
 
-    def __init__(self, folder: Path, compiler: ModelCompiler, static: StaticShape | None = None):
+    def __init__(self, folder: Path, compiler: ModelCompiler, static: StaticShape | None = None,
+                 adapters=None):
         model = layout.ModelFolder.open(folder)
         self.folder, self.static = model.path, static
         self.latent_channels = int(model.transformer_config.get("in_channels", 16))
@@ -101,6 +103,9 @@ class SD3Pipeline:
         self.schedule = FlowMatchSchedule.from_folder(folder)
         self.has_t5 = model.has_t5
         self.defaults = model.record.defaults
+        self._compiler, self._patch_size = compiler, model.patch_size
+        self.adapters: tuple[LoraAdapter, ...] = ()
+        self._use_adapters(adapters)
         self._compile(compiler, model)
         self.infer_seconds = {"text": 0.0, "vae": 0.0}
         self._guidance_scale, self._clip_skip, self._num_timesteps, self._interrupt = None, None, 0, False
@@ -113,12 +118,13 @@ class SD3Pipeline:
                                  static_batch=None if static is None else static.batch,
                                  max_sequence_length=256 if static is None else static.max_sequence_length)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
-        self.transformer = Transformer(compiler, model.patch_size, self.has_t5, None if static is None else {
+        self._transformer_shapes = None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
             "timestep": [transformer_batch],
             "encoder_hidden_states": [transformer_batch, CLIP_MAX_LENGTH + static.max_sequence_length,
                                       self.joint_attention_dim],
-            "pooled_projections": [transformer_batch, int(model.transformer_config["pooled_projection_dim"])]})
+            "pooled_projections": [transformer_batch, int(model.transformer_config["pooled_projection_dim"])]}
+        self.transformer = Transformer(compiler, model.patch_size, self.has_t5, self._transformer_shapes)
         self.vae_decoder = compiler.compile(layout.VAE_DECODER, None if static is None else {
             "latent_sample": [static.batch, self.latent_channels, *latent_size]})
         self.vae_encoder = None
@@ -126,18 +132,43 @@ class SD3Pipeline:
             self.vae_encoder = compiler.compile(layout.VAE_ENCODER, None if static is None else {
                 "sample": [1, 3, static.height, static.width]})
 
+    def _use_adapters(self, adapters) -> None:
+        """LoRA adapters on the transformer's weights, applied whenever its IR is compiled (see set_adapters)."""
+        from ovsd3.ir.lora import AdapterMismatch, add_deltas
+        from ovsd3.runtime.adapters import adapter_deltas
+
+        chosen = tuple(LoraAdapter.parse(spec) for spec in adapters or ())
+        deltas, self.ignored_text_tensors = adapter_deltas(list(chosen), self.block_count) if chosen else ({}, 0)
+
+        def apply(model) -> None:
+            try:
+                add_deltas(model, deltas)
+            except AdapterMismatch as error:
+                raise OvsdError(f"LoRA {', '.join(str(adapter.path) for adapter in chosen)}: {error}") from None
+
+        self._compiler.edit(layout.TRANSFORMER, apply if chosen else None)
+        self.adapters = chosen
+
+    def set_adapters(self, adapters) -> None:
+        """Replace the LoRA adapters (``[(path, weight), ...]`` or ``["path:weight", ...]``; ``[]`` for none):
+        the transformer is recompiled from the IR read at the first adapter, not read from the folder again."""
+        self._use_adapters(adapters)
+        self.transformer = Transformer(self._compiler, self._patch_size, self.has_t5, self._transformer_shapes)
+
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "AUTO", static: StaticShape | None = None,
-             cache_dir: Path | None | str = "default", precision: str | None = None) -> "SD3Pipeline":
+             cache_dir: Path | None | str = "default", precision: str | None = None,
+             adapters=None) -> "SD3Pipeline":
         """``device``: an OpenVINO device for everything, or a plan such as ``transformer=GPU,text=CPU``.
         ``cache_dir``: OpenVINO's model cache (``None`` for none); a second start then skips compiling.
-        ``precision``: ``"f32"`` to force full-precision execution."""
+        ``precision``: ``"f32"`` to force full-precision execution. ``adapters``: LoRA adapters for the
+        transformer, ``[(path, weight), ...]`` (files or PEFT folders; see :mod:`ovsd3.runtime.adapters`)."""
         folder = Path(folder)
         options = CompileOptions(plan=DevicePlan.parse(device),
                                  cache_dir=default_cache_dir() if cache_dir == "default" else
                                  (Path(cache_dir) if cache_dir is not None else None),
                                  precision=precision)
-        return cls(folder, ModelCompiler(folder, options), static)
+        return cls(folder, ModelCompiler(folder, options), static, adapters)
 
     from_pretrained = load  # diffusers' name: the folder (or a converted hub id's local copy) to load
 

@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="AUTO", help="OpenVINO device or plan, as for `ovsd3 run`")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="a LoRA adapter applied to the transformer of every worker, as `ovsd3 run --lora`; "
+                             "repeatable")
     parser.add_argument("--workers", type=int, default=1, help="pipelines generating at once (each compiled once)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
     parser.add_argument("--cache", default=None, metavar="MODE",
@@ -67,7 +70,7 @@ def run(args) -> int:
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
     try:
-        pool = WorkerPool(load_pipeline(args.model_dir, args.device), args.workers, args.max_queue)
+        pool = WorkerPool(load_pipeline(args.model_dir, args.device, args.lora), args.workers, args.max_queue)
     except BaseException:
         listening.close()
         raise

@@ -305,10 +305,10 @@ class WorkerPool:
             job.emit("error", message=f"internal error: {type(error).__name__}: {error}", type="server_error")
 
 
-def load_pipeline(folder: Path, device: str) -> Callable[[], object]:
+def load_pipeline(folder: Path, device: str, adapters=()) -> Callable[[], object]:
     def load():
         from ovsd3.runtime import SD3Pipeline
 
-        return SD3Pipeline.load(folder, device=device)
+        return SD3Pipeline.load(folder, device=device, adapters=list(adapters))
 
     return load
