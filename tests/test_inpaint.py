@@ -126,3 +126,17 @@ def test_edits_endpoint_inpaints_with_openais_and_ovms_masks(ov_sd3):
         got = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json)))
         assert np.array_equal(np.asarray(got), np.asarray(expected))
     assert wrong_size.status_code == 400 and "mask_image is 32x32" in wrong_size.json()["error"]["message"]
+
+
+def test_genai_inpainting_call(pipes):
+    """openvino.genai's InpaintingPipeline.generate(prompt, image, mask_image, ...): uint8 tensors in and out."""
+    import openvino as ov
+
+    ovsd3_pipe, _ = pipes
+    image = ov.Tensor(np.asarray(start_image())[None])
+    mask = ov.Tensor(np.asarray(square_mask("RGB"))[None])
+    got = ovsd3_pipe.generate("a cat", image, mask, strength=0.8, num_inference_steps=4, rng_seed=3, width=SIZE,
+                              height=SIZE)
+    expected = ovsd3_pipe("a cat", image=start_image(), mask_image=square_mask(), strength=0.8, num_inference_steps=4,
+                          seed=3, width=SIZE, height=SIZE, noise="torch").images[0]
+    assert np.array_equal(got.data[0], np.asarray(expected))

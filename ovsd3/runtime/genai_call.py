@@ -1,4 +1,5 @@
-"""openvino.genai's ``Text2ImagePipeline.generate`` / ``Image2ImagePipeline.generate`` call on an SD3Pipeline.
+"""openvino.genai's ``Text2ImagePipeline`` / ``Image2ImagePipeline`` / ``InpaintingPipeline`` ``generate`` call on
+an SD3Pipeline.
 
     image_tensor = pipe.generate("a cat", width=512, height=512, num_inference_steps=28, rng_seed=42)
     Image.fromarray(image_tensor.data[0]).save("cat.png")
@@ -57,11 +58,14 @@ def generation_settings(properties: dict) -> dict:
     return settings
 
 
-def generate(pipe, prompt: str, image=None, **properties):
-    """Run ``pipe`` as genai's generate; returns an ``openvino.Tensor`` (uint8, NHWC)."""
+def generate(pipe, prompt: str, image=None, mask_image=None, **properties):
+    """Run ``pipe`` as genai's generate; returns an ``openvino.Tensor`` (uint8, NHWC). ``mask_image`` (white is
+    redrawn) makes it genai's InpaintingPipeline call."""
     import openvino as ov
 
     settings = generation_settings(properties)
+    if mask_image is not None:
+        settings["mask_image"] = _image_of(mask_image)
     if image is not None:
         settings["image"] = _image_of(image)
     elif settings.get("strength", 1.0) != 1.0:

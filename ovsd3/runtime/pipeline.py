@@ -436,12 +436,12 @@ class SD3Pipeline:
                                   cache_stats=job.cache_stats)
         return result if request.return_dict else (images,)
 
-    def generate(self, prompt: str, image=None, **properties):
-        """openvino.genai's ``generate``, with its property names and rules (:mod:`ovsd3.runtime.genai_call`):
-        an ``openvino.Tensor`` of uint8 images."""
+    def generate(self, prompt: str, image=None, mask_image=None, **properties):
+        """openvino.genai's ``generate`` (Text2Image, Image2Image and, with ``mask_image``, Inpainting), with its
+        property names and rules (:mod:`ovsd3.runtime.genai_call`): an ``openvino.Tensor`` of uint8 images."""
         from ovsd3.runtime.genai_call import generate
 
-        return generate(self, prompt, image, **properties)
+        return generate(self, prompt, image, mask_image, **properties)
 
     def _sample(self, job: Job, request: Request) -> None:
         """All steps, with the request's callbacks; a callback may set ``pipe._interrupt`` to stop early (the
