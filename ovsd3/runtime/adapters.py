@@ -31,7 +31,8 @@ _UNSUPPORTED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", "lora_m
 _TEXT_PREFIXES = ("text_encoder", "lora_te")
 _KOHYA_BLOCK = re.compile(r"^joint_blocks_(\d+)_(x_block|context_block)_(attn2?_qkv|attn2?_proj|mlp_fc1|mlp_fc2|"
                           r"adaLN_modulation_1)$")
-_KOHYA_OTHER = {"context_embedder": "context_embedder", "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
+_KOHYA_OTHER = {"context_embedder": "context_embedder",
+                "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
                 "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
                 "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
                 "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",

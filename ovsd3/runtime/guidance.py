@@ -20,8 +20,9 @@ class SkipLayerGuidance:
     def of(cls, request) -> "SkipLayerGuidance | None":
         if request.skip_guidance_layers is None:
             return None
-        return cls(tuple(int(layer) for layer in request.skip_guidance_layers), float(request.skip_layer_guidance_scale),
-                   float(request.skip_layer_guidance_start), float(request.skip_layer_guidance_stop))
+        return cls(tuple(int(layer) for layer in request.skip_guidance_layers),
+                   float(request.skip_layer_guidance_scale), float(request.skip_layer_guidance_start),
+                   float(request.skip_layer_guidance_stop))
 
     def applies(self, index: int, steps: int) -> bool:
         """diffusers' window: both bounds strict, in Python floats."""
