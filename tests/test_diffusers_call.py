@@ -147,6 +147,23 @@ def test_image_to_image_with_a_generator(pipes, tiny_sd3):
     assert close(expected, got)
 
 
+@pytest.mark.parametrize("pipeline", ["StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"])
+def test_image_calls_take_diffusers_defaults(pipes, tiny_sd3, pipeline):
+    """No steps or strength given: diffusers' image pipelines run 50 steps at strength 0.6, and so does ovsd3."""
+    import diffusers
+    from PIL import Image
+
+    ovsd3_pipe, _ = pipes
+    init = Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(np.arange(64)[:, None] < 32, 255, 0).repeat(64, 1).astype(np.uint8), "L")
+    extra = dict(mask_image=mask) if "Inpaint" in pipeline else {}
+    call = dict(image=init, guidance_scale=3.0, output_type="latent", **SIZE, **extra)
+    got = ovsd3_pipe(PROMPTS[0], generator=generator(8), **call).images
+    expected = getattr(diffusers, pipeline).from_pretrained(tiny_sd3)(PROMPTS[0], generator=generator(8), **call).images
+    assert psnr(expected.numpy().astype(np.float64), got.astype(np.float64), data_range=8.0) >= MIN_PSNR
+    assert ovsd3_pipe.num_timesteps == 30  # 50 steps at strength 0.6
+
+
 def test_a_list_of_generators_draws_each_image_from_its_own(pipes):
     ovsd3_pipe, diffusers_pipe = pipes
     call = dict(num_inference_steps=2, guidance_scale=3.0, output_type="np", num_images_per_prompt=2, **SIZE)

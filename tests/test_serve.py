@@ -334,6 +334,7 @@ class BrokenPipeline:
     """A pipeline that fails inside (not on the request): the server must answer 500, not blame the caller."""
 
     size_multiple, max_size = 16, None
+    defaults = __import__("ovsd3.layout", fromlist=["GenerationDefaults"]).GenerationDefaults()
 
     def prepare(self, prompt, **settings):
         raise RuntimeError("the accelerator caught fire")

@@ -200,7 +200,8 @@ def _generate(pipe, args, cache) -> int:
         if args.preview_every and (step.index + 1) % args.preview_every == 0:
             _write_preview(step, args.output)
 
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+    steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps  # the folder's, images too
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
                   mask_image=args.mask, **_skip_layer_guidance(args),

@@ -64,6 +64,7 @@ def generate(pipe, prompt: str, image=None, mask_image=None, **properties):
     import openvino as ov
 
     settings = generation_settings(properties)
+    settings.setdefault("num_inference_steps", pipe.defaults.num_inference_steps)  # genai's default, images too
     if mask_image is not None:
         settings["mask_image"] = _image_of(mask_image)
     if image is not None:

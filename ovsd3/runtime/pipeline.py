@@ -34,6 +34,9 @@ from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
 from ovsd3.runtime.transformer import Transformer
 
 
+IMAGE_TO_IMAGE_STEPS = 50  # diffusers' default for its SD3 image-to-image and inpainting pipelines
+
+
 @dataclass(frozen=True)
 class StaticShape:
     """Fixed sizes for devices that need them (NPU): every model is reshaped before compiling."""
@@ -188,7 +191,7 @@ class SD3Pipeline:
 
     def prepare_request(self, request: Request) -> Job:
         cache = CacheConfig.parse(request.cache)
-        steps = self.defaults.num_inference_steps if request.num_inference_steps is None \
+        steps = self._default_steps(request) if request.num_inference_steps is None \
             else int(request.num_inference_steps)
         guidance = self.defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
         default_width, default_height = (self.static.width, self.static.height) if self.static else \
@@ -241,6 +244,15 @@ class SD3Pipeline:
             raise InvalidRequest(f"this pipeline was compiled for static {self.static.width}x{self.static.height}, "
                                  f"{self.static.batch} image(s), guidance {'on' if self.static.guidance else 'off'}; "
                                  f"the request differs")
+
+    def _default_steps(self, request: Request) -> int:
+        """The folder's steps; with an image, diffusers' StableDiffusion3Img2ImgPipeline and InpaintPipeline
+        default of 50 where the folder has the text-to-image default of 28 (a Flash folder keeps its 4). The
+        command line, openvino.genai's generate and the server pass the folder's steps themselves."""
+        steps = self.defaults.num_inference_steps
+        if request.image is not None and steps == layout.GenerationDefaults().num_inference_steps:
+            return IMAGE_TO_IMAGE_STEPS
+        return steps
 
     def _check_skip_layers(self, request: Request, cache: CacheConfig) -> None:
         outside = [layer for layer in request.skip_guidance_layers if layer >= self.block_count]

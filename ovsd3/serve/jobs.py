@@ -273,7 +273,10 @@ class WorkerPool:
 
         job.status = "running"
         try:
-            prepared = pipe.prepare(job.request.prompt, **job.request.pipeline_settings())
+            settings = job.request.pipeline_settings()
+            if settings["num_inference_steps"] is None:  # OVMS's (openvino.genai's) default, edits included
+                settings["num_inference_steps"] = pipe.defaults.num_inference_steps
+            prepared = pipe.prepare(job.request.prompt, **settings)
             job.emit("started", seed=prepared.params["seed"], steps=len(prepared.sigmas) - 1)
             sampling = pipe.steps(prepared)
             while True:
