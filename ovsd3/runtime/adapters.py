@@ -21,6 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -31,16 +32,19 @@ _UNSUPPORTED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", "lora_m
 _TEXT_PREFIXES = ("text_encoder", "lora_te")
 _KOHYA_BLOCK = re.compile(r"^joint_blocks_(\d+)_(x_block|context_block)_(attn2?_qkv|attn2?_proj|mlp_fc1|mlp_fc2|"
                           r"adaLN_modulation_1)$")
-_KOHYA_OTHER = {"context_embedder": "context_embedder",
-                "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
-                "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
-                "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
-                "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",
-                "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear"}
-_X_BLOCK = {"attn_proj": "attn.to_out.0", "attn2_proj": "attn2.to_out.0", "mlp_fc1": "ff.net.0.proj",
-            "mlp_fc2": "ff.net.2", "adaLN_modulation_1": "norm1.linear"}
-_CONTEXT_BLOCK = {"attn_proj": "attn.to_add_out", "mlp_fc1": "ff_context.net.0.proj", "mlp_fc2": "ff_context.net.2",
-                  "adaLN_modulation_1": "norm1_context.linear"}
+_KOHYA_OTHER = MappingProxyType({
+    "context_embedder": "context_embedder",
+    "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+})
+_X_BLOCK = MappingProxyType({"attn_proj": "attn.to_out.0", "attn2_proj": "attn2.to_out.0", "mlp_fc1": "ff.net.0.proj",
+                             "mlp_fc2": "ff.net.2", "adaLN_modulation_1": "norm1.linear"})
+_CONTEXT_BLOCK = MappingProxyType({"attn_proj": "attn.to_add_out", "mlp_fc1": "ff_context.net.0.proj",
+                                   "mlp_fc2": "ff_context.net.2", "adaLN_modulation_1": "norm1_context.linear"})
 
 
 @dataclass(frozen=True)
