@@ -60,14 +60,26 @@ def overlap(target: Path, source: Path) -> str | None:
     return None
 
 
-def check_apart(target: Path, inputs: Iterable[Path | str | None], what: str = "output") -> None:
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first (what writing into it would create)."""
+    folder = Path(folder).expanduser().absolute()
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def nearest_existing(folder: Path) -> Path:
+    """``folder`` or its nearest parent that exists."""
+    folder = Path(folder).expanduser().absolute()
+    return next(path for path in (folder, *folder.parents) if path.exists())
+
+
+def check_apart(target: Path, inputs: Iterable[Path | str | None]) -> None:
     """Refuse an output that is, lies inside or contains one of the inputs (models, prompt files, images)."""
     for source in inputs:
         if source is None or not Path(source).expanduser().exists():
             continue  # a hub id, or a file that the command checks itself
         relation = overlap(Path(target).expanduser(), Path(source).expanduser())
         if relation:
-            raise OvsdError(f"{what} {target} {relation} the input {source}: choose a folder apart from the inputs "
+            raise OvsdError(f"output {target} {relation} the input {source}: choose a folder apart from the inputs "
                             "(nothing was written)")
 
 
@@ -76,8 +88,7 @@ def cleaned_up_on_failure(folder: Path, byproducts: Iterable[Path] = ()) -> Iter
     """On an exception (Ctrl-C too), remove the ``byproducts`` (files such as a preview, which the command
     rewrites in place) and then ``folder`` and those of its parents that did not exist on entry, where they
     are empty: what a failed command created on the way."""
-    folder = Path(folder).expanduser().absolute()
-    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    missing = missing_folders(folder)
     try:
         yield
     except BaseException:
@@ -115,7 +126,7 @@ class AtomicOutput:
         check_apart(self.target, self.inputs)
         if self.target.exists():
             self._check_replaceable()
-        parent = self._nearest_existing_parent()
+        parent = nearest_existing(self.target.parent)
         if not parent.is_dir():
             raise OvsdError(f"cannot create output folder {self.target.parent}: {parent} is not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -134,19 +145,8 @@ class AtomicOutput:
             raise OvsdError(f"output {self.target} {made}: --overwrite replaces only an earlier "
                             f"`ovsd3 {self.command}` output (nothing was replaced)")
 
-    def _nearest_existing_parent(self) -> Path:
-        parent = self.target.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        return parent
-
     def _make_parents(self) -> None:
-        missing = []
-        parent = self.target.parent
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for folder in reversed(missing):
+        for folder in reversed(missing_folders(self.target.parent)):
             folder.mkdir()
             self._created_parents.append(folder)
 

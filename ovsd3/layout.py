@@ -149,6 +149,11 @@ class ModelFolder:
         return patches * self.patch_size * self.vae_scale_factor or None
 
     @property
+    def block_count(self) -> int:
+        """The transformer's blocks (``num_layers``; 0 when the config does not say)."""
+        return int(self.transformer_config.get("num_layers", 0))
+
+    @property
     def has_t5(self) -> bool:
         return model_xml(self.path, T5).exists() and (self.path / TOKENIZER_OF[T5]).exists()
 

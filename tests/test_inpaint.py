@@ -72,8 +72,8 @@ def test_inpainting_from_the_command_line(ov_sd3, tmp_path):
     start_image().save(tmp_path / "in.png")
     square_mask().save(tmp_path / "mask.png")
     assert main(["run", str(ov_sd3), "--prompt", "a cat", "--image", str(tmp_path / "in.png"), "--mask",
-                 str(tmp_path / "mask.png"), "--steps", "4", "--seed", "1", "--width", str(SIZE), "--height", str(SIZE), "--no-cache", "--output",
-                 str(tmp_path / "out")]) == 0
+                 str(tmp_path / "mask.png"), "--steps", "4", "--seed", "1", "--width", str(SIZE), "--height",
+                 str(SIZE), "--no-cache", "--output", str(tmp_path / "out")]) == 0
     (png,) = (tmp_path / "out").glob("*.png")
     assert Image.open(png).size == (SIZE, SIZE)
 
@@ -85,9 +85,14 @@ def test_inpainting_from_the_command_line(ov_sd3, tmp_path):
     (dict(image=start_image(), mask_image=np.zeros((2, 3, SIZE, SIZE))), "one grey mask"),
     (dict(image=start_image(), mask_image=square_mask(), padding_mask_crop=8), "padding_mask_crop"),
     (dict(image=start_image(), mask_image="/nonexistent/mask.png"), "cannot read mask"),
-], ids=["no-image", "size", "mode", "array-shape", "crop", "missing"])
-def test_bad_masks_are_value_errors(pipes, call, message):
+    (dict(image=start_image(), mask_image="{bomb}"), "mask .* more than 64 megapixels"),
+], ids=["no-image", "size", "mode", "array-shape", "crop", "missing", "bomb"])
+def test_bad_masks_are_value_errors(pipes, tmp_path, call, message):
+    from test_safety import image_bomb
+
     ovsd3_pipe, _ = pipes
+    if isinstance(call.get("mask_image"), str) and call["mask_image"] == "{bomb}":
+        call = dict(call, mask_image=image_bomb(tmp_path / "bomb.png"))  # a few kB claiming 30000x30000
     with pytest.raises(InvalidRequest, match=message):
         ovsd3_pipe("a cat", num_inference_steps=2, width=SIZE, height=SIZE, **call)
 

@@ -134,7 +134,6 @@ class ModelSource:
         except Exception as error:  # safetensors raises its own SafetensorError for a cut or corrupt file
             raise OvsdError(f"cannot read {files[0]}: {reason_of(error)} (a truncated or corrupt download?)") from None
         return torch.float32
-        return torch.float32
 
     def load_dtype(self, component: str, weight_format: str) -> torch.dtype:
         """fp16 for the big components (transformer, T5) of a 16-bit checkpoint in an fp16 export, so no

@@ -197,7 +197,7 @@ def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFol
         raise OvsdError(f"IN must be a folder from `ovsd3 convert` or optimum-intel: {error}") from None
     if not 1 <= request.calib <= MAX_CALIB:
         raise OvsdError(f"--calib must be between 1 and {MAX_CALIB} (got {request.calib})")
-    blocks = int(model.transformer_config.get("num_layers", 0)) or None
+    blocks = model.block_count or None
     slices = request.transformer.slices
     if slices is not None and not 1 <= slices <= (blocks or slices):
         raise OvsdError(f"--slices must be between 1 and the transformer's {blocks} blocks (got {slices})")

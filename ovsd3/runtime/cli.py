@@ -134,7 +134,7 @@ def _skip_layer_guidance(args) -> dict:
 
 def _check_output(output: Path, model_dir: Path) -> None:
     """Refuse, before loading, an --output that cannot take PNGs or that would put them in the model folder."""
-    from ovsd3.atomic import overlap
+    from ovsd3.atomic import nearest_existing, overlap
 
     if output.is_symlink() and not output.exists():
         raise OvsdError(f"--output {output} is a symbolic link to nothing")
@@ -144,7 +144,7 @@ def _check_output(output: Path, model_dir: Path) -> None:
     # images inside the model folder would be mistaken for part of it
     if model_dir.exists() and overlap(output, model_dir) in ("is", "lies inside"):
         raise OvsdError(f"--output {output} is inside the model folder {model_dir}: choose another folder")
-    existing = next(path for path in (output, *output.absolute().parents) if path.exists())
+    existing = nearest_existing(output)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise OvsdError(f"--output {output}: {existing} is not a writable folder")
 

@@ -7,31 +7,36 @@ from pathlib import Path
 
 import numpy as np
 
-from ovsd3.errors import OvsdError
+from ovsd3.errors import InvalidRequest
 
 # An input image is resized to at most the model's largest size; decoding one far beyond that (an image bomb:
 # a small file that unpacks to gigabytes) is refused from the header.
 MAX_INPUT_PIXELS = 8192 * 8192
 
 
-def load_image(source, width: int, height: int) -> np.ndarray:
-    """An image file (or PIL image) as a (1, 3, height, width) array in [-1, 1], as diffusers preprocesses it."""
+def open_image(path: str | Path, what: str = "image"):
+    """The picture file at ``path``, read whole, refused from its header beyond MAX_INPUT_PIXELS (``what``
+    names it in the one-line error: an image, a mask)."""
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, (str, Path)):
-        try:
-            with Image.open(source) as opened:  # reads the header only: the size is known before decoding
-                if opened.width * opened.height > MAX_INPUT_PIXELS:
-                    raise OvsdError(f"image {source} is {opened.width}x{opened.height}, more than "
-                                    f"{MAX_INPUT_PIXELS // 2**20} megapixels: scale it down first")
-                image = opened.convert("RGB")
-        except Image.DecompressionBombError:  # Pillow's own limit, beyond ours, refused before ours is checked
-            raise OvsdError(f"image {source} is more than {MAX_INPUT_PIXELS // 2**20} megapixels: scale it down "
-                            "first") from None
-        except (OSError, UnidentifiedImageError) as error:
-            raise OvsdError(f"cannot read image {source}: {error}") from None
-    else:
-        image = source.convert("RGB")
+    limit = f"more than {MAX_INPUT_PIXELS // 2**20} megapixels: scale it down first"
+    try:
+        with Image.open(path) as opened:  # reads the header only: the size is known before decoding
+            if opened.width * opened.height > MAX_INPUT_PIXELS:
+                raise InvalidRequest(f"{what} {path} is {opened.width}x{opened.height}, {limit}")
+            opened.load()
+            return opened.copy()
+    except Image.DecompressionBombError:  # Pillow's own limit, beyond ours, refused before ours is checked
+        raise InvalidRequest(f"{what} {path} is {limit}") from None
+    except (OSError, UnidentifiedImageError) as error:
+        raise InvalidRequest(f"cannot read {what} {path}: {error}") from None
+
+
+def load_image(source, width: int, height: int) -> np.ndarray:
+    """An image file (or PIL image) as a (1, 3, height, width) array in [-1, 1], as diffusers preprocesses it."""
+    from PIL import Image
+
+    image = (open_image(source) if isinstance(source, (str, Path)) else source).convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0

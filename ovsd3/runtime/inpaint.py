@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ovsd3.errors import InvalidRequest
+from ovsd3.runtime.images import open_image
 
 
 def _pil_mask(mask, width: int, height: int) -> np.ndarray:
@@ -49,19 +50,6 @@ def _array_mask(mask, width: int, height: int) -> np.ndarray:
 MASK_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # what reads as grey the way diffusers reads it
 
 
-def _opened(source):
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(source, (str, Path)):
-        return source
-    try:
-        with Image.open(source) as opened:
-            opened.load()
-            return opened.copy()
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise InvalidRequest(f"cannot read mask {source}: {error}") from None
-
-
 def _size_of(image) -> tuple[int, int] | None:
     """(width, height) of an image given as a path, a PIL image or an HWC / CHW array; None if unknown."""
     if hasattr(image, "size") and isinstance(getattr(image, "size"), tuple):
@@ -82,7 +70,8 @@ def load_mask(mask, width: int, height: int, image=None) -> np.ndarray:
     A PIL mask must be as large as ``image`` (when that is a picture) and in a grey-readable mode."""
     from PIL import Image
 
-    mask = _opened(mask)
+    if isinstance(mask, (str, Path)):
+        mask = open_image(mask, "mask")  # with the input images' pixel bound
     if isinstance(mask, Image.Image):
         if mask.mode not in MASK_MODES:
             raise InvalidRequest(f"mask_image has mode {mask.mode}: give a grey (L), black-and-white (1), RGB or "

@@ -100,7 +100,7 @@ class SD3Pipeline:
         self.size_multiple = self.vae_scale_factor * model.patch_size
         self.default_size = model.native_size
         self.max_size = model.max_size
-        self.block_count = int(model.transformer_config.get("num_layers", 0))
+        self.block_count = model.block_count
         self.scaling_factor = float(model.vae_config.get("scaling_factor", 1.5305))
         self.shift_factor = float(model.vae_config.get("shift_factor", 0.0609))
         self.schedule = FlowMatchSchedule.from_folder(folder)
