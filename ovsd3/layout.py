@@ -5,6 +5,7 @@ This module is shared by convert, quantize and the runtime, so it imports nothin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,9 +38,33 @@ class GenerationDefaults:
     num_inference_steps: int = 28
     guidance_scale: float = 7.0
     sampler: str = "euler"  # "euler" (deterministic) or "flash" (stochastic, Flash SD3)
+    skip_guidance_layers: tuple[int, ...] | None = None  # skip-layer guidance unless the request says otherwise
+
+    def __post_init__(self) -> None:
+        if self.skip_guidance_layers is not None:  # a list when read from JSON
+            object.__setattr__(self, "skip_guidance_layers", tuple(self.skip_guidance_layers))
 
 
 FLASH_DEFAULTS = GenerationDefaults(num_inference_steps=4, guidance_scale=0.0, sampler="flash")
+# The sampler settings the model cards recommend (stabilityai's Hugging Face pages for each model).
+SD35_LARGE_DEFAULTS = GenerationDefaults(num_inference_steps=28, guidance_scale=3.5)
+SD35_LARGE_TURBO_DEFAULTS = GenerationDefaults(num_inference_steps=4, guidance_scale=0.0)
+SD35_MEDIUM_DEFAULTS = GenerationDefaults(num_inference_steps=40, guidance_scale=4.5, skip_guidance_layers=(7, 8, 9))
+
+
+def model_card_defaults(name: str, transformer_config: dict) -> GenerationDefaults:
+    """The settings a model's card recommends, told apart by its transformer: MMDiT-X (dual attention
+    layers) is SD3.5 Medium, QK-normalised MMDiT is SD3.5 Large (Turbo when its name says so: the two share
+    the architecture), the rest SD3 Medium with diffusers' defaults. Skip-layer guidance needs the blocks
+    it skips, so a smaller model of Medium's shape (a test model) gets Medium's settings without it."""
+    if transformer_config.get("dual_attention_layers"):
+        defaults = SD35_MEDIUM_DEFAULTS
+        if max(defaults.skip_guidance_layers) >= transformer_config.get("num_layers", 0):
+            defaults = dataclasses.replace(defaults, skip_guidance_layers=None)
+        return defaults
+    if transformer_config.get("qk_norm"):
+        return SD35_LARGE_TURBO_DEFAULTS if "turbo" in str(name).lower() else SD35_LARGE_DEFAULTS
+    return GenerationDefaults()
 
 
 @dataclass
@@ -73,6 +98,14 @@ class FolderRecord:
         except TypeError as error:  # fields missing, unknown or of the wrong kind
             raise OvsdError(f"{path} is not an ovsd3 record ({error}); delete it to use the folder without "
                             "ovsd3's defaults") from None
+
+
+def source_name(folder: Path) -> str:
+    """The model a folder was made from, as its model index records it (optimum-intel and ovsd3 write the hub
+    id or source path there), else the folder's own name."""
+    index = Path(folder) / MODEL_INDEX
+    name = read_json(index).get("_name_or_path") if index.exists() else None
+    return name if isinstance(name, str) and name else Path(folder).name
 
 
 def model_xml(folder: Path, component: str) -> Path:
@@ -117,12 +150,14 @@ class ModelFolder:
         folder = Path(folder)
         check_folder(folder)
         scheduler = read_json(folder / SCHEDULER_CONFIG) if (folder / SCHEDULER_CONFIG).exists() else {}
+        transformer_config = read_json(folder / TRANSFORMER / "config.json")
         record = FolderRecord.load(folder) or FolderRecord(
             source=str(folder), weight_format="unknown", has_t5=model_xml(folder, T5).exists(),
-            # an optimum-intel folder: its scheduler says whether it samples the Flash way
-            defaults=FLASH_DEFAULTS if scheduler.get("stochastic_sampling") else GenerationDefaults())
-        return cls(folder, read_json(folder / TRANSFORMER / "config.json"),
-                   read_json(folder / VAE_DECODER / "config.json"), scheduler, record)
+            # an optimum-intel folder: its scheduler says whether it samples the Flash way, its model
+            # index which model it came from
+            defaults=FLASH_DEFAULTS if scheduler.get("stochastic_sampling") else
+            model_card_defaults(source_name(folder), transformer_config))
+        return cls(folder, transformer_config, read_json(folder / VAE_DECODER / "config.json"), scheduler, record)
 
     @property
     def name(self) -> str:

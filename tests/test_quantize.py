@@ -215,6 +215,7 @@ def test_forced_gate_failure_writes_nothing(workdir, ov_flash, tmp_path, capsys)
     (("--weights", "int4_sym", "--ratio", "1.5"), "--ratio must be in (0, 1]"),
     (("--ignore", "no_such_node"), "no node named 'no_such_node'"),
     (("--vae-decoder", "fp8"), "argument --vae-decoder: invalid choice: 'fp8'"),
+    (("--transformer-weights", "int2"), "argument --transformer-weights: invalid choice: 'int2'"),
 ])
 def test_bad_input(ov_flash, tmp_path, capsys, args, needle):
     try:
@@ -270,3 +271,28 @@ def test_digits_demo_gate_scores_digits_and_can_refuse(ov_sd3, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "quality gate failed" in err and "digits matching" in err
     assert not (tmp_path / "q2").exists()
+
+
+@pytest.mark.parametrize("mode, weight_types", [("int8", {"u8", "i8"}), ("int4", FOUR_BIT)])
+def test_weight_only_transformer_needs_no_calibration(ov_sd3, tmp_path, capsys, mode, weight_types):
+    out = tmp_path / f"w-{mode}"
+    assert quantize(ov_sd3, out, "--transformer-weights", mode, "--vae-decoder", "weights") == 0
+    assert "calibration: not needed" in capsys.readouterr().out
+    assert not (tmp_path / f"{out.name}-calib").exists()  # nothing was recorded
+    model = ov.Core().read_model(layout.model_xml(out, layout.TRANSFORMER))
+    assert fake_quantize_count(out, layout.TRANSFORMER) == 0  # activations stay in float
+    assert element_types(model) & weight_types
+    record = layout.FolderRecord.load(out)
+    assert record.quantization["transformer"]["weights"] == mode
+    assert record.quantization["sizes"][layout.TRANSFORMER]["format"] == f"{mode.upper()} weights"
+    assert record.quantization["gate"]["passed"]
+    assert main(["run", str(out), "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "2",
+                 "--no-cache", "--output", str(tmp_path / "images")]) == 0
+
+
+def test_weight_only_transformer_with_an_int8_decoder_still_calibrates_the_decoder(ov_sd3, tmp_path):
+    out = tmp_path / "w8-d8"
+    assert quantize(ov_sd3, out, "--transformer-weights", "int8") == 0
+    assert fake_quantize_count(out, layout.TRANSFORMER) == 0
+    assert fake_quantize_count(out, layout.VAE_DECODER) > 0
+    assert layout.FolderRecord.load(out).quantization["vae_decoder"]["calibration_latents"] == 1

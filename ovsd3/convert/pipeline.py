@@ -98,6 +98,13 @@ def _log_step(result, seconds: float, log: Callable[[str], None]) -> None:
         log(f"      note: {note}")
 
 
+def _defaults(source: ModelSource, lora_folder: Path | None) -> layout.GenerationDefaults:
+    """Flash's settings with its LoRA, else what the model's card recommends."""
+    if lora_folder is not None:
+        return layout.FLASH_DEFAULTS
+    return layout.model_card_defaults(source.name, layout.read_json(source.root / layout.TRANSFORMER / "config.json"))
+
+
 def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -> ConvertReport:
     """Convert every component, check each against PyTorch, and publish the folder atomically."""
     if request.weight_format not in WEIGHT_FORMATS:
@@ -137,7 +144,7 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
             weight_format=request.weight_format,
             has_t5=with_t5,
             flash_lora=request.flash_lora,
-            defaults=layout.FLASH_DEFAULTS if lora_folder is not None else layout.GenerationDefaults(),
+            defaults=_defaults(source, lora_folder),
             parity={result.name: result.as_dict() for result in report.components},
             ovsd3_version=__version__,
             demo=source.demo,

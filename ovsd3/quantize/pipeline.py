@@ -16,7 +16,7 @@ from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
 from ovsd3.quantize import calibration
 from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM, GateSettings, run_gate
-from ovsd3.quantize.transformer import TransformerQuantization, quantize_transformer
+from ovsd3.quantize.transformer import TransformerQuantization, compress_transformer, quantize_transformer
 from ovsd3.quantize.vae import VaeDecoderQuantization, quantize_vae_decoder
 from ovsd3.quantize.weights import WeightCompression, compress
 
@@ -106,13 +106,17 @@ def _quantize_transformer(core, source: Path, staging: Path, request: QuantizeRe
 
     model = core.read_model(layout.model_xml(source, layout.TRANSFORMER))
     weight_bytes = layout.model_xml(source, layout.TRANSFORMER).with_suffix(".bin").stat().st_size
-    quantized = quantize_transformer(model, calibration.RecordedSamples(cache_dir, request.calib),
-                                     request.transformer, weight_bytes=weight_bytes, log=log)
+    options = request.transformer
+    if options.weights is not None:
+        quantized = compress_transformer(model, options.weights)
+    else:
+        quantized = quantize_transformer(model, calibration.RecordedSamples(cache_dir, request.calib), options,
+                                         weight_bytes=weight_bytes, log=log)
     ov.save_model(quantized, layout.model_xml(staging, layout.TRANSFORMER))
     del model, quantized
     gc.collect()
     return SizeRow(layout.TRANSFORMER, layout.ir_bytes(source, layout.TRANSFORMER),
-                   layout.ir_bytes(staging, layout.TRANSFORMER), "INT8")
+                   layout.ir_bytes(staging, layout.TRANSFORMER), options.label)
 
 
 def _compress_weights(core, source: Path, staging: Path, components, options: WeightCompression) -> list[SizeRow]:
@@ -211,11 +215,16 @@ def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFol
         raise OvsdError(f"--calib-size {request.calib_size} is more than this model draws ({model.max_size})")
     request.weights.check()
     request.vae_decoder.check()
+    request.transformer.check()
     return request, model
 
 
 def _calibrate(request: QuantizeRequest, source: Path, plan, digits_demo: bool, log) -> tuple[list[str], Path]:
-    """Record (or find recorded) the transformer inputs and final latents; returns the prompts and the cache."""
+    """Record (or find recorded) the transformer inputs and final latents; returns the prompts and the cache
+    (none when neither the transformer nor the decoder quantizes activations)."""
+    if request.transformer.weights is not None and request.vae_decoder.mode != "int8":
+        log("[1/4] calibration: not needed (weight-only transformer and VAE decoder)")
+        return [], None
     if digits_demo and request.dataset == calibration.BUILTIN:
         from ovsd3.demo.digits import calibration_prompts
 
@@ -231,7 +240,10 @@ def _calibrate(request: QuantizeRequest, source: Path, plan, digits_demo: bool, 
 
 def _quantize_models(core, source: Path, staging: Path, request: QuantizeRequest, decoder_latents,
                      cache_dir: Path, log) -> list[SizeRow]:
-    log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
+    if request.transformer.weights is None:
+        log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
+    else:
+        log(f"[2/4] transformer: {request.transformer.label} only (NNCF; activations stay in float)")
     rows = [_quantize_transformer(core, source, staging, request, cache_dir, log)]
     decoder_int8 = request.vae_decoder.mode == "int8"
     log(f"[3/4] text encoders and VAE{' encoder' if decoder_int8 else ''}: {request.weights.mode} weights "

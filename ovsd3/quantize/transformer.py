@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from ovsd3.errors import OvsdError
 
 PRESETS = ("mixed", "performance")
+# Weight-only alternatives to INT8 activations (--transformer-weights): no calibration pass, smaller gains.
+WEIGHT_ONLY_MODES = {"int8": "int8", "int4": "int4_sym"}  # -> ovsd3.quantize.weights modes
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,16 @@ class TransformerQuantization:
     smooth_quant_alpha: float | None = None  # None: NNCF's default
     ignore: tuple[str, ...] = field(default_factory=tuple)  # more node names to keep in float
     slices: int | None = None  # quantize this many block ranges separately; None: from the model's size
+    weights: str | None = None  # "int8" or "int4": weight-only compression instead of INT8 activations
+
+    def check(self) -> None:
+        if self.weights is not None and self.weights not in WEIGHT_ONLY_MODES:
+            raise OvsdError(f"--transformer-weights must be one of {', '.join(WEIGHT_ONLY_MODES)} "
+                            f"(got {self.weights!r})")
+
+    @property
+    def label(self) -> str:
+        return "INT8" if self.weights is None else f"{self.weights.upper()} weights"
 
 # NNCF quantized a 6-block slice of SD3 Medium (1.1 GB of fp16 weights) within 11.4 GB on this machine;
 # the whole 4.2 GB transformer exceeds 24 GB. Slices of at most this much weight keep it well inside.
@@ -81,3 +93,11 @@ def quantize_transformer(model, samples, options: TransformerQuantization, weigh
     from ovsd3.quantize.slicing import quantize_in_slices
 
     return quantize_in_slices(model, samples, quantize, slices, log)
+
+
+def compress_transformer(model, mode: str):
+    """Weight-only compression of the transformer (``mode`` "int8": per-channel INT8; "int4": INT4 in groups
+    of 128, NNCF keeping its first and last layers in INT8): activations stay in float, so no calibration."""
+    from ovsd3.quantize.weights import WeightCompression, compress
+
+    return compress(model, WeightCompression(mode=WEIGHT_ONLY_MODES[mode], ratio=1.0))

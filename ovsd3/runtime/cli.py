@@ -17,6 +17,8 @@ PREVIEW = "preview.png"
 def _block_list(text: str) -> list[int]:
     import argparse
 
+    if text.strip().lower() in ("", "none", "off"):
+        return []  # no skip-layer guidance, whatever the folder's default
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -51,8 +53,9 @@ def add_parser(subparsers) -> None:
                         help="a LoRA adapter for the transformer (PEFT folder, diffusers or kohya safetensors), "
                              "applied when the folder loads, with its weight (default 1); repeatable")
     parser.add_argument("--skip-layers", type=_block_list, default=None, metavar="7,8,9",
-                        help="skip-layer guidance (diffusers' skip_guidance_layers; SD3.5 Medium: 7,8,9): an extra "
-                             "conditional pass with these blocks skipped on the early steps")
+                        help="skip-layer guidance (diffusers' skip_guidance_layers): an extra conditional pass with these "
+                             "blocks skipped on the early steps; default: the folder's (SD3.5 Medium: 7,8,9, as "
+                             "its card recommends; none elsewhere), 'none' turns it off")
     parser.add_argument("--skip-layer-scale", type=float, default=2.8, help="skip_layer_guidance_scale (default 2.8)")
     parser.add_argument("--skip-layer-start", type=float, default=0.01,
                         help="skip_layer_guidance_start, a fraction of the steps (default 0.01)")

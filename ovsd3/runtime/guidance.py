@@ -18,7 +18,7 @@ class SkipLayerGuidance:
 
     @classmethod
     def of(cls, request) -> "SkipLayerGuidance | None":
-        if request.skip_guidance_layers is None:
+        if not request.skip_guidance_layers:  # None or [] (as in diffusers, [] changes nothing)
             return None
         return cls(tuple(int(layer) for layer in request.skip_guidance_layers),
                    float(request.skip_layer_guidance_scale), float(request.skip_layer_guidance_start),

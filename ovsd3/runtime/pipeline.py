@@ -10,6 +10,7 @@ previews; ``pipe(...)`` runs it to the end and decodes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,7 @@ class SD3Pipeline:
 
     def prepare_request(self, request: Request) -> Job:
         cache = CacheConfig.parse(request.cache)
+        request = self._with_folder_skip_layers(request, cache)
         steps = self._default_steps(request) if request.num_inference_steps is None \
             else int(request.num_inference_steps)
         guidance = self.defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
@@ -234,7 +236,7 @@ class SD3Pipeline:
             raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {guidance})")
         if request.image is not None and not 0.0 <= request.strength <= 1.0:
             raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
-        if request.skip_guidance_layers is not None:
+        if request.skip_guidance_layers:
             self._check_skip_layers(request, cache)
         if request.image is not None and self.vae_encoder is None:
             raise InvalidRequest(f"{self.folder} has no vae_encoder, which image-to-image needs")
@@ -253,6 +255,14 @@ class SD3Pipeline:
         if request.image is not None and steps == layout.GenerationDefaults().num_inference_steps:
             return IMAGE_TO_IMAGE_STEPS
         return steps
+
+    def _with_folder_skip_layers(self, request: Request, cache: CacheConfig) -> Request:
+        """The folder's skip-layer guidance (SD3.5 Medium's card recommends it) where the request names none;
+        ``skip_guidance_layers=[]`` turns it off, and a step cache, which it cannot run with, leaves it out."""
+        layers = self.defaults.skip_guidance_layers
+        if request.skip_guidance_layers is not None or not layers or cache.active:
+            return request
+        return dataclasses.replace(request, skip_guidance_layers=list(layers))
 
     def _check_skip_layers(self, request: Request, cache: CacheConfig) -> None:
         outside = [layer for layer in request.skip_guidance_layers if layer >= self.block_count]

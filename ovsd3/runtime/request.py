@@ -174,11 +174,11 @@ class Request:
         if self.skip_guidance_layers is None:
             return
         layers = self.skip_guidance_layers
-        if not isinstance(layers, (list, tuple)) or not layers or \
+        if not isinstance(layers, (list, tuple)) or \
                 not all(isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) for layer in layers):
             raise InvalidRequest(f"skip_guidance_layers must be a list of block indices, such as [7, 8, 9] "
                                  f"(got {layers!r})")
-        if min(layers) < 0:
+        if layers and min(layers) < 0:
             raise InvalidRequest(f"skip_guidance_layers are 0-based block indices (got {list(layers)})")
         if not 0 <= self.skip_layer_guidance_scale <= MAX_GUIDANCE:
             raise InvalidRequest(f"skip_layer_guidance_scale must be a number from 0 to {MAX_GUIDANCE:g} "
