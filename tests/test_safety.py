@@ -321,6 +321,13 @@ def cpu_hog():
             hog.wait()
 
 
+def at_a_terminal() -> None:
+    """preexec_fn: Ctrl-C's default action, as a foreground job at a terminal has it. A test run started in the
+    background of a script (``pytest &``) has SIGINT ignored, which its children would inherit, and a command
+    started that way rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -334,7 +341,7 @@ def test_ctrl_c_during_convert_under_load_exits_130_quietly(tiny_sd3, tmp_path, 
     out = tmp_path / "out"
     with cpu_hog():
         process = subprocess.Popen([sys.executable, "-m", "ovsd3", "convert", str(tiny_sd3), str(out)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=at_a_terminal)
         staging = out.parent / f".out.partial-{process.pid}"
         conditions = {"loading": lambda: staging.exists(),
                       "tracing": lambda: (staging / "transformer").exists(),
@@ -353,7 +360,7 @@ def test_ctrl_c_during_quantize_under_load_exits_130_quietly(ov_sd3, tmp_path):
     with cpu_hog():
         process = subprocess.Popen([sys.executable, "-m", "ovsd3", "quantize", str(ov_sd3), str(out), "--calib", "8",
                                     "--calib-size", "64", "--calib-cache", str(tmp_path / "calib")],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=at_a_terminal)
         staging = out.parent / f".q.partial-{process.pid}"
         wait_for(lambda: (staging / "text_encoder").exists(), process)  # models being written
         process.send_signal(signal.SIGINT)
@@ -370,7 +377,7 @@ def test_ctrl_c_during_run_leaves_no_folder_and_no_preview(ov_sd3, tmp_path):
         process = subprocess.Popen([sys.executable, "-m", "ovsd3", "run", str(ov_sd3), "--prompt", "a", "--steps",
                                     "1000", "--preview-every", "1", "--width", "384", "--height", "384",
                                     "--no-cache", "--output", str(out)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=at_a_terminal)
         wait_for(lambda: (out / "preview.png").exists(), process)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
@@ -393,7 +400,8 @@ def server_process(folder: Path):
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "ovsd3", "serve", str(folder), "--port", str(port), "--device",
-                                "CPU"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "CPU"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=at_a_terminal)
     base = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:
