@@ -5,9 +5,8 @@ This module is shared by convert, quantize and the runtime, so it imports nothin
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 MODEL_XML = "openvino_model.xml"
@@ -60,7 +59,7 @@ def model_card_defaults(name: str, transformer_config: dict) -> GenerationDefaul
     if transformer_config.get("dual_attention_layers"):
         defaults = SD35_MEDIUM_DEFAULTS
         if max(defaults.skip_guidance_layers) >= transformer_config.get("num_layers", 0):
-            defaults = dataclasses.replace(defaults, skip_guidance_layers=None)
+            defaults = replace(defaults, skip_guidance_layers=None)
         return defaults
     if transformer_config.get("qk_norm"):
         return SD35_LARGE_TURBO_DEFAULTS if "turbo" in str(name).lower() else SD35_LARGE_DEFAULTS

@@ -113,3 +113,16 @@ def test_skip_layers_none_on_the_command_line(slg_folder, ov_sd35, tmp_path):
     with pytest.raises(SystemExit) as exited:  # argparse's usage error
         main(["run", str(slg_folder), *common, "--skip-layers", "x", "--output", str(tmp_path / "d")])
     assert exited.value.code == EXIT_ERROR and not (tmp_path / "d").exists()
+
+
+def test_a_static_pipeline_leaves_the_folders_skip_layer_guidance_out(slg_folder, ov_sd35):
+    """Skip-layer guidance needs a second transformer variant that static shapes (NPU) do not have: the folder's
+    default steps aside there, as it does for a step cache, instead of failing every guided call."""
+    from ovsd3.runtime.pipeline import StaticShape
+
+    static = StaticShape(width=64, height=64, batch=1, guidance=True)
+    call = dict(prompt="a cat", num_inference_steps=6, guidance_scale=4.0, seed=2, output_type="np",
+                skip_layer_guidance_stop=0.5, **SIZE)
+    with_default = SD3Pipeline.load(slg_folder, device="CPU", cache_dir=None, static=static)
+    plain = SD3Pipeline.load(ov_sd35, device="CPU", cache_dir=None, static=static)
+    assert np.array_equal(with_default(**call).images, plain(**call).images)

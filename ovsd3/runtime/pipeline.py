@@ -10,9 +10,8 @@ previews; ``pipe(...)`` runs it to the end and decodes.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -258,11 +257,12 @@ class SD3Pipeline:
 
     def _with_folder_skip_layers(self, request: Request, cache: CacheConfig) -> Request:
         """The folder's skip-layer guidance (SD3.5 Medium's card recommends it) where the request names none;
-        ``skip_guidance_layers=[]`` turns it off, and a step cache, which it cannot run with, leaves it out."""
+        ``skip_guidance_layers=[]`` turns it off. It is left out where it cannot run: with a step cache, and
+        with static shapes (its transformer variant has none)."""
         layers = self.defaults.skip_guidance_layers
-        if request.skip_guidance_layers is not None or not layers or cache.active:
+        if request.skip_guidance_layers is not None or not layers or cache.active or self.static is not None:
             return request
-        return dataclasses.replace(request, skip_guidance_layers=list(layers))
+        return replace(request, skip_guidance_layers=list(layers))
 
     def _check_skip_layers(self, request: Request, cache: CacheConfig) -> None:
         outside = [layer for layer in request.skip_guidance_layers if layer >= self.block_count]
