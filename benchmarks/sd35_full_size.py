@@ -28,9 +28,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from full_size import MemoryWatch  # a sibling script: python puts benchmarks/ on the path
 
 GIB = 2**30
 CALL_SCRIPT = """
@@ -55,38 +56,19 @@ print(json.dumps({"compile_seconds": compile_seconds, "call_seconds": statistics
 """
 
 
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_watched(command: list[str], log_path: Path) -> dict:
     """Run ``command``, echoing its output; its wall time, exit code, peak RSS and the lowest MemAvailable."""
-    lowest = [mem_available_bytes()]
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(0.5):
-            lowest[0] = min(lowest[0], mem_available_bytes())
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     started = time.perf_counter()
     output = []
-    with open(log_path, "a") as log:
+    with MemoryWatch() as watch, open(log_path, "a") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
             print(line, end="", flush=True)
             log.write(line)
             output.append(line)
-        _, status, usage = os.wait4(process.pid, 0)
-    done.set()
-    watcher.join()
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak RSS, from the kernel
     return {"seconds": time.perf_counter() - started, "exit": os.waitstatus_to_exitcode(status),
-            "peak_rss_gib": usage.ru_maxrss * 1024 / GIB, "lowest_available_gib": lowest[0] / GIB,
+            "peak_rss_gib": usage.ru_maxrss * 1024 / GIB, "lowest_available_gib": watch.lowest,
             "last_line": output[-1].strip() if output else ""}
 
 
