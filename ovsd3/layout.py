@@ -117,6 +117,11 @@ def ir_bytes(folder: Path, component: str) -> int:
     return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size if xml.exists() else 0
 
 
+def weight_bytes(folder: Path) -> int:
+    """Bytes of every model IR in the folder: what loading all of it costs, about, once compiled."""
+    return sum(ir_bytes(folder, component) for component in MODEL_COMPONENTS)
+
+
 REQUIRED_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, VAE_DECODER)
 
 

@@ -7,8 +7,6 @@ run against the PyTorch module on the same inputs and the export fails loudly if
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from ovsd3.convert import DEFAULT_MIN_PSNR
 from ovsd3.errors import ParityError
 from ovsd3.layout import MODEL_XML
+from ovsd3.memory import release_freed, trimmed_mappings
 from ovsd3.metrics import Agreement, worst
 
 
@@ -45,15 +44,6 @@ class ComponentResult:
         return {"max_abs_error": self.agreement.max_abs_error, "psnr": self.agreement.psnr,
                 "worst_output": self.agreement.output, "seconds": round(self.seconds, 2),
                 "size_bytes": self.size_bytes, "checked_at": self.precision}
-
-
-def release_memory() -> None:
-    """Free what Python and the C allocator hold, so the next component starts from a low RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
 
 
 def export_config_for(module, model_type: str, task: str):
@@ -112,7 +102,8 @@ def _run_ir(xml_path: Path, inputs: dict[str, np.ndarray], precision: str) -> di
 
     config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
     compiled = ov.Core().compile_model(xml_path, "CPU", config)
-    result = compiled(inputs)
+    with trimmed_mappings():  # the first call repacks the mapped weights, which would stay resident beside them
+        result = compiled(inputs)
     outputs = {}
     for port in compiled.outputs:
         for name in port.get_names():
@@ -152,10 +143,10 @@ def export_component(job: ComponentExport, out_dir: Path, options: ExportOptions
     job.save_config(module, out_dir)
     _trace(module, job.export_config, xml_path, options.weight_format)
     del module
-    release_memory()
+    release_freed()
     precision = parity_precision(xml_path)
     agreement = compare(expected, _run_ir(xml_path, job.inputs, precision), xml_path)
-    release_memory()
+    release_freed()
     if not agreement.psnr >= options.min_psnr:
         raise ParityError(f"{job.name}: the OpenVINO model disagrees with PyTorch on output {agreement.output!r} "
                           f"({agreement}; needs PSNR >= {options.min_psnr:.0f} dB)")

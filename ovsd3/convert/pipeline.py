@@ -12,7 +12,8 @@ from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.convert import components
 from ovsd3.convert import DEFAULT_MIN_PSNR
-from ovsd3.convert.export import ComponentResult, ExportOptions, release_memory
+from ovsd3.convert.export import ComponentResult, ExportOptions
+from ovsd3.memory import release_freed
 from ovsd3.convert.source import ModelSource
 from ovsd3.errors import OvsdError
 
@@ -133,7 +134,7 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
             log(f"[{index}/{len(steps)}] {label} ...")
             step_start = time.perf_counter()
             result = step(staging)
-            release_memory()
+            release_freed()
             if isinstance(result, ComponentResult):
                 report.components.append(result)
             _log_step(result, time.perf_counter() - step_start, log)

@@ -22,7 +22,7 @@ import numpy as np
 from ovsd3 import layout
 from ovsd3.errors import OvsdError, reason_of
 from ovsd3.progress import ProgressBar
-from ovsd3.runtime.pipeline import SD3Pipeline
+from ovsd3.runtime.pipeline import SD3Pipeline, offload_advised
 
 BUILTIN = "builtin"
 CONCEPTUAL_CAPTIONS = "conceptual_captions"
@@ -126,7 +126,7 @@ def record(folder: Path, plan: CalibrationPlan, prompts: list[str], cache_dir: P
             f"which the VAE decoder is calibrated on: recording them again")
     if not todo:
         return cache_dir
-    pipe = _RecordingPipeline.load(folder, device=device, cache_dir=None)
+    pipe = _RecordingPipeline.load(folder, device=device, cache_dir=None, offload=offload_advised(folder))
     progress = ProgressBar(unit="prompt")
     for done, index in enumerate(todo, 1):
         pipe.recorded = []

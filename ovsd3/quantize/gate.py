@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ovsd3.metrics import psnr, ssim
-from ovsd3.runtime.pipeline import SD3Pipeline
+from ovsd3.runtime.pipeline import SD3Pipeline, offload_advised
 
 # Defaults: loose enough for INT8 drift along a sampling trajectory, tight enough to catch a broken
 # quantization (which draws noise: well under 12 dB and SSIM near 0 against the original).
@@ -58,7 +58,7 @@ class GateReport:
 
 
 def _generate(folder: Path, settings: GateSettings) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-    pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None)
+    pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None, offload=offload_advised(folder))
     images, outputs = [], []
     for index, prompt in enumerate(settings.prompts):
         calls: list[np.ndarray] = []  # every transformer output of this generation

@@ -14,6 +14,7 @@ from typing import Callable
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
+from ovsd3.memory import trimmed_mappings
 from ovsd3.quantize import calibration
 from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM, GateSettings, run_gate
 from ovsd3.quantize.transformer import TransformerQuantization, compress_transformer, quantize_transformer
@@ -173,8 +174,9 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     decoder_latents = min(len(prompts), MAX_DECODER_LATENTS)  # one per prompt: its final latents
     with output as staging:
         _copy_everything_but_models(model.path, staging)
-        rows = _quantize_models(ov.Core(), model.path, staging, request,
-                                calibration.RecordedLatents(cache_dir, decoder_latents), cache_dir, log)
+        with trimmed_mappings():  # NNCF reads every weight of the mapped IRs once: keep them out of RSS
+            rows = _quantize_models(ov.Core(), model.path, staging, request,
+                                    calibration.RecordedLatents(cache_dir, decoder_latents), cache_dir, log)
         gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
                             steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
                             min_psnr=request.min_psnr, min_ssim=request.min_ssim,

@@ -66,6 +66,10 @@ def add_parser(subparsers) -> None:
                         help="OpenVINO device (AUTO, CPU, GPU, NPU) or a plan like transformer=GPU,text=CPU,vae=GPU")
     parser.add_argument("--static", action="store_true",
                         help="fix batch, size and text length before compiling (NPU needs this)")
+    parser.add_argument("--offload", action="store_true",
+                        help="compile one component at a time (diffusers' enable_model_cpu_offload): the peak memory "
+                             "is the biggest model's instead of all of them; on by itself for folders bigger than "
+                             "40%% of this machine's memory (SD3.5 Large)")
     parser.add_argument("--precision", choices=("f32",), default=None,
                         help="force full-precision execution (default: the device's choice, bf16 on recent CPUs)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -156,7 +160,7 @@ def run(args) -> int:
     from ovsd3.atomic import cleaned_up_on_failure
     from ovsd3.layout import ModelFolder
     from ovsd3.runtime.cache import CacheConfig
-    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape
+    from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape, offload_advised
     from ovsd3.runtime.request import Request
 
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
@@ -185,8 +189,13 @@ def run(args) -> int:
         guidance = defaults.guidance_scale if args.guidance is None else args.guidance
         static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
                              guidance=guidance > 1.0, max_sequence_length=args.max_sequence_length)
+    offload = args.offload or offload_advised(args.model_dir)
+    if offload and not args.offload:
+        print(f"note: {args.model_dir} holds more than 40% of this machine's memory in weights: its models are "
+              "compiled one at a time (--offload)", file=sys.stderr)
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
-                            cache_dir=None if args.no_cache else (args.cache_dir or "default"), adapters=args.lora)
+                            cache_dir=None if args.no_cache else (args.cache_dir or "default"), adapters=args.lora,
+                            offload=offload)
     if pipe.ignored_text_tensors:
         print(f"note: {pipe.ignored_text_tensors} text-encoder LoRA tensor(s) left out (ovsd3 applies LoRA to the "
               "transformer)", file=sys.stderr)

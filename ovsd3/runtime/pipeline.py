@@ -19,10 +19,11 @@ import numpy as np
 
 from ovsd3 import __version__, layout
 from ovsd3.errors import InvalidRequest, OvsdError
+from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.adapters import LoraAdapter
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
-from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, default_cache_dir
+from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, OnUse, default_cache_dir
 from ovsd3.runtime.guidance import SkipLayerGuidance
 from ovsd3.runtime.inpaint import MaskBlend, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
@@ -32,6 +33,19 @@ from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, f
                                      predicted_clean)
 from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
 from ovsd3.runtime.transformer import Transformer
+
+
+# Above this share of the machine's memory, a folder's models are offloaded (compiled one at a time) by the
+# commands that load it: SD3.5 Large in fp16 is 18 GB without T5 and 27.6 GB with it, and a compiled model
+# holds its weights repacked (bf16 on most CPUs), so all of it at once does not fit in 24 GB; its INT8 folder
+# with T5 (11.5 GB) fits, but not with the 8 GiB of activations a dynamic-shape transformer holds at 1024x1024.
+OFFLOAD_SHARE = 0.4
+
+
+def offload_advised(folder: Path) -> bool:
+    """Whether loading every model of ``folder`` at once would take more than OFFLOAD_SHARE of this machine."""
+    total = total_memory_bytes()
+    return bool(total) and layout.weight_bytes(folder) > OFFLOAD_SHARE * total
 
 
 IMAGE_TO_IMAGE_STEPS = 50  # diffusers' default for its SD3 image-to-image and inpainting pipelines
@@ -91,7 +105,7 @@ class SD3Pipeline:
     """Diffusers' ``StableDiffusion3Pipeline`` call on OpenVINO (see :mod:`ovsd3.runtime.request`)."""
 
     def __init__(self, folder: Path, compiler: ModelCompiler, static: StaticShape | None = None,
-                 adapters=None):
+                 adapters=None, offload: bool = False):
         model = layout.ModelFolder.open(folder)
         self.folder, self.static = model.path, static
         self.latent_channels = int(model.transformer_config.get("in_channels", 16))
@@ -109,6 +123,7 @@ class SD3Pipeline:
         self._compiler, self._patch_size = compiler, model.patch_size
         self.adapters: tuple[LoraAdapter, ...] = ()
         self._use_adapters(adapters)
+        self.offload = offload
         self._compile(compiler, model)
         self.infer_seconds = {"text": 0.0, "vae": 0.0}
         self._guidance_scale, self._clip_skip, self._num_timesteps, self._interrupt = None, None, 0, False
@@ -117,9 +132,11 @@ class SD3Pipeline:
         static = self.static
         latent_size = None if static is None else (static.height // self.vae_scale_factor,
                                                    static.width // self.vae_scale_factor)
+        compile_now = not self.offload  # offloading compiles each component when its phase starts
         self.text = TextEncoders(compiler, self.joint_attention_dim, self.has_t5,
                                  static_batch=None if static is None else static.batch,
-                                 max_sequence_length=256 if static is None else static.max_sequence_length)
+                                 max_sequence_length=256 if static is None else static.max_sequence_length,
+                                 compile_now=compile_now)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
         self._transformer_shapes = None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
@@ -127,13 +144,32 @@ class SD3Pipeline:
             "encoder_hidden_states": [transformer_batch, CLIP_MAX_LENGTH + static.max_sequence_length,
                                       self.joint_attention_dim],
             "pooled_projections": [transformer_batch, int(model.transformer_config["pooled_projection_dim"])]}
-        self.transformer = Transformer(compiler, model.patch_size, self.has_t5, self._transformer_shapes)
-        self.vae_decoder = compiler.compile(layout.VAE_DECODER, None if static is None else {
-            "latent_sample": [static.batch, self.latent_channels, *latent_size]})
+        self.transformer = self._new_transformer()
+        self.vae_decoder = OnUse(lambda: compiler.compile(layout.VAE_DECODER, None if static is None else {
+            "latent_sample": [static.batch, self.latent_channels, *latent_size]}), compile_now)
         self.vae_encoder = None
         if model.has(layout.VAE_ENCODER):
-            self.vae_encoder = compiler.compile(layout.VAE_ENCODER, None if static is None else {
-                "sample": [1, 3, static.height, static.width]})
+            self.vae_encoder = OnUse(lambda: compiler.compile(layout.VAE_ENCODER, None if static is None else {
+                "sample": [1, 3, static.height, static.width]}), compile_now)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None) -> None:
+        """diffusers' low-memory switch, with its meaning on OpenVINO: only the component in use stays compiled
+        (the text encoders while encoding, the transformer while sampling, the VAE while decoding), so the
+        peak is the biggest component rather than all of them. Each generation compiles its components again
+        (the model cache makes that fast). ``gpu_id`` and ``device`` are accepted for diffusers' callers; the
+        device plan given at load still decides where each component runs."""
+        self.offload = True
+        self._release(self.text, self.transformer, self.vae_decoder, self.vae_encoder)
+        self.transformer.shape_specialised = self.static is None  # compiled per generation now: for its shapes
+
+    def _release(self, *components) -> None:
+        """With model offload, drop these components' compiled models and return their memory."""
+        if not self.offload:
+            return
+        for component in components:
+            if component is not None:
+                component.release()
+        release_freed()
 
     def _use_adapters(self, adapters) -> None:
         """LoRA adapters on the transformer's weights, applied whenever its IR is compiled (see set_adapters)."""
@@ -156,22 +192,28 @@ class SD3Pipeline:
         """Replace the LoRA adapters (``[(path, weight), ...]`` or ``["path:weight", ...]``; ``[]`` for none):
         the transformer is recompiled from the IR read at the first adapter, not read from the folder again."""
         self._use_adapters(adapters)
-        self.transformer = Transformer(self._compiler, self._patch_size, self.has_t5, self._transformer_shapes)
+        self.transformer = self._new_transformer()
+
+    def _new_transformer(self) -> Transformer:
+        # Offloading compiles the transformer when sampling starts, for that generation's shapes.
+        return Transformer(self._compiler, self._patch_size, self.has_t5, self._transformer_shapes,
+                           compile_now=not self.offload, shape_specialised=self.offload and self.static is None)
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "AUTO", static: StaticShape | None = None,
              cache_dir: Path | None | str = "default", precision: str | None = None,
-             adapters=None) -> "SD3Pipeline":
+             adapters=None, offload: bool = False) -> "SD3Pipeline":
         """``device``: an OpenVINO device for everything, or a plan such as ``transformer=GPU,text=CPU``.
         ``cache_dir``: OpenVINO's model cache (``None`` for none); a second start then skips compiling.
         ``precision``: ``"f32"`` to force full-precision execution. ``adapters``: LoRA adapters for the
-        transformer, ``[(path, weight), ...]`` (files or PEFT folders; see :mod:`ovsd3.runtime.adapters`)."""
+        transformer, ``[(path, weight), ...]`` (files or PEFT folders; see :mod:`ovsd3.runtime.adapters`).
+        ``offload``: start with :meth:`enable_model_cpu_offload` on, compiling nothing until it is used."""
         folder = Path(folder)
         options = CompileOptions(plan=DevicePlan.parse(device),
                                  cache_dir=default_cache_dir() if cache_dir == "default" else
                                  (Path(cache_dir) if cache_dir is not None else None),
                                  precision=precision)
-        return cls(folder, ModelCompiler(folder, options), static, adapters)
+        return cls(folder, ModelCompiler(folder, options), static, adapters, offload)
 
     from_pretrained = load  # diffusers' name: the folder (or a converted hub id's local copy) to load
 
@@ -203,11 +245,13 @@ class SD3Pipeline:
         self._check_request(request, steps, guidance, width, height, batch, cache)
         seed, noise = self._noise_of(request, batch)
         embeds = self._embeddings(request, guided=guidance > 1.0)
+        self._release(self.text)
         sigmas = self._sigmas(steps, request)
         shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if request.latents is not None and tuple(request.latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(request.latents.shape)}, this request needs {shape}")
         start, blend = self._start_latents(shape, request, noise, width, height, float(sigmas[0]))
+        self._release(self.vae_encoder)
         prompts = request.prompts()[0] if request.prompt_embeds is None else [""] * request.batch_size
         negatives = request.negative_prompts()
         params = dict(prompt=prompts[0], negative_prompt=negatives[0][0] if guidance > 1.0 and negatives else "",
@@ -430,11 +474,13 @@ class SD3Pipeline:
             if job.blend is not None:  # inpainting: the kept region back, noised to where sampling now is
                 job.latents = job.blend(job.latents, sigma_next)
             yield Step(index, total, sigma, float(timesteps[index]), job.latents, denoised)
+        self._release(self.transformer)
 
     def decode(self, latents: np.ndarray, output_type: str = "pil"):
         """Latents -> PIL images, or for ``output_type="np"`` a (batch, height, width, 3) array in [0, 1]."""
         pixels = self._infer("vae", self.vae_decoder,
                              {"latent_sample": latents / self.scaling_factor + self.shift_factor})
+        self._release(self.vae_decoder)
         return image_io.to_numpy(pixels) if output_type == "np" else image_io.to_pil(pixels)
 
     def __call__(self, prompt: str | list[str] | None = None, **settings):
@@ -446,6 +492,7 @@ class SD3Pipeline:
         request = Request(prompt=prompt, **settings)
         job = self.prepare_request(request)
         self._sample(job, request)
+        self._release(self.transformer)
         images = job.latents if request.output_type == "latent" else self.decode(job.latents, request.output_type)
         total = time.perf_counter() - started
         infer = sum(self.infer_seconds.values()) + self.transformer.seconds - infer_before

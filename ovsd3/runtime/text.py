@@ -14,6 +14,7 @@ import numpy as np
 
 from ovsd3 import layout
 from ovsd3.errors import InvalidRequest
+from ovsd3.runtime.devices import OnUse
 
 CLIP_MAX_LENGTH = 77
 
@@ -59,17 +60,24 @@ class TextEncoders:
     """The two CLIPs and T5 (if the folder has it), compiled."""
 
     def __init__(self, compiler, joint_attention_dim: int, has_t5: bool, static_batch: int | None = None,
-                 max_sequence_length: int = 256):
-        def shapes(length):
-            return None if static_batch is None else {"input_ids": [static_batch, length]}
+                 max_sequence_length: int = 256, compile_now: bool = True):
+        def encoder(name: str, length: int) -> OnUse:
+            shapes = None if static_batch is None else {"input_ids": [static_batch, length]}
+            return OnUse(lambda: compiler.compile(name, shapes), compile_now)
 
         self.joint_attention_dim = joint_attention_dim
         self.clip_tokenizers = [Tokenizer(compiler.compile_tokenizer(layout.TOKENIZER_OF[name]))
                                 for name in (layout.CLIP_L, layout.CLIP_G)]
-        self.clip_encoders = [compiler.compile(name, shapes(CLIP_MAX_LENGTH)) for name in (layout.CLIP_L, layout.CLIP_G)]
+        self.clip_encoders = [encoder(name, CLIP_MAX_LENGTH) for name in (layout.CLIP_L, layout.CLIP_G)]
         self.t5_tokenizer = Tokenizer(compiler.compile_tokenizer(layout.TOKENIZER_OF[layout.T5])) if has_t5 else None
-        self.t5_encoder = compiler.compile(layout.T5, shapes(max_sequence_length)) if has_t5 else None
+        self.t5_encoder = encoder(layout.T5, max_sequence_length) if has_t5 else None
         self.infer_seconds = 0.0
+
+    def release(self) -> None:
+        """Drop the compiled encoders (model offload); the tokenizers, small, stay."""
+        for encoder in (*self.clip_encoders, self.t5_encoder):
+            if encoder is not None:
+                encoder.release()
 
     def _run(self, compiled, input_ids: np.ndarray) -> dict:
         import time

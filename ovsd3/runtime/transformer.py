@@ -25,6 +25,7 @@ import numpy as np
 from ovsd3 import layout
 from ovsd3.errors import OvsdError
 from ovsd3.ir.attention_bias import ATTENTION_BIAS, add_attention_bias
+from ovsd3.runtime.devices import ShapeSpecialised
 from ovsd3.runtime.text_collapse import collapse_text
 
 INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
@@ -63,21 +64,52 @@ class SplitTransformer:
 
 
 class Transformer:
-    def __init__(self, compiler, patch_size: int, has_t5: bool, static_shapes: dict | None = None):
+    def __init__(self, compiler, patch_size: int, has_t5: bool, static_shapes: dict | None = None,
+                 compile_now: bool = True, shape_specialised: bool = False):
         self.compiler = compiler
+        # Each variant compiled for each call's own shapes (ovsd3.runtime.devices.ShapeSpecialised): about
+        # half the memory at 1024x1024, for a compilation whenever the shapes change. Model offload compiles
+        # every generation anyway, and uses it.
+        self.shape_specialised = shape_specialised
         self.patch_size = patch_size
         self.static_shapes = static_shapes
+        self.has_t5 = has_t5
         # Static shapes fix the text length, so they keep the full sequence.
         self.collapses = static_shapes is None
-        self._biased = None
-        if self.collapses and not has_t5:  # every call qualifies unless given its own T5 embeddings
-            self._biased = compiler.compile_derived(layout.TRANSFORMER, self._biased_model())
-        self.compiled = self._biased or compiler.compile(layout.TRANSFORMER, static_shapes)
         self.observers: list[Observer] = []
         self.seconds = 0.0
         self.calls = 0
+        self.release()
+        if compile_now:
+            self._compile()
+
+    def _compile(self) -> None:
+        if self.collapses and not self.has_t5:  # every call qualifies unless given its own T5 embeddings
+            self._biased = self._variant(self._biased_model)
+        if self._biased is not None:
+            self._compiled = self._biased
+        elif self.shape_specialised:
+            self._compiled = self._variant(lambda: self.compiler.read(layout.TRANSFORMER))
+        else:
+            self._compiled = self.compiler.compile(layout.TRANSFORMER, self.static_shapes)
+
+    def _variant(self, model_of: Callable[[], object]):
+        """A compiled variant of the transformer (``model_of()`` makes its IR)."""
+        if self.shape_specialised:
+            return ShapeSpecialised(self.compiler, layout.TRANSFORMER, model_of)
+        return self.compiler.compile_derived(layout.TRANSFORMER, model_of())
+
+    def release(self) -> None:
+        """Drop every compiled variant (model offload: the next call compiles again); observers and counts stay."""
+        self._compiled = self._biased = None
         self._split: SplitTransformer | None = None
         self._skipping: dict[tuple[int, ...], object] = {}  # skip-layer guidance variants, by skipped blocks
+
+    @property
+    def compiled(self):
+        if self._compiled is None:
+            self._compile()
+        return self._compiled
 
     def _biased_model(self):
         try:
@@ -89,7 +121,7 @@ class Transformer:
     def biased(self):
         """The variant with an ``attention_bias`` input, compiled on first use."""
         if self._biased is None:
-            self._biased = self.compiler.compile_derived(layout.TRANSFORMER, self._biased_model())
+            self._biased = self._variant(self._biased_model)
         return self._biased
 
     def _feed(self, inputs: dict) -> tuple[object, dict]:
@@ -160,12 +192,16 @@ class Transformer:
         if self.static_shapes is not None:
             raise OvsdError("skip-layer guidance is not available with static shapes (--static)")
         if layers not in self._skipping:
-            model = self._biased_model()
-            try:
-                skip_blocks(model, list(layers), stages(model)[1])
-            except ValueError as error:
-                raise OvsdError(f"cannot skip blocks {list(layers)} in this folder's transformer: {error}") from None
-            self._skipping[layers] = self.compiler.compile_derived(layout.TRANSFORMER, model)
+            def skipping_model():
+                model = self._biased_model()
+                try:
+                    skip_blocks(model, list(layers), stages(model)[1])
+                except ValueError as error:
+                    raise OvsdError(f"cannot skip blocks {list(layers)} in this folder's transformer: "
+                                    f"{error}") from None
+                return model
+
+            self._skipping[layers] = self._variant(skipping_model)
         feed = collapse_text(inputs, self.patch_size).biased_inputs()  # zero bias where it cannot collapse
         return self._timed(lambda: self._skipping[layers](feed)[0])
 

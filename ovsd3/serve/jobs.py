@@ -311,7 +311,8 @@ class WorkerPool:
 def load_pipeline(folder: Path, device: str, adapters=()) -> Callable[[], object]:
     def load():
         from ovsd3.runtime import SD3Pipeline
+        from ovsd3.runtime.pipeline import offload_advised
 
-        return SD3Pipeline.load(folder, device=device, adapters=list(adapters))
+        return SD3Pipeline.load(folder, device=device, adapters=list(adapters), offload=offload_advised(folder))
 
     return load
