@@ -119,9 +119,8 @@ def folder_stages(args, source: Path, folders: dict[str, Path], rows: list[dict]
     if args.drop_source:
         shutil.rmtree(source)
     variants = {**VARIANTS, "INT8": ["--calib", str(args.calib)]}
-    for label, extra in variants.items():
-        if label not in folders:  # --skip quantize
-            continue
+    for label in [label for label in folders if label != "FP16"]:  # in --variants' order
+        extra = variants[label]
         stage(f"quantize ({label})", quantize + [str(folders[label]), *extra, *common], rows, log_path,
               folders[label] / "ovsd3.json" if args.reuse else None)
 
