@@ -95,3 +95,21 @@ def test_run_with_offload_writes_the_same_png(ov_sd3, tmp_path, capsys):
     pixels = [np.asarray(Image.open(path[0]), dtype=np.float64) for path in (plain, offload)]
     assert psnr(*pixels, data_range=255.0) > 38
 
+
+
+def test_quality_gate_offloads_big_folders_and_still_sees_every_step(ov_sd3, q_sd3, monkeypatch):
+    from ovsd3.quantize import gate
+
+    settings = gate.GateSettings(prompts=("a red 7", "a blue 1"), size=64, steps=3, guidance_scale=5.0)
+    plain = gate.run_gate(ov_sd3, q_sd3, settings)
+    loaded = []
+
+    def offload_as_if_big(folder):
+        loaded.append(folder)
+        return True
+
+    monkeypatch.setattr(gate, "offload_advised", offload_as_if_big)
+    offloaded = gate.run_gate(ov_sd3, q_sd3, settings)
+    assert loaded == [ov_sd3, q_sd3]
+    assert len(offloaded.step_psnr) == 3 and offloaded.passed == plain.passed
+    assert abs(offloaded.mean_psnr - plain.mean_psnr) < 3  # per-shape kernels round differently, nothing more
