@@ -110,13 +110,18 @@ def resident_bytes() -> dict[str, int]:
     return sizes
 
 
-def total_memory_bytes() -> int:
-    """The machine's memory (MemTotal), 0 where unknown."""
+def meminfo_bytes(field: str) -> int:
+    """A /proc/meminfo figure (``MemTotal``, ``MemAvailable``, ...) in bytes; 0 where unknown."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def total_memory_bytes() -> int:
+    """The machine's memory, 0 where unknown."""
+    return meminfo_bytes("MemTotal")

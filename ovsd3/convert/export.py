@@ -18,7 +18,7 @@ import torch
 from ovsd3.convert import DEFAULT_MIN_PSNR
 from ovsd3.errors import ParityError
 from ovsd3.layout import MODEL_XML
-from ovsd3.memory import release_freed, trimmed_mappings
+from ovsd3.memory import meminfo_bytes, release_freed, trimmed_mappings
 from ovsd3.metrics import Agreement, worst
 
 
@@ -76,24 +76,13 @@ def _run_reference(module, reference: ReferenceFn, inputs: dict[str, np.ndarray]
     return {name: value.detach().float().numpy() for name, value in outputs.items()}
 
 
-def _available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def parity_precision(xml_path: Path) -> str:
     """f32 execution measures the export itself, but expands fp16 weights to twice their size: T5-XXL
     would need 19 GB of anonymous memory. Where that does not fit in half the available memory, the
     check runs at the device's default precision (bf16 on CPUs that have it: 9.5 GB, and T5-XXL still
     agrees at 55 dB there, far above the gate)."""
     weights = xml_path.with_suffix(".bin").stat().st_size
-    available = _available_memory_bytes()
+    available = meminfo_bytes("MemAvailable")
     return "f32" if not available or 2 * weights <= available // 2 else "default"
 
 
