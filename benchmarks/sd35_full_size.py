@@ -197,14 +197,17 @@ def main() -> int:
     if "quantize" in args.skip:
         folders = {"FP16": folders["FP16"]}
     rows: list[dict] = []
-    folder_stages(args, source, folders, rows, log_path)
-    calls = call_stages(args, folders, rows, log_path) if "calls" not in args.skip else {}
-    if "images" not in args.skip:
-        image_stages(args, folders, rows, log_path)
-    text = summary(args, rows, calls)
-    (results / "summary.md").write_text(text)
-    (results / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n" + text)
+    calls: dict = {}
+    try:
+        folder_stages(args, source, folders, rows, log_path)
+        calls = call_stages(args, folders, rows, log_path) if "calls" not in args.skip else {}
+        if "images" not in args.skip:
+            image_stages(args, folders, rows, log_path)
+    finally:  # the stages done so far, also when one fails or the run is stopped
+        text = summary(args, rows, calls)
+        (results / "summary.md").write_text(text)
+        (results / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print("\n" + text)
     return 0
 
 
