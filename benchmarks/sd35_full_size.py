@@ -78,18 +78,26 @@ def run_watched(command: list[str], log_path: Path) -> dict:
             "last_line": output[-1].strip() if output else ""}
 
 
+BUILD_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from ovsd3.presets import get_preset
+from ovsd3.synthetic import save_random_pipeline
+save_random_pipeline(get_preset(sys.argv[1]), Path(sys.argv[2]), with_t5=sys.argv[3] == "t5", dtype=torch.float16,
+                     log=lambda line: print(f"  {line}", flush=True))
+"""
+
+
 def build_source(preset: str, workdir: Path, with_t5: bool, turbo: bool) -> Path:
-    import torch
-
-    from ovsd3.presets import get_preset
-    from ovsd3.synthetic import save_random_pipeline
-
+    """The random-weight diffusers folder, built in a child process: Linux carries a process's peak RSS into the
+    ru_maxrss of every child it starts afterwards (vfork + exec), so a parent that held the 16 GB transformer
+    would put a floor under every stage's figure."""
     name = f"{preset}{'-turbo' if turbo else ''}-random-fp16{'' if with_t5 else '-no-t5'}"
     source = workdir / name
     if not (source / "model_index.json").exists():
         started = time.perf_counter()
-        save_random_pipeline(get_preset(preset), source, with_t5=with_t5, dtype=torch.float16,
-                             log=lambda line: print(f"  {line}", flush=True))
+        subprocess.run([sys.executable, "-c", BUILD_SCRIPT, preset, str(source), "t5" if with_t5 else "no-t5"],
+                       check=True)
         print(f"built {name} in {time.perf_counter() - started:.0f} s", flush=True)
     return source
 
