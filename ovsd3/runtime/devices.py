@@ -78,6 +78,12 @@ def check_available(core, plan: DevicePlan) -> None:
                                 f"or AUTO)")
 
 
+def reshape_inputs(model, shapes: dict) -> None:
+    """Fix ``model``'s inputs to ``shapes`` (input name -> shape); names the model lacks are left out."""
+    names = {name for port in model.inputs for name in port.get_names()}
+    model.reshape({name: shape for name, shape in shapes.items() if name in names})
+
+
 class TrimmedFirstCalls:
     """A compiled model whose first call at each set of input shapes runs with the weight mappings trimmed
     (:mod:`ovsd3.memory`): that is when the CPU plugin repacks the weights it read from the mapped IR, which
@@ -141,8 +147,7 @@ class ShapeSpecialised:
             self._compiled = None
             release_freed()
             model = self._model_of()
-            names = {name for port in model.inputs for name in port.get_names()}
-            model.reshape({name: shape for name, shape in shapes.items() if name in names})
+            reshape_inputs(model, shapes)
             self._compiled, self._shapes = self._compiler.compile_derived(self._component, model), shapes
         return self._compiled(inputs)
 
@@ -215,8 +220,7 @@ class ModelCompiler:
                 return self._compiled(xml, device)
             model = self.read(component)
             if static_shapes is not None:
-                model.reshape({name: shape for name, shape in static_shapes.items()
-                               if name in {port.any_name for port in model.inputs}})
+                reshape_inputs(model, static_shapes)
             return self._compiled(model, device)
         except RuntimeError as error:
             raise OvsdError(f"cannot compile {component} for {device}: {reason_of(error)}") from None
