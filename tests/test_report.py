@@ -78,8 +78,9 @@ def test_report_top_level(report, report_dir):
 def test_report_sizes_are_the_files_on_disk(report, ov_sd3, q_sd3):
     reference, quantized = report["folders"]
     for entry, folder in ((reference, ov_sd3), (quantized, q_sd3)):
-        assert set(entry) == {"label", "cache", "path", "weight_format", "quantized", "speed", "images", "size",
-                              "quality"}
+        assert set(entry) == {"label", "runner", "cache", "path", "weight_format", "quantized", "speed", "images",
+                              "size", "quality"}
+        assert entry["runner"] == "ovsd3"
         assert entry["path"] == str(folder.resolve())
         assert set(entry["size"]) == {"components", "total_bytes", "compression", "component_compression"}
         on_disk = {component: (folder / component / "openvino_model.xml").stat().st_size
@@ -269,9 +270,25 @@ def test_benchmark_runs_each_peer(benchmark):
     assert benchmark["runners"]["diffusers-bf16"]["torch"] == torch.__version__
 
 
+def test_benchmark_pictures_show_what_caching_costs(benchmark):
+    """Each runner's seed-0 picture (torch's noise, drawn alike by all) against ovsd3's, recomputed from the files:
+    genai without caching draws ovsd3's picture; its TaylorSeer and ovsd3's draw further from it, and alike."""
+    out, runners = Path(benchmark["out"]), benchmark["runners"]
+    reference = rgb(out / runners["ovsd3"]["image"])
+    assert runners["ovsd3"]["image_psnr_db"] is None
+    for name, runner in runners.items():
+        if name != "ovsd3":
+            assert runner["image_psnr_db"] == pytest.approx(psnr(reference, rgb(out / runner["image"]),
+                                                                 data_range=255.0))
+    assert runners["genai"]["image_psnr_db"] > 30.0 and runners["diffusers-fp32"]["image_psnr_db"] > 30.0
+    assert runners["genai+taylorseer"]["image_psnr_db"] < runners["genai"]["image_psnr_db"]
+    assert runners["ovsd3 taylorseer"]["image_psnr_db"] < runners["genai"]["image_psnr_db"]
+    assert f"| {runners['genai+taylorseer']['image_psnr_db']:.1f} |" in (out / "benchmark.md").read_text()
+
+
 def test_benchmark_files(benchmark):
     out = Path(benchmark["out"])
-    assert benchmark["files"] == {"markdown": "benchmark.md", "chart": "benchmark.png"}
+    assert benchmark["files"] == {"markdown": "benchmark.md", "chart": "benchmark.png", "images": "images"}
     with Image.open(out / "benchmark.png") as chart:
         assert chart.size == (1100, 420)
     text = (out / "benchmark.md").read_text()
@@ -343,3 +360,28 @@ def test_report_digits_scores_every_folder(tmp_path, ov_sd3, q_sd3):
         expected = scorer.score([Image.open(out / path) for path in folder["images"]], evaluation_prompts(4))
         assert digits["matches"] == expected.matches and digits["accuracy"] == expected.accuracy
     assert "digits matching the prompt" in (out / "report.md").read_text()
+
+
+def test_report_genai_columns_draw_the_same_prompts(tmp_path, ov_sd3):
+    """--genai: openvino.genai draws the first folder's prompts and seeds, caching off (the same pictures as
+    ovsd3's, since its TorchGenerator draws the same noise) and on (its TaylorSeer schedule: fewer calls)."""
+    out = tmp_path / "genai-report"
+    assert main(["report", str(ov_sd3), "--genai", "--prompts", "2", "--steps", "12", "--guidance", "5",
+                 "--size", "64", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    ours, genai, cached = report["folders"]
+    assert [folder["label"] for folder in report["folders"]] == [
+        ov_sd3.name, f"genai {ov_sd3.name}", f"genai {ov_sd3.name} taylorseer"]
+    assert [folder["runner"] for folder in report["folders"]] == ["ovsd3", "genai", "genai"]
+    assert genai["speed"]["transformer_calls"] == 12 and cached["speed"]["transformer_calls"] < 12
+    for folder in (genai, cached):
+        assert folder["speed"]["step_seconds"]["n"] == 2 * 12
+        assert set(folder["speed"]["first_start"]) == {"no_cache"}
+        images = [rgb(out / path) for path in folder["images"]]
+        assert psnr(rgb(out / ours["images"][0]), images[0], data_range=255.0) == pytest.approx(
+            folder["quality"]["psnr_db"][0])
+    assert genai["quality"]["mean_psnr_db"] > 30.0  # the same picture, up to bf16 kernels
+    assert genai["quality"]["mean_psnr_db"] > cached["quality"]["mean_psnr_db"]
+    text = (out / "report.md").read_text()
+    assert f"| genai {ov_sd3.name} | genai {ov_sd3.name} taylorseer |" in text
+    assert " | - | - |" in text  # genai's first start from a model cache is not measured

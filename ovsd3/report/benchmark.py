@@ -3,20 +3,27 @@
     ovsd3 benchmark sd3-ov --batch 1,2,4 --steps 4 --size 512 --peers --torch-model ./sd3-medium
 
 Every runner (ovsd3, each peer) runs in its own child process, one after another, so only one pipeline is in
-memory at a time and each one's peak memory is its own.
+memory at a time and each one's peak memory is its own. Each also draws one picture of the prompt with seed 0
+(torch's noise, which all of them can draw): its PSNR against ovsd3's (step caching off) shows what a runner's
+shortcuts (genai's TaylorSeer, ovsd3's cache modes, bf16) cost.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
+from ovsd3.metrics import psnr
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.settings import MAX_REPEATS, check_batches, check_count, check_settings
@@ -105,13 +112,14 @@ def ovsd3_runner(cache: str) -> str:
     return OVSD3 if cache == "off" else f"{OVSD3} {cache}"
 
 
-def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, log) -> dict[str, dict]:
+def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, image_dir: Path,
+         log) -> dict[str, dict]:
     """Each runner in its own child process, one after another; per batch size its spread and rates."""
     runners = {}
-    for runner, task in tasks.items():
+    for index, (runner, task) in enumerate(tasks.items()):
         log(f"{runner}: batches {','.join(map(str, request.batches))}, {settings['steps']} steps, guidance "
             f"{settings['guidance_scale']}, {request.size}x{request.size}, median of {request.repeats}")
-        result = run_child(task)
+        result = run_child({**task, "image_path": str(image_dir / f"{index:02d}-{runner.replace(' ', '_')}.png")})
         batches = {}
         for batch in request.batches:
             seconds = Spread.of(result["seconds"][str(batch)])
@@ -119,8 +127,22 @@ def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, log)
                                    "seconds_per_image": seconds.median / batch,
                                    "images_per_second": batch / seconds.median}
             log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
-        runners[runner] = {"batches": batches, **{key: value for key, value in result.items() if key != "seconds"}}
+        runners[runner] = {"batches": batches, "image": f"images/{index:02d}-{runner.replace(' ', '_')}.png",
+                           **{key: value for key, value in result.items() if key != "seconds"}}
     return runners
+
+
+def _picture_psnr(runners: dict[str, dict], reference: str, image_dir: Path) -> None:
+    """Each runner's seed-0 picture against the reference runner's (dB; None for the reference itself)."""
+    from PIL import Image
+
+    def pixels(runner: str):
+        with Image.open(image_dir / Path(runners[runner]["image"]).name) as image:
+            return np.asarray(image.convert("RGB"))
+
+    expected = pixels(reference)
+    for name, runner in runners.items():
+        runner["image_psnr_db"] = None if name == reference else psnr(expected, pixels(name), data_range=255.0)
 
 
 def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
@@ -140,8 +162,18 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
     output = AtomicOutput(request.out, command="benchmark", overwrite=request.overwrite,
                           inputs=(request.folder, request.torch_model))
     output.check()
-    runners = _run(_tasks(request, record, settings, log), request, settings, log)
-    reference = ovsd3_runner(request.caches[0])  # ratios are against ovsd3 with the first cache mode (off)
+    image_dir = Path(tempfile.mkdtemp(prefix="ovsd3-benchmark-"))
+    try:
+        runners = _run(_tasks(request, record, settings, log), request, settings, image_dir, log)
+        reference = ovsd3_runner(request.caches[0])  # ratios are against ovsd3 with the first cache mode (off)
+        _picture_psnr(runners, reference, image_dir)
+        return _write(request, runners, reference, settings, output, image_dir, log)
+    finally:
+        shutil.rmtree(image_dir, ignore_errors=True)
+
+
+def _write(request: BenchmarkRequest, runners: dict, reference: str, settings: dict, output: AtomicOutput,
+           image_dir: Path, log) -> dict:
     host = machine.describe(request.device, runners[reference])
     for spec in request.caches:  # kept once, under "machine"
         for key in ("openvino", "execution_devices", "device_names"):
@@ -158,9 +190,10 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
         "settings": {"prompt": PROMPT, "batches": request.batches, "repeats": request.repeats,
                      "caches": list(request.caches), **settings},
         "runners": runners,
-        "files": {"markdown": "benchmark.md", "chart": "benchmark.png"},
+        "files": {"markdown": "benchmark.md", "chart": "benchmark.png", "images": "images"},
     }
     with output as staging:
+        shutil.copytree(image_dir, staging / "images")
         figures.benchmark_chart({name: {int(batch): values["seconds_per_call"]["median"]
                                         for batch, values in runner["batches"].items()}
                                  for name, runner in runners.items()}, staging / "benchmark.png",
@@ -185,14 +218,15 @@ def markdown(report: dict) -> str:
              f"{', '.join(host['execution_devices'])}; OpenVINO {host['openvino']}.", "",
              "| runner | " + " | ".join(f"batch {batch}: s/image" for batch in batches)
              + " | " + " | ".join(f"batch {batch}: images/s" for batch in batches)
-             + " | time vs ovsd3 (per batch) | peak RSS (GiB) |",
-             "|---|" + "---|" * (2 * len(batches) + 2)]
+             + " | time vs ovsd3 (per batch) | peak RSS (GiB) | seed-0 picture: PSNR vs ovsd3 (dB) |",
+             "|---|" + "---|" * (2 * len(batches) + 3)]
     for name, runner in runners.items():
         ratios = ", ".join(f"{runner['batches'][batch]['time_vs_ovsd3']:.2f}" for batch in batches)
+        agreement = "reference" if runner["image_psnr_db"] is None else f"{runner['image_psnr_db']:.1f}"
         lines.append(f"| {name} | " + " | ".join(f"{runner['batches'][batch]['seconds_per_image']:.3f}"
                                                   for batch in batches)
                      + " | " + " | ".join(f"{runner['batches'][batch]['images_per_second']:.3f}" for batch in batches)
-                     + f" | {ratios} | {runner['peak_rss_bytes'] / 2**30:.2f} |")
+                     + f" | {ratios} | {runner['peak_rss_bytes'] / 2**30:.2f} | {agreement} |")
     for name, runner in runners.items():
         if "transformer_calls" in runner and "taylorseer" in runner:
             caching = runner["taylorseer"]

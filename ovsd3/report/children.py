@@ -23,6 +23,7 @@ TASKS = {
     "ovsd3_generate": "ovsd3.report.measure:generate",
     "ovsd3_first_start": "ovsd3.report.measure:first_start",
     "ovsd3_batches": "ovsd3.report.measure:batches",
+    "genai_generate": "ovsd3.report.peers:genai_generate",
     "genai_batches": "ovsd3.report.peers:genai_batches",
     "diffusers_batches": "ovsd3.report.peers:diffusers_batches",
 }

@@ -37,6 +37,9 @@ def add_parsers(subparsers) -> None:
     report.add_argument("--cache", action="append", default=None, metavar="MODE",
                         help="step-caching mode, as `ovsd3 run --cache` (repeat: each folder runs with each, "
                              "one column per pair; default off)")
+    report.add_argument("--genai", action="store_true",
+                        help="also draw the prompts with openvino.genai's Text2ImagePipeline from the first folder, "
+                             "its TaylorSeer step caching off and on (its default): two more columns")
     report.add_argument("--overwrite", action="store_true")
     report.set_defaults(handler=_run_report)
 
@@ -83,7 +86,7 @@ def _run_report(args) -> int:
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance, size=args.size,
                               device=args.device, clip=args.clip, max_sequence_length=args.max_sequence_length,
                               labels=args.label, caches=args.cache or ["off"], digits=args.digits,
-                              overwrite=args.overwrite))
+                              genai=args.genai, overwrite=args.overwrite))
     return 0
 
 

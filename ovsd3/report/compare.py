@@ -2,8 +2,11 @@
 
     ovsd3 report sd3-ov sd3-int8 --prompts 5 --out report/
     ovsd3 report sd3-ov --cache off --cache taylorseer --out report/    (a step-caching mode is a column too)
+    ovsd3 report sd3-ov sd3-int8 --genai --out report/     (openvino.genai on the first folder, cache off and on)
 
 A column is a folder with a step-caching mode; every folder runs with every ``--cache`` mode (default: off).
+With ``--genai``, openvino.genai's Text2ImagePipeline draws the same prompts and seeds from the first folder,
+with its TaylorSeer caching off and on (its default): two more columns, scored like the others.
 The first column is the reference: compression, speed-up and image agreement are all against it.
 """
 
@@ -48,6 +51,7 @@ class ReportRequest:
     labels: list[str] = field(default_factory=list)
     caches: list[str] = field(default_factory=lambda: ["off"])  # step-caching modes: each folder runs each
     digits: bool | None = None  # score digits and colours (the demo model); None: when the first folder is the demo
+    genai: bool = False  # also openvino.genai on the first folder, TaylorSeer caching off and on
     overwrite: bool = False
 
 
@@ -65,15 +69,19 @@ def folder_labels(folders: list[Path], labels: list[str]) -> list[str]:
 class Column:
     folder: Path
     label: str
-    cache: str  # a step-caching spec (ovsd3.runtime.cache), "off" for none
+    cache: str  # a step-caching spec (ovsd3.runtime.cache), "off" for none; genai: "off" or "taylorseer"
+    runner: str = "ovsd3"  # or "genai"
 
 
 def report_columns(request: ReportRequest) -> list[Column]:
-    """Each folder with each cache mode, in that order; labels say the mode when it is not off."""
+    """Each folder with each cache mode, in that order; labels say the mode when it is not off. Then genai's."""
     labels = folder_labels(request.folders, request.labels)
     caches = list(dict.fromkeys(str(CacheConfig.parse(spec)) for spec in request.caches)) or ["off"]
     columns = [Column(folder, label if cache == "off" else f"{label} {cache}", cache)
                for folder, label in zip(request.folders, labels) for cache in caches]
+    if request.genai:
+        columns += [Column(request.folders[0], f"genai {labels[0]}", "off", "genai"),
+                    Column(request.folders[0], f"genai {labels[0]} taylorseer", "taylorseer", "genai")]
     if len(columns) < 2:
         raise OvsdError("a report compares two or more columns: folders (the first is the reference), or one "
                         "folder with two or more --cache modes")
@@ -135,23 +143,28 @@ def measure_folder(column: Column, prompts: list[str], seeds: list[int], setting
                    image_dir: Path, first_starts: dict) -> dict:
     """``first_starts``: per folder, measured once however many cache modes it is reported with."""
     folder = column.folder
-    generated = run_child({"name": "ovsd3_generate", "folder": str(folder), "device": device, "prompts": prompts,
-                           "seeds": seeds, "image_dir": str(image_dir), "cache": column.cache, **settings})
+    task = {"folder": str(folder), "device": device, "prompts": prompts, "seeds": seeds, "image_dir": str(image_dir),
+            **settings}
+    if column.runner == "genai":
+        generated = run_child({"name": "genai_generate", "taylorseer": column.cache != "off", **task})
+    else:
+        generated = run_child({"name": "ovsd3_generate", "cache": column.cache, **task})
     runs = generated["generations"]
-    if folder not in first_starts:
+    if column.runner == "ovsd3" and folder not in first_starts:
         first_starts[folder] = _first_starts(folder, device, prompts[0], settings)
     speed = {
         "total_seconds": Spread.of(run["total_seconds"] for run in runs).to_json(),
         "text_seconds": Spread.of(run["text_seconds"] for run in runs).to_json(),
         "step_seconds": Spread.of(step for run in runs for step in run["step_seconds"]).to_json(),
         "decode_seconds": Spread.of(run["decode_seconds"] for run in runs).to_json(),
-        "first_start": {"no_cache": _first_start(generated), **first_starts[folder]},
+        "first_start": {"no_cache": _first_start(generated),
+                        **(first_starts[folder] if column.runner == "ovsd3" else {})},
         "peak_rss_bytes": generated["peak_rss_bytes"],
         "transformer_calls": _mean([run["cache"]["full_calls"] for run in runs]),
         "work": _mean([run["cache"]["work"] / run["cache"]["steps"] for run in runs]),
     }
     record = layout.ModelFolder.open(folder).record
-    return {"label": column.label, "cache": column.cache, "path": str(folder.resolve()),
+    return {"label": column.label, "runner": column.runner, "cache": column.cache, "path": str(folder.resolve()),
             "weight_format": record.weight_format,
             "quantized": record.quantization is not None, "speed": speed, "images": generated["images"],
             "machine": {key: generated[key] for key in ("openvino", "execution_devices", "device_names")}}
@@ -292,7 +305,7 @@ def markdown(report: dict) -> str:
                        ("cached", "first start, from the cache")):
         lines.append(f"| {title}: load + first 1-step image | " + " | ".join(
             "{load_seconds:.2f} + {first_image_seconds:.2f}".format(**folder["speed"]["first_start"][key])
-            for folder in folders) + " |")
+            if key in folder["speed"]["first_start"] else "-" for folder in folders) + " |")
     lines.append("| peak RSS (GiB) | " + " | ".join(
         f"{folder['speed']['peak_rss_bytes'] / 2**30:.2f}" for folder in folders) + " |")
     lines += ["", "## Quality against the reference", "", header.rstrip("\n")]

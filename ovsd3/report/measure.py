@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from ovsd3.report.stats import timed_batches
+from ovsd3.report.stats import timed_batches, timed_generations
 from ovsd3.runtime import SD3Pipeline
 
 
@@ -27,23 +26,10 @@ def _settings(task: dict) -> dict:
 
 
 def generate(task: dict) -> dict:
-    """Load without a model cache (first start, compiling), then draw each prompt once, timing each part.
-
-    One warm-up generation of one step comes first: the first inference of a compiled model allocates its
-    buffers, which no later generation pays.
-    """
-    started = time.perf_counter()
-    pipe = SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=None)
-    load_seconds = time.perf_counter() - started
+    """Load without a model cache (first start, compiling), then draw each prompt once, timing each part."""
     settings = _settings(task)
-    started = time.perf_counter()
-    pipe(task["prompts"][0], seed=0, **dict(settings, num_inference_steps=1))
-    first_image_seconds = time.perf_counter() - started
 
-    image_dir = Path(task["image_dir"])
-    image_dir.mkdir(parents=True, exist_ok=True)
-    generations, images = [], []
-    for index, (prompt, seed) in enumerate(zip(task["prompts"], task["seeds"])):
+    def draw(pipe: SD3Pipeline, prompt: str, seed: int):
         started = time.perf_counter()
         job = pipe.prepare(prompt, seed=seed, **settings)
         text_done = time.perf_counter()
@@ -54,14 +40,14 @@ def generate(task: dict) -> dict:
             last = now
         image = pipe.decode(job.latents)[0]
         finished = time.perf_counter()
-        path = image_dir / f"{index:02d}.png"
-        image.save(path)
-        images.append(str(path))
-        generations.append({"text_seconds": text_done - started, "step_seconds": step_seconds,
-                            "decode_seconds": finished - last, "total_seconds": finished - started,
-                            "cache": job.cache_stats.as_dict()})
-    return {"load_seconds": load_seconds, "first_image_seconds": first_image_seconds, "generations": generations,
-            "images": images, **device_info(pipe)}
+        return image, {"text_seconds": text_done - started, "step_seconds": step_seconds,
+                       "decode_seconds": finished - last, "total_seconds": finished - started,
+                       "cache": job.cache_stats.as_dict()}
+
+    pipe, measured = timed_generations(
+        task, lambda: SD3Pipeline.load(task["folder"], device=task["device"], cache_dir=None),
+        lambda pipe: pipe(task["prompts"][0], seed=0, **dict(settings, num_inference_steps=1)), draw)
+    return {**measured, **device_info(pipe)}
 
 
 def first_start(task: dict) -> dict:
@@ -88,5 +74,7 @@ def batches(task: dict) -> dict:
         stats.append(result.cache_stats)
 
     seconds = timed_batches(task, call)
+    # The picture the quality column compares: seed 0 is torch's noise, which every runner draws alike.
+    pipe(task["prompt"], seed=0, **settings).images[0].save(task["image_path"])
     return {"seconds": seconds, "cache": str(settings["cache"] or "off"), "transformer_calls": stats[-1].full_calls,
             "work": stats[-1].work / stats[-1].steps, **device_info(pipe)}

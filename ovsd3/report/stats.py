@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 
@@ -54,3 +55,28 @@ def timed_batches(task: dict, call: Callable[[int, int, int], object]) -> dict[s
             seconds.append(time.perf_counter() - started)
         results[str(batch)] = seconds
     return results
+
+
+def timed_generations(task: dict, load: Callable[[], object], warm_up: Callable[[object], None],
+                      draw: Callable[[object, str, int], tuple[object, dict]]) -> tuple[object, dict]:
+    """``load()`` a pipeline (a first start without a model cache), ``warm_up(pipe)`` (one 1-step image: the
+    first inference of a compiled model allocates its buffers, which no later generation pays), then
+    ``draw(pipe, prompt, seed) -> (image, timings)`` for each of ``task``'s prompts, each picture saved under
+    ``task["image_dir"]``. The same loop measures ovsd3 and openvino.genai for `ovsd3 report`."""
+    started = time.perf_counter()
+    pipe = load()
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    warm_up(pipe)
+    first_image_seconds = time.perf_counter() - started
+    image_dir = Path(task["image_dir"])
+    image_dir.mkdir(parents=True, exist_ok=True)
+    generations, images = [], []
+    for index, (prompt, seed) in enumerate(zip(task["prompts"], task["seeds"])):
+        image, timings = draw(pipe, prompt, seed)
+        path = image_dir / f"{index:02d}.png"
+        image.save(path)
+        images.append(str(path))
+        generations.append(timings)
+    return pipe, {"load_seconds": load_seconds, "first_image_seconds": first_image_seconds,
+                  "generations": generations, "images": images}
