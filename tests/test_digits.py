@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ovsd3.demo.digits import COLOURS, TEMPLATES, DigitPrompt, DigitScorer, all_prompts, load_digits, render
+from ovsd3.demo.separation import one_word_pairs, separation
 
 
 def test_prompts_parse_back_to_what_they_ask():
@@ -40,3 +41,21 @@ def test_scorer_refuses_prompts_it_cannot_check():
     scorer = DigitScorer()
     with pytest.raises(ValueError, match="one digit and one colour"):
         scorer.score([np.zeros((64, 64, 3), np.uint8)], ["a lighthouse"])
+
+
+def test_separation_measures_how_far_a_candidate_moved_each_prompt():
+    """Embeddings that code the digit and the colour: a small move keeps every prompt (margin = the nearest other
+    label's distance over the move); moving each prompt onto the next digit's embedding keeps none."""
+    prompts = all_prompts()
+    reference = np.array([np.concatenate([np.eye(10)[p.digit], np.eye(len(COLOURS))[list(COLOURS).index(p.colour)],
+                                          [0.01 * p.template]]) for p in prompts])
+    pairs = one_word_pairs(prompts)
+    assert len(pairs["digit"]) == 9 * len(COLOURS) * 4 and len(pairs["colour"]) == 10 * len(COLOURS) * 4
+    moved = reference.copy()
+    moved[:, -1] += 0.1  # every prompt moved by 0.1; another label is sqrt(2) away
+    measured = separation(reference, moved, prompts)
+    assert measured.kept == 1.0 and measured.smallest_margin == pytest.approx(np.sqrt(2) / 0.1)
+    assert measured.digit_db < measured.displacement_db
+    index = {(p.digit, p.colour, p.template): i for i, p in enumerate(prompts)}
+    swapped = reference[[index[((p.digit + 1) % 10, p.colour, p.template)] for p in prompts]]
+    assert separation(reference, swapped, prompts).kept == 0.0
