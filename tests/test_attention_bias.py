@@ -22,6 +22,10 @@ SIZES = [(64, 64), (96, 64)]  # pixels (height, width): 16 and 24 image tokens a
 # Measured ~150 dB (float rounding; the INT8 IR is bit-exact). Leaving the bias out already gives 42-45 dB on
 # these random tiny models, so a looser bound would not tell a right bias from none.
 MIN_PSNR = 100.0
+# The INT8 IR quantizes activations: where the two graphs' float rounding differs at a quantizer's step boundary,
+# one step flips. Bit-exact on an AVX-512 VNNI CPU, 84.6 dB measured on an AVX2-only one; still far above the
+# 42-45 dB of no bias at all.
+MIN_PSNR_INT8 = 70.0
 
 
 def transformer_config(folder) -> dict:
@@ -65,7 +69,8 @@ def test_collapsed_text_with_bias_matches_the_full_sequence(request, core, folde
         collapse = collapse_text(inputs, patch_size_of(folder))
         assert collapse.collapsed and collapse.copies == T5_TOKENS
         assert collapse.inputs["encoder_hidden_states"].shape[1] == CLIP_MAX_LENGTH + 1
-        assert psnr(expected, biased(collapse.biased_inputs())[0]) >= MIN_PSNR, (folder_fixture, height, width)
+        bound = MIN_PSNR_INT8 if folder_fixture == "q_sd3" else MIN_PSNR
+        assert psnr(expected, biased(collapse.biased_inputs())[0]) >= bound, (folder_fixture, height, width)
 
         # A zero bias on the full sequence is the original model (same ops, a zero added to the logits).
         image_tokens = (height // 16) * (width // 16)
