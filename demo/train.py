@@ -5,12 +5,16 @@ handwritten digits from prompts such as "a red digit 7 on a black background".
 
 1. Data: scikit-learn's 1,797 handwritten digits (8x8), enlarged to 64x64 and drawn in each of six colours;
    prompts from four phrasings (ovsd3/demo/digits.py).
-2. The text encoders (two small CLIPs and a small T5) and their tokenizers, whose vocabulary covers the prompts, are
-   randomly initialised and stay frozen: the transformer learns to read the CLIPs' embeddings. The T5 is silenced
-   (its final layer norm is zero, so it outputs exactly the zeros diffusers feeds when T5 is left out): the model
-   then draws the same with or without T5 (`ovsd3 convert --no-t5`), and training can use the shortcut below.
-3. The VAE (AutoencoderKL, 16 latent channels, /8) is trained first as an autoencoder (L1 + a small KL);
-   its latents' mean and spread give shift_factor and scaling_factor, as SD3's were chosen.
+2. The text encoders (two small CLIPs and a small T5) and their tokenizers, whose vocabulary covers the prompts.
+   The CLIPs are trained first, on the prompts alone, to tell the digit and the colour (cross-entropy over cosine
+   similarities to a prototype per label, from their pooled embeddings and from their penultimate tokens, which is
+   what SD3 reads), then frozen: prompts that differ in one word end far apart, by a margin that INT4 weights do
+   not cross. The T5 is silenced (its final layer norm is zero, so it outputs exactly the zeros diffusers feeds
+   when T5 is left out): the model then draws the same with or without T5 (`ovsd3 convert --no-t5`), and
+   training can use the shortcut below.
+3. The VAE (AutoencoderKL, 16 latent channels, /8) is trained next, as an autoencoder (L1 + a small KL);
+   its latents' mean and spread give shift_factor and scaling_factor, as SD3's were chosen. It reads no prompt,
+   so ``--vae FOLDER`` may take an earlier run's instead (checked the same way).
 4. The transformer (SD3Transformer2DModel) is trained with the rectified-flow objective and logit-normal
    timestep sampling, as SD3 was: x_t = (1 - t) x0 + t noise, target noise - x0, t = sigmoid(N(0, 1)); one
    prompt in ten is dropped (empty prompt) so classifier-free guidance works. An exponential moving average of
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from ovsd3 import layout
 from ovsd3.demo.digits import COLOURS, TEMPLATES, DigitScorer, all_prompts, load_digits, render
@@ -50,6 +55,7 @@ DROP_PROMPT = 0.1
 VAE_BATCH = 16
 MIN_ROUND_TRIP = 0.95  # the VAE must keep digits and colours readable: the transformer cannot do better
 EMA_DECAY = 0.999
+LABEL_SCALE = 10.0  # cosine-similarity logits times this: a softmax sharp enough to separate every label
 
 
 class CollapsedPaddingAttention:
@@ -141,6 +147,49 @@ def round_trip_accuracy(vae, pixels: torch.Tensor, prompts: list[str], scorer: D
     return scorer.score(list(images), prompts).accuracy
 
 
+def clip_features(encoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SD3 takes from a CLIP: its pooled projection, and its penultimate layer's tokens (here their mean)."""
+    out = encoder(input_ids, output_hidden_states=True)
+    return out.text_embeds, out.hidden_states[-2].mean(dim=1)
+
+
+def label_loss(features: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the cosine similarities to one prototype per label: it separates the labels by angle,
+    whatever the features' scale, so a small relative error (INT4 weights) cannot carry one label to another."""
+    logits = F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    return F.cross_entropy(LABEL_SCALE * logits, labels)
+
+
+def train_text_encoders(pipe, steps: int, lr: float) -> None:
+    """Teach both CLIPs the prompts' labels, before the transformer learns to read them: their pooled
+    embeddings and their penultimate tokens each tell the digit and the colour, whatever the phrasing.
+    Random encoders left "red 7" and "red 1" as close as INT4 rounding moves either."""
+    prompts = all_prompts()
+    texts = [prompt.text for prompt in prompts]
+    digits = torch.tensor([prompt.digit for prompt in prompts])
+    colours = torch.tensor([list(COLOURS).index(prompt.colour) for prompt in prompts])
+    for name, encoder, tokenizer in (("CLIP-L", pipe.text_encoder, pipe.tokenizer),
+                                     ("CLIP-G", pipe.text_encoder_2, pipe.tokenizer_2)):
+        input_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+        widths = (encoder.config.projection_dim, encoder.config.hidden_size)
+        prototypes = [torch.nn.Parameter(torch.randn(count, width)) for width in widths
+                      for count in (10, len(COLOURS))]
+        encoder.train().requires_grad_(True)
+        optimizer = torch.optim.AdamW([*encoder.parameters(), *prototypes], lr=lr, weight_decay=0.0)
+        for step in range(1, steps + 1):
+            pooled, tokens = clip_features(encoder, input_ids)
+            losses = [label_loss(pooled, prototypes[0], digits), label_loss(pooled, prototypes[1], colours),
+                      label_loss(tokens, prototypes[2], digits), label_loss(tokens, prototypes[3], colours)]
+            loss = sum(losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 100 == 0 or step == 1:
+                print(f"{name} step {step}/{steps}: label loss {loss.item():.4f}", flush=True)
+        encoder.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def prompt_table(pipe) -> tuple[dict[tuple[int, int, int], int], torch.Tensor, torch.Tensor]:
     """Embeddings of every prompt (and of the empty prompt, last), computed once: the encoders are frozen.
@@ -221,30 +270,18 @@ def train_transformer(transformer, latents: torch.Tensor, digit_of: np.ndarray, 
     return average
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo/sd3-digits"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--steps", type=int, default=10000, help="transformer training steps")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    corpus = [prompt.text for prompt in all_prompts()]
-    pipe = build_random_pipeline(get_preset("digits"), with_t5=True, seed=args.seed, corpus=corpus)
-    with torch.no_grad():
-        pipe.text_encoder_3.encoder.final_layer_norm.weight.zero_()  # silenced: outputs exactly zero
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        encoder.requires_grad_(False)
-
-    started = time.perf_counter()
+def prepare_vae(pipe, taken_from: Path | None, steps: int, lr: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Train the VAE (or take ``taken_from``'s), check it keeps the digits readable, set its latent shift and
+    scale; returns the training set's latents with each image's digit and colour index."""
     pixels, digit_of, colour_of = rendered_dataset()
     print(f"{len(pixels)} training images (digits x colours)", flush=True)
-    train_vae(pipe.vae, pixels, args.vae_steps, VAE_BATCH, args.lr, generator)
+    if taken_from is None:
+        train_vae(pipe.vae, pixels, steps, VAE_BATCH, lr, generator)
+    else:
+        pipe.vae.load_state_dict(AutoencoderKL.from_pretrained(taken_from / "vae").state_dict())
+        pipe.vae.eval()
+        print(f"VAE taken from {taken_from}", flush=True)
     sample = torch.randperm(len(pixels), generator=generator)[:300]
     colours = list(COLOURS)
     sample_prompts = [f"{colours[colour_of[i]]} {digit_of[i]}" for i in sample.tolist()]
@@ -256,8 +293,36 @@ def main() -> int:
     raw = encode_all(pipe.vae, pixels)
     shift, scale = raw.mean().item(), 1.0 / raw.std().item()
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = (raw - shift) * scale
     print(f"latents: shift_factor {shift:.4f}, scaling_factor {scale:.4f}", flush=True)
+    return (raw - shift) * scale, digit_of, colour_of
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo/sd3-digits"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-steps", type=int, default=300, help="text encoder steps (all prompts each)")
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="take the VAE from this demo folder instead of training one (it reads no prompt, so a "
+                             "retrain of the encoders and transformer can keep it)")
+    parser.add_argument("--steps", type=int, default=6000, help="transformer training steps")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    corpus = [prompt.text for prompt in all_prompts()]
+    pipe = build_random_pipeline(get_preset("digits"), with_t5=True, seed=args.seed, corpus=corpus)
+    with torch.no_grad():
+        pipe.text_encoder_3.encoder.final_layer_norm.weight.zero_()  # silenced: outputs exactly zero
+    pipe.text_encoder_3.requires_grad_(False)
+
+    started = time.perf_counter()
+    train_text_encoders(pipe, args.text_steps, args.lr)
+    latents, digit_of, colour_of = prepare_vae(pipe, args.vae, args.vae_steps, args.lr, generator)
 
     lookup, embeds, pooled = prompt_table(pipe)
     check_shortcut(pipe)
@@ -266,10 +331,10 @@ def main() -> int:
     minutes = (time.perf_counter() - started) / 60
 
     pipe.save_pretrained(args.out)
-    recipe = {"demo": "digits", "seed": args.seed, "vae_steps": args.vae_steps, "vae_batch": VAE_BATCH,
-              "transformer_steps": args.steps,
-              "batch": args.batch, "lr": args.lr, "ema_decay": EMA_DECAY, "minutes": round(minutes, 1),
-              "torch": torch.__version__, "cpus": os.cpu_count()}
+    recipe = {"demo": "digits", "seed": args.seed, "text_encoder_steps": args.text_steps,
+              "vae_steps": args.vae_steps if args.vae is None else f"taken from {args.vae}", "vae_batch": VAE_BATCH,
+              "transformer_steps": args.steps, "batch": args.batch, "lr": args.lr, "ema_decay": EMA_DECAY,
+              "minutes": round(minutes, 1), "torch": torch.__version__, "cpus": os.cpu_count()}
     (args.out / layout.DEMO_RECORD).write_text(json.dumps(recipe, indent=2) + "\n")
     print(f"trained in {minutes:.1f} min; wrote {args.out}", flush=True)
     return 0
