@@ -19,6 +19,7 @@ DEMO = REPO / "demo" / "sd3-digits"
 PROMPTS = 20
 MIN_MATCH = 0.8  # on 20 prompts; the acceptance figures over 120 are in demo/README.md
 MAX_WRONG_MATCH = 0.1
+SPARE_GATE_POINTS = 0.10  # issue 17's target: the quickstart's gate passes with this much to spare
 
 
 @pytest.fixture(scope="module")
@@ -93,26 +94,48 @@ def test_quantize_gate_scored_the_digits(quickstart):
     gate = record["quantization"]["gate"]
     assert len(gate["image_psnr"]) == 20  # the demo's default: 20 prompts, so one image is 5 points
     digits = gate["digit_accuracy"]
-    # the gate's own limit (15 points: INT8 costs ~5 over 240 prompts, measured +-5 by 20); a broken quantization
-    # would draw next to no digits
+    # The gate's own limit is 15 points (20 prompts measure a share +-5; a broken quantization draws next to no
+    # digits). The trained demo passes it with 10 points to spare: the quantized folder loses at most one picture
+    # of the 20, so a CPU that rounds differently does not fail the README's first command.
     allowed_drop = QuantizeRequest.max_digit_drop
-    assert digits["reference"] >= MIN_MATCH and digits["candidate"] >= digits["reference"] - allowed_drop
+    assert digits["reference"] >= MIN_MATCH
+    assert digits["candidate"] >= digits["reference"] - (allowed_drop - SPARE_GATE_POINTS) - 1e-9, digits
 
 
 def test_openvino_genai_draws_the_converted_folder(quickstart, scorer):
-    """The converted folder in another runtime: openvino.genai's Text2ImagePipeline draws the asked digits.
-    Only digits are asserted: with guidance genai's colours drift (13 of 20 right here, all 20 without
-    guidance), while diffusers and ovsd3 agree; genai forms the guidance branch differently (see issue 6)."""
+    """The converted folder in another runtime: openvino.genai's Text2ImagePipeline, at diffusers' steps and
+    guidance, with its TaylorSeer step caching off (its default for SD3 extrapolates half of the transformer's
+    outputs, which costs colours on this model; demo/README.md), draws the asked digits in the asked colours."""
     import openvino_genai
 
-    pipe = openvino_genai.Text2ImagePipeline(str(quickstart / "fp16"), "CPU")
+    from ovsd3.report.peers import genai_pipeline
+
+    pipe = genai_pipeline({"folder": quickstart / "fp16", "device": "CPU", "taylorseer": False})
     prompts = evaluation_prompts(PROMPTS)
     images = []
     for seed, prompt in enumerate(prompts):
         tensor = pipe.generate(prompt, width=64, height=64, num_inference_steps=28, guidance_scale=7.0,
                                generator=openvino_genai.TorchGenerator(seed))
         images.append(Image.fromarray(tensor.data[0]))
-    score = scorer.score(images, prompts)
-    assert sum(score.digit_matches) / len(prompts) >= MIN_MATCH
-    wrong = scorer.score(images, [other_digit(p) for p in prompts])
-    assert sum(wrong.digit_matches) / len(prompts) <= MAX_WRONG_MATCH
+    assert len(pipe.get_performance_metrics().raw_metrics.transformer_inference_durations) == 28  # cache off
+    assert_drawn_as_asked(scorer, images, prompts)
+
+
+def test_quantized_text_encoders_keep_the_prompts_apart(quickstart):
+    """The demo's CLIPs are trained to tell the digit and the colour (demo/train.py): prompts that differ in one
+    word end further apart than INT4 weights move any prompt, so the quantized folder's embedding of every prompt
+    is still nearest to its own digit and colour, with room to spare. (Random encoders left "red 7" and "red 1"
+    closer than INT4 moved them: smallest margins 0.56x (tokens) and 0.72x (pooled); trained, 2.3x and 1.6x.)"""
+    from ovsd3.demo.digits import all_prompts
+    from ovsd3.demo.separation import embeddings, separation
+    from ovsd3.runtime import SD3Pipeline
+
+    prompts = all_prompts()
+    texts = [prompt.text for prompt in prompts]
+    reference, candidate = (embeddings(SD3Pipeline.load(quickstart / name, device="CPU", cache_dir=None), texts)
+                            for name in ("fp16", "int8"))
+    for name in ("pooled", "clip tokens"):
+        measured = separation(reference[name], candidate[name], prompts)
+        assert measured.kept == 1.0, (name, measured)
+        assert measured.smallest_margin > 1.25, (name, measured)
+        assert max(measured.digit_db, measured.colour_db) < measured.displacement_db - 6.0, (name, measured)
