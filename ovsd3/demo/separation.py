@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovsd3 import metrics
 from ovsd3.demo.digits import COLOURS, DigitPrompt
 
 
@@ -52,7 +53,8 @@ def embeddings(pipe, texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    return float(10 * np.log10(np.abs(reference).max() ** 2 / max(((reference - other) ** 2).mean(), 1e-30)))
+    """Over the reference's peak magnitude (an embedding's span around zero is what a move is measured against)."""
+    return metrics.psnr(reference, other, data_range=float(np.abs(reference).max()))
 
 
 def one_word_pairs(prompts: list[DigitPrompt]) -> dict[str, list[tuple[int, int]]]:
