@@ -119,7 +119,8 @@ def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, imag
     for index, (runner, task) in enumerate(tasks.items()):
         log(f"{runner}: batches {','.join(map(str, request.batches))}, {settings['steps']} steps, guidance "
             f"{settings['guidance_scale']}, {request.size}x{request.size}, median of {request.repeats}")
-        result = run_child({**task, "image_path": str(image_dir / f"{index:02d}-{runner.replace(' ', '_')}.png")})
+        picture = f"{index:02d}-{runner.replace(' ', '_')}.png"
+        result = run_child({**task, "image_path": str(image_dir / picture)})
         batches = {}
         for batch in request.batches:
             seconds = Spread.of(result["seconds"][str(batch)])
@@ -127,7 +128,7 @@ def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, imag
                                    "seconds_per_image": seconds.median / batch,
                                    "images_per_second": batch / seconds.median}
             log(f"  batch {batch}: {seconds} per call, {batch / seconds.median:.3f} images/s")
-        runners[runner] = {"batches": batches, "image": f"images/{index:02d}-{runner.replace(' ', '_')}.png",
+        runners[runner] = {"batches": batches, "image": f"images/{picture}",
                            **{key: value for key, value in result.items() if key != "seconds"}}
     return runners
 

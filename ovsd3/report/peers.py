@@ -33,6 +33,12 @@ def genai_pipeline(task: dict):
     return pipe
 
 
+def _generation(task: dict) -> dict:
+    """The task's generate() keywords that every genai measurement shares."""
+    return {"width": task["width"], "height": task["height"], "guidance_scale": task["guidance_scale"],
+            "max_sequence_length": task.get("max_sequence_length", 256)}
+
+
 def _taylorseer(pipe) -> dict | None:
     caching = pipe.get_generation_config().taylorseer_config
     return None if caching is None else {
@@ -47,8 +53,7 @@ def genai_generate(task: dict) -> dict:
     import openvino_genai
     from PIL import Image
 
-    settings = {"width": task["width"], "height": task["height"], "guidance_scale": task["guidance_scale"],
-                "max_sequence_length": task.get("max_sequence_length", 256)}
+    settings = _generation(task)
 
     def draw(pipe, prompt: str, seed: int):
         started = time.perf_counter()
@@ -79,10 +84,8 @@ def _genai_picture(pipe, task: dict) -> None:
     import openvino_genai
     from PIL import Image
 
-    pixels = pipe.generate(task["prompt"], width=task["width"], height=task["height"],
-                           num_inference_steps=task["steps"], guidance_scale=task["guidance_scale"],
-                           generator=openvino_genai.TorchGenerator(0),
-                           max_sequence_length=task.get("max_sequence_length", 256))
+    pixels = pipe.generate(task["prompt"], num_inference_steps=task["steps"],
+                           generator=openvino_genai.TorchGenerator(0), **_generation(task))
     Image.fromarray(pixels.data[0]).save(task["image_path"])
 
 
@@ -90,9 +93,8 @@ def genai_batches(task: dict) -> dict:
     pipe = genai_pipeline(task)
 
     def call(batch: int, steps: int, seed: int):
-        pipe.generate(task["prompt"], width=task["width"], height=task["height"], num_inference_steps=steps,
-                      guidance_scale=task["guidance_scale"], num_images_per_prompt=batch, rng_seed=seed,
-                      max_sequence_length=task.get("max_sequence_length", 256))
+        pipe.generate(task["prompt"], num_inference_steps=steps, num_images_per_prompt=batch, rng_seed=seed,
+                      **_generation(task))
 
     seconds = timed_batches(task, call)
     # How many transformer calls the last generation made: fewer than its steps when caching skipped some.
