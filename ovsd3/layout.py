@@ -6,6 +6,8 @@ This module is shared by convert, quantize and the runtime, so it imports nothin
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +31,96 @@ MODEL_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, T5, VAE_DECODER, VAE_ENCODER)
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 FLASH_LORA_ID = "jasperai/flash-sd3"
 
+# The bounds of a generation request (ovsd3.runtime.request keeps the same; a test holds them equal), here
+# because a folder's defaults must keep them and this module imports nothing of the runtime.
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_BLOCKS = 1000  # transformer blocks: SD3.5 Large has 38
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a JSON file that ovsd3 reads from a model folder: its kind and (inclusive) bounds.
+    Kinds: "int", "number" (finite), "bool", "text", "ints" (a list of integers), "object"."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    required: bool = False
+    nullable: bool = False
+    choices: tuple = ()
+    above: float | None = None  # "number": strictly greater than this (a scale that is divided by)
+
+
+def _describe(field: Field) -> str:
+    if field.choices:
+        return "one of " + ", ".join(repr(choice) for choice in field.choices)
+    kind = {"int": "an integer", "number": "a finite number", "bool": "true or false", "text": "a string",
+            "ints": "a list of integers", "object": "a JSON object"}[field.kind]
+    if field.above is not None:
+        kind += f" above {field.above:g}"
+    if field.low is not None and field.high is not None:
+        kind += f" from {field.low:g} to {field.high:g}"
+    elif field.low is not None:
+        kind += f" of at least {field.low:g}"
+    elif field.high is not None:
+        kind += f" up to {field.high:g}"
+    return kind + (" (or null)" if field.nullable else "")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _in_bounds(value, field: Field) -> bool:
+    return (field.low is None or value >= field.low) and (field.high is None or value <= field.high) \
+        and (field.above is None or value > field.above)
+
+
+def _valid(value, field: Field) -> bool:
+    if field.choices:
+        return isinstance(value, str) and value in field.choices
+    if field.kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and _in_bounds(value, field)
+    if field.kind == "number":
+        return _is_number(value) and math.isfinite(value) and _in_bounds(value, field)
+    if field.kind == "ints":
+        item = Field(field.name, "int", field.low, field.high)
+        return isinstance(value, (list, tuple)) and all(_valid(element, item) for element in value)
+    return isinstance(value, {"bool": bool, "text": str, "object": dict}[field.kind])
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, allow_nan=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fields(path: Path, data: dict, fields: tuple[Field, ...], prefix: str = "") -> None:
+    """A one-line OvsdError naming ``path`` and the first field of ``data`` that ``fields`` refuse."""
+    from ovsd3.errors import OvsdError
+
+    for field in fields:
+        if field.name not in data:
+            if field.required:
+                raise OvsdError(f"{path}: {prefix}{field.name} is missing (it must be {_describe(field)})")
+            continue
+        value = data[field.name]
+        if value is None and field.nullable:
+            continue
+        if not _valid(value, field):
+            raise OvsdError(f"{path}: {prefix}{field.name} must be {_describe(field)} (got {_shown(value)})")
+
+
+def check_known(path: Path, data: dict, fields: tuple[Field, ...], prefix: str = "") -> None:
+    """Refuse a field that ``fields`` do not name (a typo would otherwise be ignored or crash later)."""
+    from ovsd3.errors import OvsdError
+
+    known = {field.name for field in fields}
+    unknown = [name for name in data if name not in known]
+    if unknown:
+        raise OvsdError(f"{path}: unknown field {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+
 
 @dataclass(frozen=True)
 class GenerationDefaults:
@@ -40,8 +132,18 @@ class GenerationDefaults:
     skip_guidance_layers: tuple[int, ...] | None = None  # skip-layer guidance unless the request says otherwise
 
     def __post_init__(self) -> None:
-        if self.skip_guidance_layers is not None:  # a list when read from JSON
+        if isinstance(self.skip_guidance_layers, list):  # a list when read from JSON
             object.__setattr__(self, "skip_guidance_layers", tuple(self.skip_guidance_layers))
+        values = asdict(self)
+        check_fields(Path("GenerationDefaults"), values, defaults_fields(), "defaults.")
+
+
+def defaults_fields() -> tuple[Field, ...]:
+    """A folder's defaults keep the bounds that `ovsd3 run` and the Python keywords keep: a default of 10**9
+    steps would otherwise grow until the machine kills the process."""
+    return (Field("num_inference_steps", "int", 1, MAX_STEPS), Field("guidance_scale", "number", 0, MAX_GUIDANCE),
+            Field("sampler", "text", choices=("euler", "flash")),
+            Field("skip_guidance_layers", "ints", 0, MAX_BLOCKS - 1, nullable=True))
 
 
 FLASH_DEFAULTS = GenerationDefaults(num_inference_steps=4, guidance_scale=0.0, sampler="flash")
@@ -92,11 +194,22 @@ class FolderRecord:
             return None
         data = read_json(path)
         try:
-            data["defaults"] = GenerationDefaults(**data.get("defaults", {}))
-            return cls(**data)
-        except TypeError as error:  # fields missing, unknown or of the wrong kind
-            raise OvsdError(f"{path} is not an ovsd3 record ({error}); delete it to use the folder without "
-                            "ovsd3's defaults") from None
+            check_known(path, data, RECORD_FIELDS)
+            check_fields(path, data, RECORD_FIELDS)
+            defaults = data.get("defaults", {})
+            check_known(path, defaults, defaults_fields(), "defaults.")
+            check_fields(path, defaults, defaults_fields(), "defaults.")
+        except OvsdError as error:
+            raise OvsdError(f"{path} is not an ovsd3 record: {str(error).removeprefix(f'{path}: ')}; delete it to "
+                            "use the folder without ovsd3's defaults") from None
+        return cls(**{**data, "defaults": GenerationDefaults(**defaults)})
+
+
+RECORD_FIELDS = (
+    Field("source", "text", required=True), Field("weight_format", "text", required=True),
+    Field("has_t5", "bool", required=True), Field("flash_lora", "text", nullable=True),
+    Field("defaults", "object"), Field("parity", "object"), Field("ovsd3_version", "text"),
+    Field("quantization", "object", nullable=True), Field("demo", "text", nullable=True))
 
 
 def source_name(folder: Path) -> str:
@@ -124,6 +237,50 @@ def weight_bytes(folder: Path) -> int:
 
 REQUIRED_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, VAE_DECODER)
 
+# Sizes beyond any SD3 model by far (SD3.5 Large: 38 blocks, a 192-patch embedding, 4096-wide text): values
+# past them are damage, and some would size arrays (joint_attention_dim the no-T5 zeros, num_train_timesteps
+# the schedule) before anything else failed.
+MAX_WIDTH = 65536
+MAX_LATENT_SIDE = 1024
+TRANSFORMER_FIELDS = (
+    Field("joint_attention_dim", "int", 1, MAX_WIDTH, required=True),
+    Field("pooled_projection_dim", "int", 1, MAX_WIDTH, required=True),
+    Field("in_channels", "int", 1, 1024), Field("patch_size", "int", 1, 64),
+    Field("sample_size", "int", 1, MAX_LATENT_SIDE),
+    Field("pos_embed_max_size", "int", 1, MAX_LATENT_SIDE, nullable=True),
+    Field("num_layers", "int", 1, MAX_BLOCKS), Field("dual_attention_layers", "ints", 0, MAX_BLOCKS - 1, nullable=True),
+    Field("qk_norm", "text", nullable=True))
+VAE_FIELDS = (
+    Field("block_out_channels", "ints", 1, MAX_WIDTH),
+    # decoding divides by the scaling factor: zero, NaN or a huge one makes NaN or black images
+    Field("scaling_factor", "number", high=1000, above=0), Field("shift_factor", "number", -1000, 1000))
+SCHEDULER_FIELDS = (
+    Field("_class_name", "text"), Field("shift", "number", high=1000, above=0),
+    Field("num_train_timesteps", "int", 1, 100_000), Field("stochastic_sampling", "bool"),
+    *(Field(name, "bool", nullable=True) for name in ("use_dynamic_shifting", "use_karras_sigmas",
+                                                      "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")),
+    Field("shift_terminal", "number", nullable=True))
+
+
+def read_config(path: Path, fields: tuple[Field, ...]) -> dict:
+    """A component's config.json with the fields the runtime reads checked."""
+    config = read_json(path)
+    check_fields(path, config, fields)
+    return config
+
+
+def check_scheduler_config(path: Path, config: dict) -> None:
+    check_fields(path, config, SCHEDULER_FIELDS)
+
+
+def check_vae_blocks(path: Path, config: dict) -> None:
+    """The VAE's downsampling is 2 per block after the first: an empty list (or dozens) is damage."""
+    from ovsd3.errors import OvsdError
+
+    blocks = config.get("block_out_channels")
+    if blocks is not None and not 1 <= len(blocks) <= 8:
+        raise OvsdError(f"{path}: block_out_channels must list 1 to 8 blocks (got {len(blocks)})")
+
 
 def read_json(path: Path) -> dict:
     from ovsd3.errors import OvsdError
@@ -150,18 +307,49 @@ class ModelFolder:
 
     @classmethod
     def open(cls, folder: str | Path) -> "ModelFolder":
-        """A one-line OvsdError unless ``folder`` is an SD3 OpenVINO folder."""
+        """A one-line OvsdError unless ``folder`` is an SD3 OpenVINO folder whose files hold what the runtime
+        reads from them, of the right types and within bounds (the error names the file and the field)."""
         folder = Path(folder)
         check_folder(folder)
         scheduler = read_json(folder / SCHEDULER_CONFIG) if (folder / SCHEDULER_CONFIG).exists() else {}
-        transformer_config = read_json(folder / TRANSFORMER / "config.json")
+        check_scheduler_config(folder / SCHEDULER_CONFIG, scheduler)
+        transformer_config = read_config(folder / TRANSFORMER / "config.json", TRANSFORMER_FIELDS)
+        vae_config = read_config(folder / VAE_DECODER / "config.json", VAE_FIELDS)
+        check_vae_blocks(folder / VAE_DECODER / "config.json", vae_config)
         record = FolderRecord.load(folder) or FolderRecord(
             source=str(folder), weight_format="unknown", has_t5=model_xml(folder, T5).exists(),
             # an optimum-intel folder: its scheduler says whether it samples the Flash way, its model
             # index which model it came from
             defaults=FLASH_DEFAULTS if scheduler.get("stochastic_sampling") else
             model_card_defaults(source_name(folder), transformer_config))
-        return cls(folder, transformer_config, read_json(folder / VAE_DECODER / "config.json"), scheduler, record)
+        model = cls(folder, transformer_config, vae_config, scheduler, record)
+        model._check_record()
+        return model
+
+    def _check_record(self) -> None:
+        """What ovsd3.json says agrees with the folder: its T5, the blocks its skip-layer default names."""
+        from ovsd3.errors import OvsdError
+
+        path = self.path / OVSD3_RECORD
+        if self.record.has_t5 and not model_xml(self.path, T5).exists():
+            raise OvsdError(f"{path} says the folder has T5 (has_t5), but {model_xml(self.path, T5)} is missing")
+        layers = self.record.defaults.skip_guidance_layers
+        if layers and self.block_count and max(layers) >= self.block_count:
+            raise OvsdError(f"{path}: defaults.skip_guidance_layers {list(layers)} are outside the transformer's "
+                            f"blocks 0-{self.block_count - 1}")
+
+    def check_defaults_within(self, max_steps: int, max_guidance: float, server: str) -> None:
+        """The folder's defaults within a server's own limits (``ovsd3 serve`` and OVMS allow fewer steps than
+        `ovsd3 run`): a request that names no step count must not get more than one that names them."""
+        from ovsd3.errors import OvsdError
+
+        defaults, source = self.record.defaults, self.path / OVSD3_RECORD
+        if defaults.num_inference_steps > max_steps:
+            raise OvsdError(f"{source}: defaults.num_inference_steps {defaults.num_inference_steps} is above "
+                            f"{server}'s maximum of {max_steps}")
+        if defaults.guidance_scale > max_guidance:
+            raise OvsdError(f"{source}: defaults.guidance_scale {defaults.guidance_scale:g} is above {server}'s "
+                            f"maximum of {max_guidance:g}")
 
     @property
     def name(self) -> str:
@@ -223,14 +411,17 @@ def made_by(folder: Path) -> str | None:
 
 
 def check_folder(folder: Path) -> None:
-    """A one-line error unless ``folder`` is an SD3 OpenVINO folder (ovsd3 or optimum-intel)."""
+    """A one-line error unless ``folder`` is an SD3 OpenVINO folder (ovsd3 or optimum-intel) with every IR
+    whole and T5 either complete or absent."""
     from ovsd3.errors import OvsdError
 
     if not folder.is_dir():
         raise OvsdError(f"model folder {folder} does not exist")
     if not (folder / MODEL_INDEX).exists():
         raise OvsdError(f"{folder} is not an OpenVINO SD3 folder (no {MODEL_INDEX})")
-    class_name = read_json(folder / MODEL_INDEX).get("_class_name", "?")
+    index = read_json(folder / MODEL_INDEX)
+    check_fields(folder / MODEL_INDEX, index, (Field("_class_name", "text"),))
+    class_name = index.get("_class_name", "?")
     if not class_name.startswith("StableDiffusion3"):
         raise OvsdError(f"{folder} holds a {class_name}, not Stable Diffusion 3")
     if any((folder / TRANSFORMER).glob("diffusion_pytorch_model*")):
@@ -242,3 +433,47 @@ def check_folder(folder: Path) -> None:
     for tokenizer in (TOKENIZER_OF[CLIP_L], TOKENIZER_OF[CLIP_G]):
         if not (folder / tokenizer / TOKENIZER_XML).exists():
             raise OvsdError(f"{folder} is missing its OpenVINO {tokenizer} ({tokenizer}/{TOKENIZER_XML})")
+    check_t5_pair(folder, index)
+    for xml in (*(model_xml(folder, name) for name in MODEL_COMPONENTS),
+                *(folder / name / TOKENIZER_XML for name in TOKENIZER_OF.values())):
+        if xml.exists():
+            check_ir(xml)
+
+
+def check_t5_pair(folder: Path, index: dict) -> None:
+    """T5 needs its encoder and its tokenizer: with only one, the prompt would silently lose T5 (and
+    openvino.genai refuses such a folder: it reads tokenizer_3 beside text_encoder_3). A tokenizer alone is
+    damage only where the model index lists a T5 encoder."""
+    from ovsd3.errors import OvsdError
+
+    encoder, tokenizer = model_xml(folder, T5), folder / TOKENIZER_OF[T5] / TOKENIZER_XML
+    if encoder.exists() and not tokenizer.exists():
+        raise OvsdError(f"{folder} has {T5} but no {TOKENIZER_OF[T5]} ({tokenizer} is missing): T5 cannot read "
+                        f"prompts without it; copy it back, or delete {T5} to run without T5")
+    listed = index.get(T5)
+    if tokenizer.exists() and not encoder.exists() and isinstance(listed, list) and any(listed):
+        raise OvsdError(f"{folder} has {TOKENIZER_OF[T5]} and its {MODEL_INDEX} lists {T5}, but {encoder} is "
+                        f"missing: copy it back, or convert again without T5")
+
+
+_CONSTANT = re.compile(rb"<data\b[^>]*?\boffset=\"(\d+)\"[^>]*?\bsize=\"(\d+)\"")
+
+
+def check_ir(xml: Path) -> None:
+    """An OpenVINO IR read whole: its .xml complete and its .bin holding every constant the .xml points at
+    (a copy cut short fails here in one line, not minutes later inside OpenVINO, or as a missing file)."""
+    from ovsd3.errors import OvsdError
+
+    try:
+        text = xml.read_bytes()
+    except OSError as error:
+        raise OvsdError(f"cannot read {xml}: {error.strerror}") from None
+    if not text.rstrip().endswith(b"</net>"):
+        raise OvsdError(f"{xml} is not a whole OpenVINO IR (it does not end with </net>): copy it again")
+    needed = max((int(offset) + int(size) for offset, size in _CONSTANT.findall(text)), default=0)
+    weights = xml.with_suffix(".bin")
+    if needed and not weights.is_file():
+        raise OvsdError(f"{weights} is missing (its {xml.name} reads {needed} bytes from it): copy it again")
+    if needed and weights.stat().st_size < needed:
+        raise OvsdError(f"{weights} is truncated: {weights.stat().st_size} bytes where {xml.name} reads "
+                        f"{needed}; copy it again")

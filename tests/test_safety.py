@@ -197,8 +197,8 @@ def test_mistakes_are_one_line_and_exit_2(ov_sd3, tmp_path, capsys, argv, needle
     (lambda model: (model / "ovsd3.json").write_text('{"source": "x"}'), "ovsd3.json is not an ovsd3 record"),
     (lambda model: (model / "ovsd3.json").write_text("{not json"), "cannot read"),
     (lambda model: (model / "model_index.json").write_text('["StableDiffusion3Pipeline"]'), "not a JSON object"),
-    (lambda model: (model / "tokenizer" / "openvino_tokenizer.xml").write_text("<garbage"), "cannot read tokenizer"),
-    (lambda model: (model / "transformer" / "openvino_model.bin").write_bytes(b"\0" * 10), "cannot compile"),
+    (lambda model: (model / "tokenizer" / "openvino_tokenizer.xml").write_text("<garbage"), "not a whole OpenVINO IR"),
+    (lambda model: (model / "transformer" / "openvino_model.bin").write_bytes(b"\0" * 10), "is truncated"),
     (lambda model: (model / "transformer" / "config.json").write_bytes(b"\xff\xfe"), "cannot read"),
 ], ids=["record-list", "record-fields", "record-json", "index-list", "tokenizer", "truncated-bin", "config-bytes"])
 def test_a_damaged_model_folder_is_a_one_line_error(model_copy, tmp_path, capsys, damage, needle):

@@ -175,6 +175,7 @@ def run(args) -> int:
             clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length,
             **_skip_layer_guidance(args))  # the same, for its checks
     _check_output(args.output, args.model_dir)
+    model = ModelFolder.open(args.model_dir)  # a damaged folder is said before anything reads it
     for name, path in (("image", args.image), ("mask", args.mask)):
         if path is not None and not path.is_file():
             raise OvsdError(f"cannot read {name} {path}: no such file")
@@ -185,7 +186,7 @@ def run(args) -> int:
     if args.static:
         if not (args.width and args.height):
             raise OvsdError("--static needs --width and --height")
-        defaults = ModelFolder.open(args.model_dir).record.defaults
+        defaults = model.record.defaults
         guidance = defaults.guidance_scale if args.guidance is None else args.guidance
         static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
                              guidance=guidance > 1.0, max_sequence_length=args.max_sequence_length)

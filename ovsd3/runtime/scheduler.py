@@ -7,12 +7,12 @@ refused with a clear message rather than sampled differently.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ovsd3 import layout
 from ovsd3.errors import OvsdError
 
 # Options of FlowMatchEulerDiscreteScheduler that change the schedule and are not implemented here.
@@ -26,8 +26,15 @@ class FlowMatchSchedule:
     num_train_timesteps: int = 1000
     stochastic_sampling: bool = False
 
+    def __post_init__(self) -> None:
+        # A NaN shift draws noise with exit 0, a zero one divides by zero, a huge step count sizes an array.
+        layout.check_fields(Path("FlowMatchSchedule"), {"shift": self.shift,
+                                                        "num_train_timesteps": self.num_train_timesteps},
+                            layout.SCHEDULER_FIELDS)
+
     @classmethod
-    def from_config(cls, config: dict) -> "FlowMatchSchedule":
+    def from_config(cls, config: dict, path: Path = Path(layout.SCHEDULER_CONFIG)) -> "FlowMatchSchedule":
+        layout.check_scheduler_config(path, config)
         name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
         if name != "FlowMatchEulerDiscreteScheduler":
             raise OvsdError(f"scheduler {name} is not supported (ovsd3 runs FlowMatchEulerDiscreteScheduler)")
@@ -40,11 +47,8 @@ class FlowMatchSchedule:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "FlowMatchSchedule":
-        path = Path(folder) / "scheduler" / "scheduler_config.json"
-        try:
-            return cls.from_config(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
-            raise OvsdError(f"cannot read {path}: {error}") from None
+        path = Path(folder) / layout.SCHEDULER_CONFIG
+        return cls.from_config(layout.read_json(path), path)
 
     def _shifted(self, sigmas):
         return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ovsd3 import layout
-from ovsd3.errors import InvalidRequest
+from ovsd3.errors import InvalidRequest, OvsdError
 from ovsd3.runtime.devices import OnUse
 
 CLIP_MAX_LENGTH = 77
@@ -38,11 +38,10 @@ class PromptEmbeddings:
 class Tokenizer:
     """An OpenVINO tokenizer model, padded and truncated in numpy as Hugging Face does it."""
 
-    def __init__(self, compiled_and_model):
+    def __init__(self, compiled_and_model, name: str = "tokenizer"):
         self.compiled, model = compiled_and_model
         # openvino-tokenizers records the special ids in the model's rt_info (the compiled model drops it).
-        self.pad_id = int(model.get_rt_info("pad_token_id").astype(int))
-        self.eos_id = int(model.get_rt_info("eos_token_id").astype(int))
+        self.pad_id, self.eos_id = (special_id(model, key, name) for key in ("pad_token_id", "eos_token_id"))
 
     def __call__(self, prompts: list[str], max_length: int) -> np.ndarray:
         result = self.compiled(prompts)
@@ -56,6 +55,19 @@ class Tokenizer:
         return out
 
 
+def special_id(model, key: str, name: str) -> int:
+    """A token id from a tokenizer IR's rt_info; a one-line error naming the file where it is absent or not
+    a non-negative integer (a tokenizer not made by openvino-tokenizers, or edited)."""
+    try:
+        value = int(model.get_rt_info(key).astype(int))
+    except (RuntimeError, TypeError, ValueError):
+        value = -1
+    if value < 0:
+        raise OvsdError(f"{name}/{layout.TOKENIZER_XML} has no valid {key} in its rt_info: convert the model "
+                        "again (openvino-tokenizers writes it)")
+    return value
+
+
 class TextEncoders:
     """The two CLIPs and T5 (if the folder has it), compiled."""
 
@@ -66,10 +78,11 @@ class TextEncoders:
             return OnUse(lambda: compiler.compile(name, shapes), compile_now)
 
         self.joint_attention_dim = joint_attention_dim
-        self.clip_tokenizers = [Tokenizer(compiler.compile_tokenizer(layout.TOKENIZER_OF[name]))
-                                for name in (layout.CLIP_L, layout.CLIP_G)]
+        clip_tokenizers = (layout.TOKENIZER_OF[layout.CLIP_L], layout.TOKENIZER_OF[layout.CLIP_G])
+        self.clip_tokenizers = [Tokenizer(compiler.compile_tokenizer(name), name) for name in clip_tokenizers]
         self.clip_encoders = [encoder(name, CLIP_MAX_LENGTH) for name in (layout.CLIP_L, layout.CLIP_G)]
-        self.t5_tokenizer = Tokenizer(compiler.compile_tokenizer(layout.TOKENIZER_OF[layout.T5])) if has_t5 else None
+        t5_tokenizer = layout.TOKENIZER_OF[layout.T5]
+        self.t5_tokenizer = Tokenizer(compiler.compile_tokenizer(t5_tokenizer), t5_tokenizer) if has_t5 else None
         self.t5_encoder = encoder(layout.T5, max_sequence_length) if has_t5 else None
         self.infer_seconds = 0.0
 

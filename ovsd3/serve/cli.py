@@ -64,9 +64,11 @@ def run(args) -> int:
     from ovsd3.layout import ModelFolder
     from ovsd3.runtime.cache import CacheConfig
     from ovsd3.serve.api import create_app
+    from ovsd3.serve.bodies import Limits
     from ovsd3.serve.jobs import WorkerPool, load_pipeline
 
-    ModelFolder.open(args.model_dir)
+    limits = Limits()
+    ModelFolder.open(args.model_dir).check_defaults_within(limits.max_steps, limits.max_guidance, "ovsd3 serve")
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
     try:

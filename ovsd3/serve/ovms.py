@@ -13,6 +13,7 @@ set so that OVMS draws with the folder's own defaults (steps, resolution) and ov
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ovsd3.atomic import AtomicOutput
@@ -46,6 +47,7 @@ def graph_options(model: ModelFolder, device: str, max_images: int, max_steps: i
     if device not in OVMS_DEVICES:
         raise OvsdError(f"OVMS takes one of {', '.join(OVMS_DEVICES)} as its device (got {device!r}); "
                         f"pass --device CPU, GPU or NPU with --write-ovms-config")
+    model.check_defaults_within(max_steps, math.inf, "the OVMS graph")  # its default above its own maximum
     max_side = model.max_size or 4096  # OVMS's own default where the config says nothing
     native = model.native_size
     return {"models_path": str(model.path.resolve()), "device": device,
