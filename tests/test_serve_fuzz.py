@@ -163,3 +163,59 @@ def test_n_zero_is_refused_not_drawn_as_one(service):
     for body in ({"prompt": "a", "n": 0}, {"prompt": "a", "num_images_per_prompt": 0}, {"prompt": "a", "n": -1}):
         answer = httpx.post(f"{base}/v3/images/generations", json=body, timeout=REQUEST_TIMEOUT)
         assert answer.status_code == 400 and "greater than or equal to 1" in answer.json()["error"]["message"]
+
+
+# -- bodies bounded as a whole ------------------------------------------------------------------------------
+
+def edit_parts(extra_files: int, extra_size: int) -> tuple[bytes, str]:
+    """A multipart edit: prompt, image, and ``extra_files`` more file parts of ``extra_size`` bytes."""
+    boundary = "ovsd3-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na digit\r\n'.encode(),
+             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+             f'Content-Type: image/png\r\n\r\n'.encode() + PNG + b"\r\n"]
+    for index in range(extra_files):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="extra{index}"; filename="x.bin"\r\n'
+                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + b"x" * extra_size + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_four_extra_15_mb_parts_are_refused_by_their_sum(service, chunked):
+    """Each part below the upload limit, their sum far above what an edit can hold: 413 from the declared
+    length before reading, or once the cap is passed when the body comes in chunks without one."""
+    import httpx
+
+    from ovsd3.serve.bodies import LIMITS
+
+    base, _ = service
+    body, content_type = edit_parts(4, 15 * 2**20)
+
+    def chunks():
+        for start in range(0, len(body), 2**20):
+            yield body[start:start + 2**20]
+
+    answer = httpx.post(f"{base}/v3/images/edits", content=chunks() if chunked else body,
+                        headers={"content-type": content_type}, timeout=REQUEST_TIMEOUT)
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"]["message"] == (f"the request body is larger than this server takes "
+                                                 f"({LIMITS.max_form_bytes} bytes)")
+
+
+def test_a_third_file_part_is_refused_by_name(service):
+    import httpx
+
+    base, _ = service
+    body, content_type = edit_parts(2, 10)  # image + 2 more: three files
+    answer = httpx.post(f"{base}/v3/images/edits", content=body, headers={"content-type": content_type},
+                        timeout=REQUEST_TIMEOUT)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"].startswith("multipart form: Too many files. Maximum number of files "
+                                                        "is 2.")
+
+
+def test_a_json_body_past_1_mib_is_refused(service):
+    import httpx
+
+    base, _ = service
+    answer = httpx.post(f"{base}/v1/jobs", json={"prompt": "a", "user": "x" * 2**20}, timeout=REQUEST_TIMEOUT)
+    assert answer.status_code == 413 and "larger than this server takes (1048576 bytes)" in answer.text
