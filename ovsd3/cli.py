@@ -137,7 +137,9 @@ def _add_quantize(subparsers) -> None:
 
 def _run_quantize(args) -> int:
     check_options(args, QUANTIZE_RULES, positionals={"source": "IN", "output": "OUT"})
-    if args.dataset not in ("builtin", "conceptual_captions"):
+    from ovsd3.quantize.calibration import BUILTIN, CONCEPTUAL_CAPTIONS
+
+    if args.dataset not in (BUILTIN, CONCEPTUAL_CAPTIONS):  # then a prompt file
         path_fits("--dataset", args.dataset)
     with _convert_extras_needed("quantization"):
         import nncf  # noqa: F401

@@ -179,26 +179,32 @@ def edit_parts(extra_files: int, extra_size: int) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_four_extra_15_mb_parts_are_refused_by_their_sum(service, chunked):
-    """Each part below the upload limit, their sum far above what an edit can hold: 413 from the declared
-    length before reading, or once the cap is passed when the body comes in chunks without one."""
+def in_chunks(body: bytes):
+    """The body sent without a Content-Length, as a client streaming it would."""
+    for start in range(0, len(body), 2**20):
+        yield body[start:start + 2**20]
+
+
+@pytest.mark.parametrize("extra_files, extra_size, chunked, status, message", [
+    # four extra 15 MB parts: refused from the declared length, before a byte is read ...
+    (4, 15 * 2**20, False, 413, "the request body is larger than this server takes ({cap} bytes)"),
+    # ... and without one, at the third file part (after about 30 MB, not 60)
+    (4, 15 * 2**20, True, 400, "multipart form: Too many files. Maximum number of files is 2."),
+    # one 40 MB part, streamed: refused once the sum passes the cap
+    (1, 40 * 2**20, True, 413, "the request body is larger than this server takes ({cap} bytes)"),
+], ids=["4x15MB-declared", "4x15MB-chunked", "40MB-chunked"])
+def test_an_edit_is_bounded_as_a_whole(service, extra_files, extra_size, chunked, status, message):
+    """Each part below the upload limit, their sum far above what an edit can hold."""
     import httpx
 
     from ovsd3.serve.bodies import LIMITS
 
     base, _ = service
-    body, content_type = edit_parts(4, 15 * 2**20)
-
-    def chunks():
-        for start in range(0, len(body), 2**20):
-            yield body[start:start + 2**20]
-
-    answer = httpx.post(f"{base}/v3/images/edits", content=chunks() if chunked else body,
+    body, content_type = edit_parts(extra_files, extra_size)
+    answer = httpx.post(f"{base}/v3/images/edits", content=in_chunks(body) if chunked else body,
                         headers={"content-type": content_type}, timeout=REQUEST_TIMEOUT)
-    assert answer.status_code == 413, answer.text
-    assert answer.json()["error"]["message"] == (f"the request body is larger than this server takes "
-                                                 f"({LIMITS.max_form_bytes} bytes)")
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["message"].startswith(message.format(cap=LIMITS.max_form_bytes)), answer.text
 
 
 def test_a_third_file_part_is_refused_by_name(service):
