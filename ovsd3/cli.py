@@ -10,12 +10,20 @@ import sys
 from pathlib import Path
 
 from ovsd3 import __version__
+from ovsd3.arguments import check_options, number, path_fits
 from ovsd3.errors import OvsdError
 from ovsd3.layout import DEFAULT_MODEL_ID, FLASH_LORA_ID
 
 EXIT_INTERNAL = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+MAX_PSNR = 200.0  # dB: float32 round-off alone stays below 160, so a higher bound could never be met
+# Checked before anything opens; quantize's counts and sizes, some of which need the folder, are checked by
+# quantize_folder as soon as the folder is open
+CONVERT_RULES = {"min_psnr": number(0, MAX_PSNR)}
+QUANTIZE_RULES = {"source": path_fits, "output": path_fits, "calib_cache": path_fits,
+                  "smooth_quant_alpha": number(0, 1, also=(-1,)),
+                  "min_psnr": number(0, MAX_PSNR), "min_ssim": number(-1, 1), "max_digit_drop": number(0, 1)}
 
 
 def _add_convert(subparsers) -> None:
@@ -56,6 +64,7 @@ def _convert_extras_needed(task: str):
 
 
 def _run_convert(args) -> int:
+    check_options(args, CONVERT_RULES)
     if len(args.paths) > 2:
         raise OvsdError(f"convert takes MODEL and OUT, got {len(args.paths)} paths: {' '.join(args.paths)}")
     model, output = args.paths if len(args.paths) == 2 else (DEFAULT_MODEL_ID, args.paths[0])
@@ -92,7 +101,9 @@ def _add_quantize(subparsers) -> None:
                         help="where recorded inputs go (default ~/.cache/ovsd3/calibration/<key>)")
     parser.add_argument("--preset", choices=("mixed", "performance"), default=None,
                         help="NNCF preset (default: NNCF's for transformers, mixed)")
-    parser.add_argument("--smooth-quant-alpha", type=float, default=None)
+    parser.add_argument("--smooth-quant-alpha", type=float, default=None,
+                        help="NNCF's SmoothQuant alpha for MatMuls, 0 to 1, or -1 to turn SmoothQuant off "
+                             "(default: NNCF's)")
     parser.add_argument("--ignore", action="append", default=[], metavar="NODE",
                         help="keep this transformer node in float too (repeatable)")
     parser.add_argument("--slices", type=int, default=None,
@@ -103,8 +114,11 @@ def _add_quantize(subparsers) -> None:
                              "128) instead of INT8 activations: no calibration pass for it, a smaller speed-up; "
                              "with --vae-decoder weights nothing is calibrated at all")
     parser.add_argument("--weights", choices=("int4_sym", "int4_asym", "int8"), default="int4_sym")
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="weights sharing one INT4 scale (default 128), or -1 for one per output channel")
+    parser.add_argument("--ratio", type=float, default=0.8,
+                        help="share of the encoders' weights in --weights, the rest INT8 (above 0, at most 1; "
+                             "default 0.8)")
     parser.add_argument("--vae-decoder", choices=("int8", "weights"), default="int8",
                         help="int8 (default): INT8 activations, calibrated on the final latents of the "
                              "calibration run, faster; weights: the --weights mode, as for the encoders")
@@ -122,6 +136,11 @@ def _add_quantize(subparsers) -> None:
 
 
 def _run_quantize(args) -> int:
+    check_options(args, QUANTIZE_RULES, positionals={"source": "IN", "output": "OUT"})
+    from ovsd3.quantize.calibration import BUILTIN, CONCEPTUAL_CAPTIONS
+
+    if args.dataset not in (BUILTIN, CONCEPTUAL_CAPTIONS):  # then a prompt file
+        path_fits("--dataset", args.dataset)
     with _convert_extras_needed("quantization"):
         import nncf  # noqa: F401
 

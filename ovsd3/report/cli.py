@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ovsd3.arguments import check_options, path_fits
+
+# Checked before anything opens; the generation settings and counts by ovsd3.report.settings, also before any work
+REPORT_RULES = {"folders": path_fits, "out": path_fits, "prompt_file": path_fits}
+BENCHMARK_RULES = {"folder": path_fits, "out": path_fits}
+
 
 def _add_max_sequence_length(parser) -> None:
     parser.add_argument("--max-sequence-length", type=int, default=256,
@@ -79,6 +85,7 @@ def _needs_report_extras():
 
 
 def _run_report(args) -> int:
+    check_options(args, REPORT_RULES)
     _needs_report_extras()
     from ovsd3.report.compare import ReportRequest, make_report
 
@@ -91,6 +98,7 @@ def _run_report(args) -> int:
 
 
 def _run_benchmark(args) -> int:
+    check_options(args, BENCHMARK_RULES)
     _needs_report_extras()
     from ovsd3.report.benchmark import BenchmarkRequest, parse_batches, parse_peers, run_benchmark
 

@@ -7,22 +7,17 @@ import sys
 import time
 from pathlib import Path
 
+from ovsd3.arguments import block_list, check_options, number, path_fits
 from ovsd3.errors import OvsdError
 from ovsd3.progress import ProgressBar
-from ovsd3.runtime.request import MAX_IMAGES, MAX_STEPS
+from ovsd3.runtime.request import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
 
 PREVIEW = "preview.png"
-
-
-def _block_list(text: str) -> list[int]:
-    import argparse
-
-    if text.strip().lower() in ("", "none", "off"):
-        return []  # no skip-layer guidance, whatever the folder's default
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"block indices separated by commas, such as 7,8,9 (got {text!r})") from None
+# Checked before anything opens; steps, guidance, seed, clip skip and the T5 length are checked by Request (below),
+# sizes by the pipeline against the folder's own limits
+RULES = {"model_dir": path_fits, "output": path_fits, "image": path_fits, "mask": path_fits, "cache_dir": path_fits,
+         "lora": path_fits, "strength": number(0, 1), "skip_layer_scale": number(0, MAX_GUIDANCE),
+         "skip_layer_start": number(0, 1), "skip_layer_stop": number(0, 1)}
 
 
 def add_parser(subparsers) -> None:
@@ -52,7 +47,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a LoRA adapter for the transformer (PEFT folder, diffusers or kohya safetensors), "
                              "applied when the folder loads, with its weight (default 1); repeatable")
-    parser.add_argument("--skip-layers", type=_block_list, default=None, metavar="7,8,9",
+    parser.add_argument("--skip-layers", type=block_list, default=None, metavar="7,8,9",
                         help="skip-layer guidance (diffusers' skip_guidance_layers): an extra conditional pass with these "
                              "blocks skipped on the early steps; default: the folder's (SD3.5 Medium: 7,8,9, as "
                              "its card recommends; none elsewhere), 'none' turns it off")
@@ -163,6 +158,7 @@ def run(args) -> int:
     from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape, offload_advised
     from ovsd3.runtime.request import Request
 
+    check_options(args, RULES)
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         raise OvsdError(f"--steps must be between 1 and {MAX_STEPS} (got {args.steps})")
     if not 1 <= len(args.prompt) * args.num_images <= MAX_IMAGES:
@@ -189,6 +185,7 @@ def run(args) -> int:
         defaults = model.record.defaults
         guidance = defaults.guidance_scale if args.guidance is None else args.guidance
         static = StaticShape(width=args.width, height=args.height, batch=len(args.prompt) * args.num_images,
+                             prompts=len(args.prompt),
                              guidance=guidance > 1.0, max_sequence_length=args.max_sequence_length)
     offload = args.offload or offload_advised(args.model_dir)
     if offload and not args.offload:

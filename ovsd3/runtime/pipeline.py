@@ -58,6 +58,7 @@ class StaticShape:
     width: int
     height: int
     batch: int = 1  # images per call (prompts x images per prompt)
+    prompts: int | None = None  # prompts per call, the text encoders' batch; None: ``batch`` (one image each)
     guidance: bool = True  # classifier-free guidance doubles the transformer batch
     max_sequence_length: int = 256
 
@@ -134,7 +135,7 @@ class SD3Pipeline:
                                                    static.width // self.vae_scale_factor)
         compile_now = not self.offload  # offloading compiles each component when its phase starts
         self.text = TextEncoders(compiler, self.joint_attention_dim, self.has_t5,
-                                 static_batch=None if static is None else static.batch,
+                                 static_batch=None if static is None else static.prompts or static.batch,
                                  max_sequence_length=256 if static is None else static.max_sequence_length,
                                  compile_now=compile_now)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
@@ -289,6 +290,9 @@ class SD3Pipeline:
             raise InvalidRequest(f"this pipeline was compiled for static {self.static.width}x{self.static.height}, "
                                  f"{self.static.batch} image(s), guidance {'on' if self.static.guidance else 'off'}; "
                                  f"the request differs")
+        if self.static is not None and request.batch_size != (self.static.prompts or self.static.batch):
+            raise InvalidRequest(f"this pipeline was compiled for static shapes with "
+                                 f"{self.static.prompts or self.static.batch} prompt(s) (got {request.batch_size})")
 
     def _default_steps(self, request: Request) -> int:
         """The folder's steps; with an image, diffusers' StableDiffusion3Img2ImgPipeline and InpaintPipeline

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -52,16 +53,81 @@ def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str =
                                  (ClientDisconnect, client_gone), (Exception, internal_error)):
         app.add_exception_handler(status_type, handler)
     for method, path, endpoint in (("POST", "/v3/images/generations", generations),
-                                   ("POST", "/v3/images/edits", edits),
                                    ("POST", "/v1/jobs", create_job),
                                    ("GET", "/v1/jobs/{job_id}", job_status),
                                    ("DELETE", "/v1/jobs/{job_id}", cancel_job),
                                    ("GET", "/v1/jobs/{job_id}/events", job_events),
                                    ("GET", "/health", health),
                                    ("GET", "/metrics", metrics)):
-        app.add_api_route(path, endpoint, methods=[method], status_code=202 if path == "/v1/jobs" else 200)
+        app.add_api_route(path, endpoint, methods=[method], status_code=202 if path == "/v1/jobs" else 200,
+                          responses=ERROR_RESPONSES)
+    app.add_api_route("/v3/images/edits", edits, methods=["POST"], responses=ERROR_RESPONSES,
+                      openapi_extra={"requestBody": {"required": True, "content": {
+                          "multipart/form-data": {"schema": edit_form_schema()}}}})
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
+    app.add_middleware(BodyLimit, caps={"/v3/images/edits": limits.max_form_bytes}, default=limits.max_json_bytes)
     return app
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, cap: int):
+        super().__init__(413, f"the request body is larger than this server takes ({cap} bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past its route's cap is refused (413) as soon as that shows, from its
+    Content-Length before a byte of it is read, or as it arrives when it is sent in chunks; the route's own
+    limits (one upload, one mask, each field) are checked after, on what is left."""
+
+    def __init__(self, app, caps: dict[str, int], default: int):
+        self.app, self.caps, self.default = app, caps, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cap = self.caps.get(scope["path"], self.default)
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or len(declared) > 18 or int(declared) > cap):
+            return await error(413, BodyTooLarge(cap).detail)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:
+                    raise BodyTooLarge(cap)  # inside the route: its exception handler answers, in JSON
+            return message
+
+        await self.app(scope, limited, send)
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}}}}}
+ERROR_RESPONSES = {status: {"description": meaning, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                   for status, meaning in ((400, "invalid request: the message names the field"),
+                                           (404, "no such job"), (409, "the job was cancelled"),
+                                           (413, "request body or upload too large"),
+                                           (429, "the queue is full (Retry-After)"),
+                                           (503, "the server is shutting down"))}
+
+
+def edit_form_schema() -> dict:
+    """The multipart form of /v3/images/edits, as OpenAPI states it: EditBody's fields as text (a form has no
+    null: a field is given or left out) plus the image and mask files."""
+    schema = EditBody.model_json_schema()
+    properties = {}
+    for name, field in schema["properties"].items():
+        options = [option for option in field.get("anyOf", [field]) if option.get("type") != "null"]
+        if options:  # a field that only takes null (style, moderation: not edit fields) is left out
+            properties[name] = {key: value for key, value in {**field, **options[0]}.items() if key != "anyOf"}
+    properties["image"] = {"type": "string", "format": "binary", "description": "the start image (PNG, JPEG, WebP)"}
+    properties["mask"] = {"type": "string", "format": "binary",
+                          "description": "inpainting: white (or transparent) is redrawn"}
+    return {"type": "object", "required": ["prompt", "image"], "properties": properties,
+            "additionalProperties": False}
 
 
 def state_of(request: Request) -> AppState:
@@ -134,7 +200,15 @@ async def generations(body: GenerationBody, request: Request):
 async def edits(request: Request):
     state = state_of(request)
     limits = state.settings.limits
-    form = await request.form(max_part_size=limits.max_upload_bytes)
+    # two files (image, mask); fields each below max_field_bytes; BodyLimit caps the whole
+    try:
+        form = await request.form(max_files=2, max_fields=limits.max_form_fields,
+                                  max_part_size=limits.max_field_bytes)
+    except StarletteHTTPException as refused:  # starlette's multipart limits, said without naming them
+        if refused.status_code != 400:
+            raise
+        raise BadRequest(f"multipart form: {refused.detail} (an edit is text fields, one 'image' file and "
+                         f"at most one 'mask' file; each text field at most {limits.max_field_bytes} bytes)") from None
     data = await _upload(form, limits)
     mask = await _mask_upload(form, limits)
     fields = {key: value for key, value in form.items() if key not in ("image", "image[]", "mask")}
@@ -190,7 +264,8 @@ async def create_job(body: GenerationBody, request: Request):
 def find(request: Request, job_id: str) -> Job:
     job = state_of(request).pool.jobs.get(job_id)
     if job is None:
-        raise BadRequest(f"no job {job_id}", status=404)
+        shown = repr(job_id) if len(job_id) <= 40 else f"{job_id[:32]!r}..."  # said on one line, whatever it holds
+        raise BadRequest(f"no job {shown}", status=404)
     return job
 
 

@@ -16,9 +16,9 @@ Any other field is refused (400), as a typo should be.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ovsd3.runtime.cache import CacheConfig, CacheSettingError
 from ovsd3.serve.jobs import GenerationRequest
@@ -27,14 +27,51 @@ from ovsd3.serve.jobs import GenerationRequest
 @dataclass(frozen=True)
 class Limits:
     max_prompt_chars: int = 2000
-    max_images: int = 8  # n per call
+    max_images: int = 8  # n per call (OpenAI takes 1-10, OVMS's graph default max_num_images_per_prompt is 8)
     max_side: int = 2048
     min_side: int = 16
     max_steps: int = 100
     max_guidance: float = 30.0
     max_upload_bytes: int = 16 * 1024 * 1024
     max_upload_pixels: int = 4096 * 4096  # checked from the header, before decoding (image bombs)
+    max_json_bytes: int = 1024 * 1024  # a JSON body: six 2,000-character prompts fit many times over
+    max_field_bytes: int = 64 * 1024  # one text field of an edit's multipart form
+    max_form_fields: int = 64  # text fields of an edit (its body has about 35 names)
     retry_after_seconds: int = 5
+
+    @property
+    def max_form_bytes(self) -> int:
+        """A whole edit: the image and the mask at their limit, and the text fields."""
+        return 2 * self.max_upload_bytes + self.max_form_fields * self.max_field_bytes
+
+
+LIMITS = Limits()  # the defaults, which the request schema (and so /openapi.json) states
+
+
+def _not_a_bool(value):
+    """JSON's true/false are not numbers (pydantic's lax mode would take true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("a number is expected, not true/false")
+    return value
+
+
+def whole(**bounds):
+    """A whole number within ``bounds`` (pydantic's ge, le, lt), stated in the schema; true/false refused."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_not_a_bool)]
+
+
+def finite(**bounds):
+    """A finite number within ``bounds``: NaN and Infinity (which Python's JSON reads) are refused."""
+    return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_not_a_bool)]
+
+
+Prompt = Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
+Images = whole(ge=1, le=LIMITS.max_images)
+Side = whole(ge=LIMITS.min_side, le=LIMITS.max_side)
+Seed = whole(ge=0, lt=2**64)
+Fraction = finite(ge=0.0, le=1.0)
+MAX_LAYER_GUIDANCE = 100.0  # as SD3Pipeline's (ovsd3.runtime.request.MAX_GUIDANCE)
+MAX_BLOCK = 999  # far above any SD3 transformer's blocks (SD3.5 Large: 38); the model's own count is checked later
 
 
 class BadRequest(Exception):
@@ -56,44 +93,44 @@ class ServerSettings:
 class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unknown field is a mistake worth hearing about
 
-    prompt: str
-    model: str | None = None
-    prompt_2: str | None = None
-    prompt_3: str | None = None
-    negative_prompt: str | None = None
-    negative_prompt_2: str | None = None
-    negative_prompt_3: str | None = None
-    n: int | None = None
-    num_images_per_prompt: int | None = None
-    size: str | None = None
-    width: int | None = None
-    height: int | None = None
-    response_format: str = "b64_json"
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    strength: float | None = None
-    rng_seed: int | None = Field(None, ge=0, lt=2**64)
-    seed: int | None = Field(None, ge=0, lt=2**64)
-    max_sequence_length: int | None = Field(None, ge=1, le=512)
+    prompt: Prompt
+    model: str | None = Field(None, max_length=256)
+    prompt_2: Prompt | None = None
+    prompt_3: Prompt | None = None
+    negative_prompt: Prompt | None = None
+    negative_prompt_2: Prompt | None = None
+    negative_prompt_3: Prompt | None = None
+    n: Images | None = None
+    num_images_per_prompt: Images | None = None
+    size: str | None = Field(None, max_length=32)
+    width: Side | None = None
+    height: Side | None = None
+    response_format: str = Field("b64_json", max_length=32)
+    num_inference_steps: whole(ge=1, le=LIMITS.max_steps) | None = None
+    guidance_scale: finite(ge=0.0, le=LIMITS.max_guidance) | None = None
+    strength: Fraction | None = None
+    rng_seed: Seed | None = None
+    seed: Seed | None = None
+    max_sequence_length: whole(ge=1, le=512) | None = None
     # OpenAI's
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: whole(ge=0, le=100) | None = None
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
-    user: str | None = None
-    partial_images: int | None = Field(None, ge=0, le=3)
+    user: str | None = Field(None, max_length=256)
+    partial_images: whole(ge=0, le=3) | None = None
     stream: bool | None = None
     # ovsd3's
-    preview_every: int = Field(1, ge=0)
+    preview_every: whole(ge=0, le=LIMITS.max_steps) = 1
     cache: str | None = Field(None, max_length=200)
     noise: Literal["torch", "numpy"] | None = None
     # diffusers' skip-layer guidance (SD3.5)
-    skip_guidance_layers: list[int] | None = Field(None, max_length=64)
-    skip_layer_guidance_scale: float = 2.8
-    skip_layer_guidance_start: float = 0.01
-    skip_layer_guidance_stop: float = 0.2
+    skip_guidance_layers: list[whole(ge=0, le=MAX_BLOCK)] | None = Field(None, max_length=64)
+    skip_layer_guidance_scale: finite(ge=0.0, le=MAX_LAYER_GUIDANCE) = 2.8
+    skip_layer_guidance_start: Fraction = 0.01
+    skip_layer_guidance_stop: Fraction = 0.2
 
     def to_request(self, server: ServerSettings, *, previews: bool = True, **extra) -> GenerationRequest:
         """Check the body against the server's limits; ``previews``: False where nobody would see them."""
@@ -109,7 +146,7 @@ class GenerationBody(BaseModel):
         return GenerationRequest(
             prompt=self.prompt, prompt_2=self.prompt_2, prompt_3=self.prompt_3, negative_prompt=self.negative_prompt,
             negative_prompt_2=self.negative_prompt_2, negative_prompt_3=self.negative_prompt_3,
-            n=self.n or self.num_images_per_prompt or 1, width=width, height=height,
+            n=self._images() or 1, width=width, height=height,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, seed=seed,
             max_sequence_length=self.max_sequence_length or 256, noise=self.noise or server.default_noise,
             preview_every=self.preview_every if previews else 0, cache=cache, output_format=self.output_format,
@@ -134,21 +171,26 @@ class GenerationBody(BaseModel):
     def _check_numbers(self, limits: Limits) -> None:
         if self.n is not None and self.num_images_per_prompt is not None:
             raise BadRequest("n and num_images_per_prompt: give one (they are the same setting)")
-        images = self.n or self.num_images_per_prompt
-        if images is not None and not 1 <= images <= limits.max_images:
-            raise BadRequest(f"{'n' if self.n else 'num_images_per_prompt'}: must be between 1 and "
+        images = self._images()
+        if images is not None and not 1 <= images <= limits.max_images:  # 0 is a number, not "not given"
+            raise BadRequest(f"{'n' if self.n is not None else 'num_images_per_prompt'}: must be between 1 and "
                              f"{limits.max_images} (got {images})")
         if self.num_inference_steps is not None and not 1 <= self.num_inference_steps <= limits.max_steps:
             raise BadRequest(f"num_inference_steps: must be between 1 and {limits.max_steps} "
                              f"(got {self.num_inference_steps})")
         if self.guidance_scale is not None and not 0.0 <= self.guidance_scale <= limits.max_guidance:
-            raise BadRequest(f"guidance_scale: must be between 0 and {limits.max_guidance}")
+            raise BadRequest(f"guidance_scale: must be between 0 and {limits.max_guidance:g}")
+        if not self.skip_layer_guidance_start <= self.skip_layer_guidance_stop:
+            raise BadRequest("skip_layer_guidance_start: must not be after skip_layer_guidance_stop")
         if self.rng_seed is not None and self.seed is not None and self.rng_seed != self.seed:
             raise BadRequest("rng_seed and seed disagree (seed is ovsd3's older name for rng_seed)")
         if self.preview_every > limits.max_steps:
             raise BadRequest(f"preview_every: must be at most {limits.max_steps}")
         if self.strength is not None and self.strength != 1.0:
             raise BadRequest("strength: text-to-image runs at 1.0; send an image to /v3/images/edits to use it")
+
+    def _images(self) -> int | None:
+        return self.n if self.n is not None else self.num_images_per_prompt
 
     def _size(self, limits: Limits, multiple: int) -> tuple[int | None, int | None]:
         if self.size is not None and (self.width is not None or self.height is not None):
@@ -163,7 +205,7 @@ class GenerationBody(BaseModel):
 class EditBody(GenerationBody):
     """The multipart fields of an edit (text, which pydantic converts as it validates), less the image."""
 
-    strength: float = Field(0.6, ge=0.0, le=1.0)  # SD3's image-to-image default, as openvino.genai's
+    strength: Fraction = 0.6  # SD3's image-to-image default, as openvino.genai's
     quality: Literal["standard", "low", "medium", "high", "auto"] | None = None  # no "hd" for edits
     input_fidelity: Literal["high", "low"] | None = None
     style: None = None  # not an edit field in OpenAI's API

@@ -7,7 +7,13 @@ import socket
 import sys
 from pathlib import Path
 
+from ovsd3.arguments import check_options, integer, path_fits
 from ovsd3.errors import OvsdError
+from ovsd3.serve.jobs import MAX_QUEUE, MAX_WORKERS
+
+# Checked before anything opens or starts
+RULES = {"model_dir": path_fits, "write_ovms_config": path_fits, "lora": path_fits, "port": integer(1, 65535),
+         "workers": integer(1, MAX_WORKERS), "max_queue": integer(1, MAX_QUEUE)}
 
 
 def add_parser(subparsers) -> None:
@@ -24,8 +30,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a LoRA adapter applied to the transformer of every worker, as `ovsd3 run --lora`; "
                              "repeatable")
-    parser.add_argument("--workers", type=int, default=1, help="pipelines generating at once (each compiled once)")
-    parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
+    parser.add_argument("--workers", type=int, default=1,
+                        help=f"pipelines generating at once, each compiled once (1 to {MAX_WORKERS}; default 1)")
+    parser.add_argument("--max-queue", type=int, default=16,
+                        help=f"requests that may wait, 1 to {MAX_QUEUE} (default 16); more get 429")
     parser.add_argument("--cache", default=None, metavar="MODE",
                         help="step caching for requests that name none (their `cache` field), as `ovsd3 run "
                              "--cache`; default off")
@@ -54,6 +62,7 @@ def write_ovms(args) -> int:
 
 
 def run(args) -> int:
+    check_options(args, RULES)
     if args.write_ovms_config is not None:
         return write_ovms(args)
     try:

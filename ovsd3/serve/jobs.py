@@ -33,6 +33,10 @@ class Cancelled(Exception):
     pass
 
 
+# Bounds of a pool, checked before anything starts: every worker compiles its own pipeline (SD3 Medium's holds
+# gigabytes), and every queued job holds its request, uploads included (up to 33 MB).
+MAX_WORKERS = 64
+MAX_QUEUE = 1024
 KEEP_FINISHED = 256  # finished jobs kept for GET /v1/jobs/{id}
 KEEP_FINISHED_BYTES = 256 * 2**20  # ... and at most this much of their images and previews
 
@@ -185,10 +189,9 @@ class WorkerPool:
     """``workers`` threads, each with its own pipeline from ``load()``; a queue of at most ``max_queue``."""
 
     def __init__(self, load: Callable[[], object], workers: int, max_queue: int):
-        if workers < 1:
-            raise OvsdError(f"--workers must be at least 1 (got {workers})")
-        if max_queue < 1:
-            raise OvsdError(f"--max-queue must be at least 1 (got {max_queue})")
+        for name, value, most in (("--workers", workers, MAX_WORKERS), ("--max-queue", max_queue, MAX_QUEUE)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise OvsdError(f"{name} must be a whole number from 1 to {most} (got {value!r})")
         self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.jobs: dict[str, Job] = {}
         self.metrics = Metrics()
