@@ -62,11 +62,13 @@ def run(args) -> int:
     except ImportError:
         raise OvsdError("serving needs FastAPI and uvicorn: pip install 'ovsd3[serve]'") from None
     from ovsd3.layout import ModelFolder
+    from ovsd3.runtime.adapters import AdapterEdit, parse_adapters
     from ovsd3.runtime.cache import CacheConfig
     from ovsd3.serve.api import create_app
     from ovsd3.serve.jobs import WorkerPool, load_pipeline
 
-    ModelFolder.open(args.model_dir)
+    model = ModelFolder.open(args.model_dir)
+    AdapterEdit(parse_adapters(args.lora), model.block_count)  # a bad --lora file: refused before binding
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
     try:
