@@ -16,7 +16,16 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve_adapter(adapter: str) -> Path:
-    """A local PEFT adapter folder, or a model hub id downloaded to the local cache."""
+    """A local PEFT adapter folder, or a model hub id downloaded to the local cache; its files checked now
+    (config fields, tensor dtypes, shapes and values), before any component is exported."""
+    from ovsd3.runtime.adapters import read_adapter
+
+    folder = _adapter_folder(adapter)
+    read_adapter(folder, block_count=0)
+    return folder
+
+
+def _adapter_folder(adapter: str) -> Path:
     path = Path(adapter).expanduser()
     if path.exists():
         if not (path / ADAPTER_CONFIG).exists():

@@ -201,7 +201,8 @@ def _read_tensors(path: Path, header: dict, start: int, keys: list[str]) -> dict
             dtype, shape, (begin, end) = header[key]["dtype"], header[key]["shape"], header[key]["data_offsets"]
             file.seek(start + begin)
             raw = np.frombuffer(file.read(end - begin), dtype=_FLOAT_DTYPES[dtype])
-            values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+            with np.errstate(over="ignore"):  # F64 past float32's range: infinity, refused below
+                values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
             if values.size != math.prod(shape):
                 raise InvalidRequest(f"cannot read LoRA {path}: tensor {key} is cut short (the file changed?)")
             if not np.isfinite(values).all():
@@ -272,8 +273,8 @@ def _lora_config(config, where: str) -> dict:
     if not isinstance(peft_type, str):
         raise InvalidRequest(f"LoRA {where}: field peft_type is not a string (got {_shown(peft_type)})")
     if peft_type.upper() != "LORA":
-        raise InvalidRequest(f"LoRA {where}: a {_shown(peft_type)} adapter, not LoRA (DoRA, LoHa, LoKr are not "
-                             "supported)")
+        raise InvalidRequest(f"LoRA {where}: field peft_type is {_shown(peft_type)}; only LoRA adapters are "
+                             "supported (not LoHa, LoKr, ...)")
     for name in ("use_dora", "use_rslora"):
         if config.get(name) is not None and not isinstance(config[name], bool):
             raise InvalidRequest(f"LoRA {where}: field {name} must be true or false (got {_shown(config[name])})")
