@@ -143,7 +143,8 @@ def broken_shapes(draw, shapes, rng) -> tuple[dict, tuple]:
     elif kind == "empty_in":
         A = np.zeros((rank, 0), np.float32)
     elif kind in ("layer", "block"):
-        module = "not_a_layer.proj" if kind == "layer" else f"transformer_blocks.{draw(st.integers(2, 10**6))}.attn.to_q"
+        block = draw(st.integers(2, 10**6))  # the tiny transformer has blocks 0 and 1
+        module = "not_a_layer.proj" if kind == "layer" else f"transformer_blocks.{block}.attn.to_q"
         a_key, b_key = f"transformer.{module}.lora_A.weight", f"transformer.{module}.lora_B.weight"
     tensors = {a_key: A, b_key: B}
     if kind == "one_factor":
@@ -440,9 +441,9 @@ def _one_line(completed: subprocess.CompletedProcess, command: str, *needles: st
 @pytest.mark.parametrize("case", ["nan", "metadata", "qkv", "f8", "layer"])
 def test_run_with_a_bad_lora_exits_2_with_one_line(ov_sd3, shapes, tmp_path, case):
     path, needle = _bad_files(tmp_path, shapes)[case]
-    completed = subprocess.run([sys.executable, "-m", "ovsd3", "run", str(ov_sd3), "--prompt", "a", "--steps", "1",
-                                "--no-cache", "--device", "CPU", "--lora", str(path), "--output", str(tmp_path / "out")],
-                               capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "ovsd3", "run", str(ov_sd3), "--prompt", "a", "--steps", "1", "--no-cache",
+               "--device", "CPU", "--lora", str(path), "--output", str(tmp_path / "out")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     _one_line(completed, "run", str(path), needle)
     assert not (tmp_path / "out").exists()
 
