@@ -6,7 +6,6 @@ branches: the same size and speed as the base model, unlike tracing the adapter 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,11 +13,19 @@ import torch
 from ovsd3.errors import OvsdError, reason_of
 
 ADAPTER_CONFIG = "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
 
 
 def resolve_adapter(adapter: str) -> Path:
-    """A local PEFT adapter folder, or a model hub id downloaded to the local cache."""
+    """A local PEFT adapter folder, or a model hub id downloaded to the local cache; its files checked now
+    (config fields, tensor dtypes, shapes and values), before any component is exported."""
+    from ovsd3.runtime.adapters import read_adapter
+
+    folder = _adapter_folder(adapter)
+    read_adapter(folder, block_count=0)
+    return folder
+
+
+def _adapter_folder(adapter: str) -> Path:
     path = Path(adapter).expanduser()
     if path.exists():
         if not (path / ADAPTER_CONFIG).exists():
@@ -37,59 +44,31 @@ def resolve_adapter(adapter: str) -> Path:
                         f"pass a local PEFT adapter folder instead") from None
 
 
-def _adapter_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise OvsdError(f"LoRA adapter {folder} has no .safetensors weights")
-    shapes = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
-
-
 def check_adapter_fits(transformer: torch.nn.Module, folder: Path) -> int:
-    """Raise a one-line error unless every LoRA tensor matches a module of the transformer.
+    """Raise a one-line error unless the adapter's files are sound (ovsd3.runtime.adapters checks the config's
+    fields, the tensors' dtypes, shapes and values) and every update matches a module of the transformer.
 
     Returns the number of adapted modules. PEFT itself only warns about keys it cannot place, which
     would silently produce a model without the adapter.
     """
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as error:
-        raise OvsdError(f"cannot read {folder / ADAPTER_CONFIG}: {error}") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise OvsdError(f"adapter {folder} is a {config.get('peft_type')} adapter, not LoRA")
+    from ovsd3.runtime.adapters import read_adapter
+
+    factors, _ = read_adapter(folder, block_count=0)  # a PEFT folder: no kohya names to place
     modules = dict(transformer.named_modules())
-    adapted = set()
-    for key, shape in _adapter_tensors(folder).items():
-        if ".lora_A." not in key and ".lora_B." not in key:
-            continue
-        factor = "A" if ".lora_A." in key else "B"
-        module_name = key.split(f".lora_{factor}.")[0].removeprefix(_PEFT_PREFIX)
+    for module_name, updates in factors.items():
         module = modules.get(module_name)
         if module is None:
             raise OvsdError(f"LoRA adapter does not fit the transformer: it adapts {module_name!r}, "
                             f"which the transformer does not have")
-        if isinstance(module, torch.nn.Linear):
-            expected_dim = module.in_features if factor == "A" else module.out_features
-            got_dim = shape[1] if factor == "A" else shape[0]
-        elif isinstance(module, torch.nn.Conv2d):
-            expected_dim = module.in_channels if factor == "A" else module.out_channels
-            got_dim = shape[1] if factor == "A" else shape[0]
-        else:
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             raise OvsdError(f"LoRA adapter does not fit the transformer: {module_name!r} is a "
                             f"{type(module).__name__}, not a Linear or Conv2d layer")
-        if expected_dim != got_dim:
-            raise OvsdError(f"LoRA adapter does not fit the transformer: {module_name}.lora_{factor} has shape "
-                            f"{list(shape)}, the layer needs {expected_dim} there")
-        adapted.add(module_name)
-    if not adapted:
-        raise OvsdError(f"LoRA adapter {folder} holds no LoRA weights")
-    return len(adapted)
+        expected = tuple(module.weight.shape)
+        for update in updates:
+            if update.shape != expected:
+                raise OvsdError(f"LoRA adapter does not fit the transformer: {module_name} is {list(expected)}, "
+                                f"the adapter's B @ A would be {list(update.shape)}")
+    return len(factors)
 
 
 def merge_lora(transformer: torch.nn.Module, folder: Path) -> torch.nn.Module:

@@ -41,11 +41,20 @@ def _weight_constant(op, path: str):
                           "transformer (apply them before quantizing, or load the FP16 folder)")
 
 
-def add_deltas(model, deltas: dict[str, np.ndarray]) -> None:
-    """``model`` with ``deltas`` (module path -> float32 array shaped as the weight) added, in place."""
-    import openvino as ov
+def layer_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Module path -> its weight's shape as PyTorch holds it: [out, in], or [out, in, kh, kw]."""
+    shapes = {}
+    for path, op in linear_layers(model).items():
+        shape = tuple(op.get_input_partial_shape(1).to_shape())
+        shapes[path] = shape[::-1] if op.get_type_name() == "MatMul" and not op.get_transpose_b() else shape
+    return shapes
 
+
+def _updated_weights(model, deltas: dict[str, np.ndarray]) -> list[tuple]:
+    """(weight Constant, the input it feeds, the new weight in the constant's type) for every delta, every one
+    checked before the model changes."""
     layers = linear_layers(model)
+    updates = []
     for path, delta in deltas.items():
         op = layers.get(path)
         if op is None:
@@ -57,7 +66,22 @@ def add_deltas(model, deltas: dict[str, np.ndarray]) -> None:
         if tuple(weight.shape) != tuple(delta.shape):
             raise AdapterMismatch(f"the adapter's layer {path} is {tuple(delta.shape)}, the transformer's "
                                   f"{tuple(weight.shape)}")
-        updated = ov.op.Constant((weight.astype(np.float32) + delta).astype(weight.dtype))
+        with np.errstate(over="ignore", invalid="ignore"):
+            updated = (weight.astype(np.float32) + delta).astype(weight.dtype)
+        if not np.isfinite(updated).all():  # NaN or infinity in a weight: black images
+            raise AdapterMismatch(f"layer {path} would hold values beyond {weight.dtype} (the adapters' update is too "
+                                  "large: lower their weights)")
+        updates.append((constant, consumer, updated))
+    return updates
+
+
+def add_deltas(model, deltas: dict[str, np.ndarray]) -> None:
+    """``model`` with ``deltas`` (module path -> float32 array shaped as the weight) added, in place; a refusal
+    leaves it unchanged."""
+    import openvino as ov
+
+    for constant, consumer, weight in _updated_weights(model, deltas):
+        updated = ov.op.Constant(weight)
         updated.set_friendly_name(constant.get_friendly_name())
         consumer.replace_source_output(updated.output(0))
     model.validate_nodes_and_infer_types()

@@ -12,12 +12,18 @@ Formats, and the scale each carries (what diffusers + PEFT apply):
 
 Several adapters add up: delta W = sum of weight_i * scale_i * B_i @ A_i, exactly what ``set_adapters`` does.
 Text-encoder tensors are counted and left out (ovsd3 applies transformer LoRAs; openvino.genai does the same for SD3).
+
+Every file is checked when it is opened, before any weight is multiplied: the safetensors header (dtypes ovsd3
+reads: F16, BF16, F32, F64), finite values, factor shapes and ranks, the PEFT config or diffusers metadata
+(types, finite alphas, patterns that compile), and, against the transformer's IR, the layer each update
+lands on. A refusal is an ``InvalidRequest`` naming the file and the tensor or field.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +31,15 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ovsd3.errors import OvsdError
+from ovsd3.errors import InvalidRequest, reason_of
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MAX_ADAPTERS = 16  # applied at once; each is read, checked and multiplied out when the transformer compiles
+MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few hundred bytes
 _UNSUPPORTED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", "lora_mid", ".diff", "lora_B.bias")
 _TEXT_PREFIXES = ("text_encoder", "lora_te")
+# safetensors dtypes read as float32 (little-endian; BF16 widened bit for bit); F8, integers and booleans are not
+_FLOAT_DTYPES = MappingProxyType({"F16": "<f2", "BF16": "<u2", "F32": "<f4", "F64": "<f8"})
 _KOHYA_BLOCK = re.compile(r"^joint_blocks_(\d+)_(x_block|context_block)_(attn2?_qkv|attn2?_proj|mlp_fc1|mlp_fc2|"
                           r"adaLN_modulation_1)$")
 _KOHYA_OTHER = MappingProxyType({
@@ -47,6 +57,26 @@ _CONTEXT_BLOCK = MappingProxyType({"attn_proj": "attn.to_add_out", "mlp_fc1": "f
                                    "mlp_fc2": "ff_context.net.2", "adaLN_modulation_1": "norm1_context.linear"})
 
 
+def _shown(value) -> str:
+    """A value as an error quotes it: its repr, cut short (a field can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _number(value, what: str, *, text: bool = False) -> float:
+    """``value`` as a finite float (a numeric string too where ``text``), or a one-line refusal naming ``what``."""
+    kinds = (int, float, np.integer, np.floating) + ((str,) if text else ())
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise InvalidRequest(f"{what} is not a number (got {_shown(value)})")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(f"{what} is not a number (got {_shown(value)})") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{what} must be a finite number (got {_shown(value)})")
+    return number
+
+
 @dataclass(frozen=True)
 class LoraAdapter:
     """An adapter file or PEFT folder and the weight it is applied with (diffusers' ``adapter_weights``)."""
@@ -56,20 +86,69 @@ class LoraAdapter:
 
     @classmethod
     def parse(cls, spec: "str | Path | tuple | LoraAdapter") -> "LoraAdapter":
-        """``PATH``, ``PATH:WEIGHT`` or ``(path, weight)``."""
-        if isinstance(spec, LoraAdapter):
-            return spec
-        if isinstance(spec, tuple):
-            path, weight = spec
-        else:
-            path, _, weight = str(spec).rpartition(":") if ":" in str(spec) else (str(spec), "", 1.0)
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise OvsdError(f"LoRA weight {weight!r} of {path} is not a number (give PATH or PATH:WEIGHT)") from None
-        if not math.isfinite(weight):
-            raise OvsdError(f"LoRA weight of {path} must be a finite number (got {weight})")
-        return cls(Path(path), weight)
+        """``PATH``, ``"PATH:WEIGHT"`` or ``(path, weight)``."""
+        path, weight = _spec(spec, "a LoRA adapter")
+        return cls(path, 1.0 if weight is None else weight)
+
+
+def _spec(spec, what: str) -> tuple[Path, float | None]:
+    """(path, the weight ``spec`` gives or None) of one adapter: a path, ``"PATH:WEIGHT"``, ``(path, weight)``."""
+    if isinstance(spec, LoraAdapter):
+        path, weight = spec.path, spec.weight
+    elif isinstance(spec, tuple) and len(spec) == 2:
+        path, weight = spec
+    elif isinstance(spec, str):
+        path, _, weight = spec.rpartition(":") if ":" in spec else (spec, "", None)
+    elif isinstance(spec, os.PathLike):
+        path, weight = spec, None
+    else:
+        raise InvalidRequest(f"{what} must be a path, 'PATH:WEIGHT' or (path, weight), not {_shown(spec)}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidRequest(f"{what} must be a path, 'PATH:WEIGHT' or (path, weight), not {_shown(spec)}")
+    return Path(path), None if weight is None else _number(weight, f"LoRA weight of {path}", text=True)
+
+
+def parse_adapters(adapter_names, adapter_weights=None, argument: str = "adapter_names") -> tuple[LoraAdapter, ...]:
+    """diffusers' ``set_adapters(adapter_names, adapter_weights)`` as adapters. ``adapter_names``: one adapter or
+    a list of them (paths: the files are ovsd3's adapter names); ``adapter_weights``: None (1, or the weight a
+    spec carries), one number for all, or a list with one number (or None) per adapter. ``argument``: the
+    caller's name for ``adapter_names``, for errors."""
+    if adapter_names is None:
+        specs = []
+    elif isinstance(adapter_names, (str, os.PathLike, LoraAdapter)):
+        specs = [adapter_names]
+    elif isinstance(adapter_names, (list, tuple)):
+        specs = list(adapter_names)
+    else:
+        raise InvalidRequest(f"{argument} must be a LoRA path or a list of them, not {_shown(adapter_names)}")
+    if len(specs) > MAX_ADAPTERS:
+        raise InvalidRequest(f"{argument} lists {len(specs)} adapters; at most {MAX_ADAPTERS} apply at once")
+    weights = _weights(adapter_weights, len(specs))
+    adapters = []
+    for index, (spec, weight) in enumerate(zip(specs, weights)):
+        path, own = _spec(spec, f"{argument}[{index}]")
+        if own is not None and weight is not None:
+            raise InvalidRequest(f"{argument}[{index}] gives {path} a weight and adapter_weights another: give "
+                                 "it once")
+        adapters.append(LoraAdapter(path, next((value for value in (own, weight) if value is not None), 1.0)))
+    return tuple(adapters)
+
+
+def _weights(adapter_weights, count: int) -> list[float | None]:
+    if adapter_weights is None:
+        return [None] * count
+    if isinstance(adapter_weights, (list, tuple)):
+        if len(adapter_weights) != count:
+            raise InvalidRequest(f"adapter_weights has {len(adapter_weights)} weight(s) for {count} adapter(s)")
+        if any(isinstance(weight, dict) for weight in adapter_weights):
+            raise InvalidRequest("adapter_weights: per-block weights (dicts) are not supported; give one number per "
+                                 "adapter")
+        return [None if weight is None else _number(weight, f"adapter_weights[{index}]")
+                for index, weight in enumerate(adapter_weights)]
+    if isinstance(adapter_weights, dict):
+        raise InvalidRequest("adapter_weights: per-component weights (dicts) are not supported; give one number per "
+                             "adapter")
+    return [_number(adapter_weights, "adapter_weights")] * count
 
 
 @dataclass
@@ -80,60 +159,179 @@ class Factors:
     B: np.ndarray
     scale: float
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of B @ A: the layer's weight shape it must match."""
+        return (self.B.shape[0], *self.A.shape[1:])
+
     def product(self) -> np.ndarray:
         """B @ A shaped as the layer's weight: [out, in], or [out, in, kh, kw] for a convolution (the patch
         embedding), whose B is a 1x1 convolution."""
         if self.A.ndim == 2:
             return self.B @ self.A
         rank = self.A.shape[0]
-        return (self.B.reshape(self.B.shape[0], rank) @ self.A.reshape(rank, -1)).reshape(
-            self.B.shape[0], *self.A.shape[1:])
+        return (self.B.reshape(self.B.shape[0], rank) @ self.A.reshape(rank, -1)).reshape(self.shape)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+def _header(path: Path) -> tuple[dict, int]:
+    """The safetensors header (name -> dtype, shape, data_offsets; ``__metadata__``) and where the data starts,
+    once safetensors itself has checked it (JSON, offsets tiling the data, the file's length, text metadata)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError, TypeError) as error:
-        raise OvsdError(f"cannot read LoRA {path}: {error}") from None
+        with safe_open(str(path), framework="numpy"):
+            pass
+        with open(path, "rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            return json.loads(file.read(length)), 8 + length
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidRequest(f"cannot read LoRA {path}: {reason_of(error)}") from None
+
+
+def _read_tensors(path: Path, header: dict, start: int, keys: list[str]) -> dict[str, np.ndarray]:
+    """``keys`` as float32 arrays; every dtype is checked before any is read, and NaN or infinity (which draw
+    black images) refused."""
+    odd = next((key for key in keys if header[key]["dtype"] not in _FLOAT_DTYPES), None)
+    if odd is not None:
+        raise InvalidRequest(f"LoRA {path}: tensor {odd} is {header[odd]['dtype']}; ovsd3 reads LoRA weights stored "
+                             f"as {', '.join(_FLOAT_DTYPES)}")
+    tensors = {}
+    with open(path, "rb") as file:
+        for key in keys:
+            dtype, shape, (begin, end) = header[key]["dtype"], header[key]["shape"], header[key]["data_offsets"]
+            file.seek(start + begin)
+            raw = np.frombuffer(file.read(end - begin), dtype=_FLOAT_DTYPES[dtype])
+            with np.errstate(over="ignore"):  # F64 past float32's range: infinity, refused below
+                values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+            if values.size != math.prod(shape):
+                raise InvalidRequest(f"cannot read LoRA {path}: tensor {key} is cut short (the file changed?)")
+            if not np.isfinite(values).all():
+                raise InvalidRequest(f"LoRA {path}: tensor {key} holds NaN or infinite values (as float32)")
+            tensors[key] = values.reshape(shape)
+    return tensors
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict, int]:
+    """(the transformer's tensors as float32, the header's metadata, the text-encoder tensors left unread)."""
+    header, start = _header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    text = [key for key in header if key.startswith(_TEXT_PREFIXES)]
+    keys = [key for key in header if not key.startswith(_TEXT_PREFIXES)]
+    _check_supported(keys, path)
+    return _read_tensors(path, header, start, keys), metadata, len(text)
 
 
 def _check_supported(keys, path: Path) -> None:
     odd = next((key for key in keys if any(mark in key for mark in _UNSUPPORTED)), None)
     if odd is not None:
-        raise OvsdError(f"{path} is not a plain LoRA (it has {odd}: DoRA, LoHa, LoKr, LoRA biases and full diffs "
-                        "are not supported)")
+        raise InvalidRequest(f"{path} is not a plain LoRA (it has {odd}: DoRA, LoHa, LoKr, LoRA biases and full "
+                             "diffs are not supported)")
 
 
-def _pairs(tensors: dict[str, np.ndarray], prefix: str, a_name: str, b_name: str, path: Path) -> dict[str, tuple]:
-    """module -> (A, B) for keys ``prefix<module>.<a_name>.weight`` / ``.<b_name>.weight``."""
+def _pairs(tensors: dict[str, np.ndarray], prefix: str, names: tuple[str, str], path: Path,
+           extra: tuple[str, ...] = ()) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module -> (A, B) for keys ``prefix<module>.<names[0]>.weight`` / ``.<names[1]>.weight``, their shapes
+    checked. Any other key (but ``prefix...<extra>``) is refused, not left out: an adapter applied in part draws
+    another picture."""
     pairs: dict[str, list] = {}
     for key, value in tensors.items():
-        for slot, name in ((0, a_name), (1, b_name)):
-            suffix = f".{name}.weight"
-            if key.startswith(prefix) and key.endswith(suffix):
-                pairs.setdefault(key[len(prefix):-len(suffix)], [None, None])[slot] = value.astype(np.float32)
+        slot = next((slot for slot, name in enumerate(names)
+                     if key.startswith(prefix) and key.endswith(f".{name}.weight")), None)
+        if slot is None:
+            if extra and key.startswith(prefix) and key.endswith(extra):
+                continue
+            raise InvalidRequest(f"LoRA {path}: tensor {key} is not a LoRA factor ovsd3 knows "
+                                 f"({prefix}<layer>.{names[0]}.weight or .{names[1]}.weight)")
+        module = key[len(prefix):-len(f".{names[slot]}.weight")]
+        pairs.setdefault(module, [None, None])[slot] = (key, value)
     incomplete = next((module for module, pair in pairs.items() if any(part is None for part in pair)), None)
     if incomplete is not None:
-        raise OvsdError(f"{path}: layer {incomplete} has only one of its two LoRA factors")
-    return {module: tuple(pair) for module, pair in pairs.items()}
+        raise InvalidRequest(f"LoRA {path}: layer {incomplete} has only one of its two LoRA factors")
+    for a, b in pairs.values():
+        _check_factors(a, b, path)
+    return {module: (a[1], b[1]) for module, (a, b) in pairs.items()}
 
 
-def _peft_scale(config: dict, module: str, rank: int) -> float:
-    """PEFT's scaling for ``module``: its alpha (``alpha_pattern`` first, matched as PEFT matches it) / r."""
-    alpha = config.get("lora_alpha", rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+def _check_factors(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray], path: Path) -> None:
+    """A is [rank, in] (or [rank, in, kh, kw]) and B [out, rank] (or [out, rank, 1, 1]), nothing empty."""
+    (a_key, A), (b_key, B) = a, b
+    if A.ndim not in (2, 4) or 0 in A.shape:
+        raise InvalidRequest(f"LoRA {path}: tensor {a_key} has shape {list(A.shape)}; a LoRA down factor is "
+                             "[rank, in] (or [rank, in, kh, kw]), rank and sizes at least 1")
+    rank = A.shape[0]
+    needed = (rank, 1, 1) if A.ndim == 4 else (rank,)
+    if B.ndim != A.ndim or tuple(B.shape[1:]) != needed or B.shape[0] == 0:
+        raise InvalidRequest(f"LoRA {path}: tensor {b_key} has shape {list(B.shape)}; with {a_key} of rank {rank} it "
+                             f"must be [out, {', '.join(map(str, needed))}]")
 
 
-def _peft_factors(pairs: dict[str, tuple], config: dict | None) -> dict[str, list[Factors]]:
-    return {module: [Factors(A, B, 1.0 if config is None else _peft_scale(config, module, A.shape[0]))]
-            for module, (A, B) in pairs.items()}
+def _lora_config(config, where: str) -> dict:
+    """The PEFT LoraConfig fields ovsd3 uses, checked (``where`` names the file, or the header key, they are in)."""
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"LoRA {where} is not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str):
+        raise InvalidRequest(f"LoRA {where}: field peft_type is not a string (got {_shown(peft_type)})")
+    if peft_type.upper() != "LORA":
+        raise InvalidRequest(f"LoRA {where}: field peft_type is {_shown(peft_type)}; only LoRA adapters are "
+                             "supported (not LoHa, LoKr, ...)")
+    for name in ("use_dora", "use_rslora"):
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            raise InvalidRequest(f"LoRA {where}: field {name} must be true or false (got {_shown(config[name])})")
+    if config.get("use_dora"):
+        raise InvalidRequest(f"LoRA {where}: a DoRA adapter (use_dora); only plain LoRA is supported")
+    if config.get("r") is not None:
+        _rank(config["r"], f"LoRA {where}: field r")
+    if config.get("lora_alpha") is not None:
+        _number(config["lora_alpha"], f"LoRA {where}: field lora_alpha")
+    for name, check in (("alpha_pattern", _number), ("rank_pattern", _rank)):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise InvalidRequest(f"LoRA {where}: field {name} is not an object of pattern: value")
+        for pattern, value in patterns.items():
+            _pattern(pattern, f"LoRA {where}: {name} key {_shown(pattern)}")
+            check(value, f"LoRA {where}: {name}[{_shown(pattern)}]")
+    return config
+
+
+def _rank(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"{what} must be a whole number of at least 1 (got {_shown(value)})")
+    return value
+
+
+def _pattern(pattern: str, what: str) -> re.Pattern:
+    """PEFT's match of a pattern key against a module name (``peft.utils.other.get_pattern_key``)."""
+    try:
+        return re.compile(rf"(.*\.)?({pattern})$")
+    except (re.error, RecursionError, OverflowError) as error:
+        raise InvalidRequest(f"{what} is not a regular expression ({reason_of(error)})") from None
+
+
+def _matched(patterns: dict | None, module: str):
+    for pattern, value in (patterns or {}).items():
+        if _pattern(pattern, "pattern").match(module):
+            return value
+    return None
+
+
+def _peft_factors(pairs: dict[str, tuple], config: dict | None, where: str) -> dict[str, list[Factors]]:
+    """PEFT's scaling for each module: its alpha (``alpha_pattern`` first) / r (/ sqrt(r) with rsLoRA), the
+    rank the config gives checked against the tensors' (PEFT would not load them otherwise)."""
+    factors = {}
+    for module, (A, B) in pairs.items():
+        rank, scale = A.shape[0], 1.0
+        if config is not None:
+            stated = _matched(config.get("rank_pattern"), module) or config.get("r")
+            if stated is not None and stated != rank:
+                raise InvalidRequest(f"LoRA {where}: layer {module} has rank {rank}, the config says r={stated}")
+            alpha = _matched(config.get("alpha_pattern"), module)
+            alpha = config.get("lora_alpha") if alpha is None else alpha
+            scale = float(rank if alpha is None else alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        factors[module] = [Factors(A, B, scale)]
+    return factors
 
 
 def _swap_halves(B: np.ndarray) -> np.ndarray:
@@ -142,24 +340,36 @@ def _swap_halves(B: np.ndarray) -> np.ndarray:
     return np.concatenate([B[half:], B[:half]])
 
 
-def _kohya_targets(name: str, B: np.ndarray, block_count: int) -> list[tuple[str, np.ndarray]]:
+def _rows_split(B: np.ndarray, parts: int, name: str, path: Path) -> None:
+    if B.shape[0] % parts:
+        raise InvalidRequest(f"LoRA {path}: tensor lora_unet_{name}.lora_up.weight has {B.shape[0]} rows, which do "
+                             f"not split into {parts} equal parts as this layer's do")
+
+
+def _kohya_targets(name: str, B: np.ndarray, block_count: int, path: Path) -> list[tuple[str, np.ndarray]]:
     """(diffusers module, the B rows it takes) for one MMDiT module name (underscored, without ``lora_unet_``)."""
     if name in _KOHYA_OTHER:
-        return [(_KOHYA_OTHER[name], _swap_halves(B) if name == "final_layer_adaLN_modulation_1" else B)]
+        if name == "final_layer_adaLN_modulation_1":
+            _rows_split(B, 2, name, path)
+            B = _swap_halves(B)
+        return [(_KOHYA_OTHER[name], B)]
     match = _KOHYA_BLOCK.match(name)
     if match is None:
-        raise OvsdError(f"LoRA layer lora_unet_{name} is not one ovsd3 can place on the SD3 transformer")
+        raise InvalidRequest(f"LoRA {path}: layer lora_unet_{name} is not one ovsd3 can place on the SD3 transformer")
     index, kind, part = int(match.group(1)), match.group(2), match.group(3)
     block = f"transformer_blocks.{index}"
     if part.endswith("qkv"):
+        _rows_split(B, 3, name, path)
         names = ("to_q", "to_k", "to_v") if kind == "x_block" else ("add_q_proj", "add_k_proj", "add_v_proj")
         attention = "attn2" if part.startswith("attn2") else "attn"
         return [(f"{block}.{attention}.{target}", rows) for target, rows in zip(names, np.split(B, 3))]
     table = _X_BLOCK if kind == "x_block" else _CONTEXT_BLOCK
     if part not in table:
-        raise OvsdError(f"LoRA layer lora_unet_{name} has no counterpart in diffusers' SD3 transformer")
-    last_context_norm = kind == "context_block" and part == "adaLN_modulation_1" and index == block_count - 1
-    return [(f"{block}.{table[part]}", _swap_halves(B) if last_context_norm else B)]
+        raise InvalidRequest(f"LoRA {path}: layer lora_unet_{name} has no counterpart in diffusers' SD3 transformer")
+    if kind == "context_block" and part == "adaLN_modulation_1" and index == block_count - 1:
+        _rows_split(B, 2, name, path)
+        B = _swap_halves(B)
+    return [(f"{block}.{table[part]}", B)]
 
 
 def _kohya_key(key: str) -> str:
@@ -174,56 +384,145 @@ def _kohya_key(key: str) -> str:
     return key
 
 
+def _kohya_scale(alpha: np.ndarray | None, name: str, rank: int, path: Path) -> float:
+    """alpha / rank; kohya and ComfyUI read no alpha (or 0) as scale 1."""
+    if alpha is None:
+        return 1.0
+    if alpha.size != 1:
+        raise InvalidRequest(f"LoRA {path}: tensor lora_unet_{name}.alpha has shape {list(alpha.shape)}; an alpha "
+                             "is one number")
+    value = float(alpha.reshape(-1)[0])
+    return value / rank if value else 1.0
+
+
 def _kohya_factors(tensors: dict[str, np.ndarray], path: Path, block_count: int) -> dict[str, list[Factors]]:
     normalised = {_kohya_key(key): value for key, value in tensors.items()}
+    if len(normalised) != len(tensors):
+        raise InvalidRequest(f"LoRA {path} names a layer twice (as diffusion_model.* and as lora_unet_*)")
+    pairs = _pairs(normalised, "lora_unet_", ("lora_down", "lora_up"), path, extra=(".alpha",))
+    orphan = next((key for key in normalised if key.endswith(".alpha")
+                   and key[len("lora_unet_"):-len(".alpha")] not in pairs), None)
+    if orphan is not None:
+        raise InvalidRequest(f"LoRA {path}: tensor {orphan} is an alpha without its lora_down and lora_up factors")
     factors: dict[str, list[Factors]] = {}
-    for name, (A, B) in _pairs(normalised, "lora_unet_", "lora_down", "lora_up", path).items():
-        alpha = normalised.get(f"lora_unet_{name}.alpha")
-        alpha = float(np.asarray(alpha).reshape(-1)[0]) if alpha is not None else 0.0
-        scale = alpha / A.shape[0] if alpha else 1.0  # kohya and ComfyUI: no alpha (or 0) means 1
-        for module, rows in _kohya_targets(name, B, block_count):
+    for name, (A, B) in pairs.items():
+        scale = _kohya_scale(normalised.get(f"lora_unet_{name}.alpha"), name, A.shape[0], path)
+        for module, rows in _kohya_targets(name, B, block_count, path):
             factors.setdefault(module, []).append(Factors(A, rows, scale))
     return factors
 
 
+def _json_file(file: Path):
+    """A small JSON file's content (the size checked before reading)."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InvalidRequest(f"LoRA {file} is {size} bytes; a PEFT config is a few hundred (at most "
+                                 f"{MAX_CONFIG_BYTES})")
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise InvalidRequest(f"LoRA {file} is not JSON ({reason_of(error)})") from None
+
+
+def _saved_config(metadata: dict, path: Path) -> dict | None:
+    """The LoraConfig diffusers saved in the header (``lora_adapter_metadata``), its ``transformer.`` fields."""
+    text = metadata.get("lora_adapter_metadata")
+    if not text:
+        return None
+    where = f"{path} lora_adapter_metadata"
+    try:
+        saved = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise InvalidRequest(f"LoRA {where} is not JSON ({reason_of(error)})") from None
+    if not isinstance(saved, dict):
+        raise InvalidRequest(f"LoRA {where} is not a JSON object")
+    return _lora_config({key.removeprefix("transformer."): value for key, value in saved.items()
+                         if key.startswith("transformer.")}, where)
+
+
+def _peft_folder(path: Path) -> dict[str, list[Factors]]:
+    if not (path / PEFT_CONFIG).is_file() or not (path / PEFT_WEIGHTS).is_file():
+        raise InvalidRequest(f"LoRA folder {path} has no {PEFT_CONFIG} and {PEFT_WEIGHTS} (a PEFT adapter folder)")
+    config = _lora_config(_json_file(path / PEFT_CONFIG), str(path / PEFT_CONFIG))
+    tensors, _, _ = _read_safetensors(path / PEFT_WEIGHTS)
+    pairs = _pairs(tensors, "base_model.model.", ("lora_A", "lora_B"), path / PEFT_WEIGHTS)
+    return _peft_factors(pairs, config, str(path / PEFT_CONFIG))
+
+
 def read_adapter(path: Path, block_count: int) -> tuple[dict[str, list[Factors]], int]:
-    """(module -> its updates, the number of text-encoder tensors left out) for a PEFT folder or a LoRA file."""
+    """(module -> its updates, the number of text-encoder tensors left out) for a PEFT folder or a LoRA file,
+    every tensor and field checked."""
     path = Path(path).expanduser()
     if path.is_dir():
-        if not (path / PEFT_CONFIG).is_file() or not (path / PEFT_WEIGHTS).is_file():
-            raise OvsdError(f"LoRA folder {path} has no {PEFT_CONFIG} and {PEFT_WEIGHTS} (a PEFT adapter folder)")
-        config = json.loads((path / PEFT_CONFIG).read_text())
-        if config.get("use_dora"):
-            raise OvsdError(f"{path} is a DoRA adapter: only plain LoRA is supported")
-        tensors, _ = _read_safetensors(path / PEFT_WEIGHTS)
-        _check_supported(tensors, path)
-        return _peft_factors(_pairs(tensors, "base_model.model.", "lora_A", "lora_B", path), config), 0
-    if not path.is_file():
-        raise OvsdError(f"LoRA {path}: no such file or folder")
-    tensors, metadata = _read_safetensors(path)
-    _check_supported(tensors, path)
-    text = [key for key in tensors if key.startswith(_TEXT_PREFIXES)]
-    tensors = {key: value for key, value in tensors.items() if not key.startswith(_TEXT_PREFIXES)}
-    if any(key.startswith(("lora_unet_", "diffusion_model.")) for key in tensors):
-        return _kohya_factors(tensors, path, block_count), len(text)
-    if any(key.startswith("transformer.") for key in tensors):
-        saved = json.loads(metadata["lora_adapter_metadata"]) if metadata.get("lora_adapter_metadata") else None
-        config = None if saved is None else {key.removeprefix("transformer."): value for key, value in saved.items()
-                                             if key.startswith("transformer.")}
-        return _peft_factors(_pairs(tensors, "transformer.", "lora_A", "lora_B", path), config), len(text)
-    raise OvsdError(f"{path} holds no SD3 transformer LoRA (neither diffusers' `transformer.` keys nor kohya's "
-                    "`lora_unet_` ones)")
+        factors, text = _peft_folder(path), 0
+    elif not path.is_file():
+        raise InvalidRequest(f"LoRA {path}: no such file or folder")
+    else:
+        tensors, metadata, text = _read_safetensors(path)
+        if any(key.startswith(("lora_unet_", "diffusion_model.")) for key in tensors):
+            factors = _kohya_factors(tensors, path, block_count)
+        elif any(key.startswith("transformer.") for key in tensors):
+            pairs = _pairs(tensors, "transformer.", ("lora_A", "lora_B"), path)
+            factors = _peft_factors(pairs, _saved_config(metadata, path), f"{path} lora_adapter_metadata")
+        else:
+            raise InvalidRequest(f"{path} holds no SD3 transformer LoRA (neither diffusers' `transformer.` keys nor "
+                                 "kohya's `lora_unet_` ones)")
+    if not factors:
+        raise InvalidRequest(f"LoRA {path} holds no LoRA weights for the transformer")
+    return factors, text
 
 
-def adapter_deltas(adapters: list[LoraAdapter], block_count: int) -> tuple[dict[str, np.ndarray], int]:
-    """module -> the summed float32 weight delta of every adapter; and the text-encoder tensors left out."""
-    deltas: dict[str, np.ndarray] = {}
-    ignored = 0
-    for adapter in adapters:
-        factors, text = read_adapter(adapter.path, block_count)
-        ignored += text
+def _check_fits(update: Factors, module: str, shapes: dict[str, tuple], adapter: LoraAdapter) -> None:
+    expected = shapes.get(module)
+    if expected is None:
+        raise InvalidRequest(f"LoRA {adapter.path}: it changes layer {module}, which this transformer does not have")
+    if update.shape != tuple(expected):
+        raise InvalidRequest(f"LoRA {adapter.path}: layer {module} is {list(expected)}, the adapter's B @ A would "
+                             f"be {list(update.shape)}")
+    if not math.isfinite(adapter.weight * update.scale) or abs(adapter.weight * update.scale) > 3e38:
+        raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s weight x alpha / rank "
+                             f"({adapter.weight} x {update.scale}) is beyond float32")
+
+
+def adapter_deltas(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
+                   shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """module -> the summed float32 delta of every adapter (weight x scale x B @ A), each update checked against
+    its layer's weight shape (``shapes``: module -> [out, in(, kh, kw)]) before any is multiplied out."""
+    for adapter, factors in read:
         for module, updates in factors.items():
             for update in updates:
-                delta = np.float32(adapter.weight * update.scale) * update.product()
-                deltas[module] = deltas[module] + delta if module in deltas else delta
-    return deltas, ignored
+                _check_fits(update, module, shapes, adapter)
+    deltas: dict[str, np.ndarray] = {}
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused where the weights are updated
+        for adapter, factors in read:
+            for module, updates in factors.items():
+                for update in updates:
+                    delta = np.float32(adapter.weight * update.scale) * update.product()
+                    deltas[module] = deltas[module] + delta if module in deltas else delta
+    return deltas
+
+
+class AdapterEdit:
+    """LoRA adapters as a change to the transformer's IR (a ``ModelCompiler.edit``): the files are read and
+    checked when it is made; the deltas are multiplied out at the first IR it sees, once each layer's shape is
+    known, and kept for later compiles."""
+
+    def __init__(self, adapters: tuple[LoraAdapter, ...], block_count: int):
+        self.adapters = adapters
+        self._read = []
+        self.ignored_text_tensors = 0
+        for adapter in adapters:
+            factors, text = read_adapter(adapter.path, block_count)
+            self._read.append((adapter, factors))
+            self.ignored_text_tensors += text
+        self._deltas: dict[str, np.ndarray] | None = None
+
+    def __call__(self, model) -> None:
+        from ovsd3.ir.lora import AdapterMismatch, add_deltas, layer_shapes
+
+        if self._deltas is None:
+            self._deltas = adapter_deltas(self._read, layer_shapes(model))
+        try:
+            add_deltas(model, self._deltas)
+        except AdapterMismatch as error:
+            raise InvalidRequest(f"LoRA {', '.join(str(adapter.path) for adapter in self.adapters)}: {error}") from None

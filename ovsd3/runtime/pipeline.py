@@ -172,27 +172,25 @@ class SD3Pipeline:
                 component.release()
         release_freed()
 
-    def _use_adapters(self, adapters) -> None:
-        """LoRA adapters on the transformer's weights, applied whenever its IR is compiled (see set_adapters)."""
-        from ovsd3.ir.lora import AdapterMismatch, add_deltas
-        from ovsd3.runtime.adapters import adapter_deltas
+    def _use_adapters(self, adapters, adapter_weights=None, argument: str = "adapters") -> None:
+        """LoRA adapters on the transformer's weights, applied whenever its IR is compiled (see set_adapters).
+        Every file, and its fit to the IR, is checked here, before the adapters replace the current ones, and
+        not at a later (offloaded) compile."""
+        from ovsd3.runtime.adapters import AdapterEdit, parse_adapters
 
-        chosen = tuple(LoraAdapter.parse(spec) for spec in adapters or ())
-        deltas, self.ignored_text_tensors = adapter_deltas(list(chosen), self.block_count) if chosen else ({}, 0)
+        chosen = parse_adapters(adapters, adapter_weights, argument)
+        edit = AdapterEdit(chosen, self.block_count) if chosen else None
+        if edit is not None:
+            edit(self._compiler.read(layout.TRANSFORMER))
+        self._compiler.edit(layout.TRANSFORMER, edit)
+        self.adapters, self.ignored_text_tensors = chosen, 0 if edit is None else edit.ignored_text_tensors
 
-        def apply(model) -> None:
-            try:
-                add_deltas(model, deltas)
-            except AdapterMismatch as error:
-                raise OvsdError(f"LoRA {', '.join(str(adapter.path) for adapter in chosen)}: {error}") from None
-
-        self._compiler.edit(layout.TRANSFORMER, apply if chosen else None)
-        self.adapters = chosen
-
-    def set_adapters(self, adapters) -> None:
-        """Replace the LoRA adapters (``[(path, weight), ...]`` or ``["path:weight", ...]``; ``[]`` for none):
-        the transformer is recompiled from the IR read at the first adapter, not read from the folder again."""
-        self._use_adapters(adapters)
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """diffusers' ``set_adapters``: replace the LoRA adapters. ``adapter_names``: a path or a list of them
+        (``"path:weight"`` and ``(path, weight)`` too; ``[]`` for none); ``adapter_weights``: one number, or one
+        per adapter (default 1). The transformer is recompiled from the IR read at the first adapter, not read
+        from the folder again."""
+        self._use_adapters(adapter_names, adapter_weights, "adapter_names")
         self.transformer = self._new_transformer()
 
     def _new_transformer(self) -> Transformer:

@@ -71,13 +71,16 @@ def run(args) -> int:
     except ImportError:
         raise OvsdError("serving needs FastAPI and uvicorn: pip install 'ovsd3[serve]'") from None
     from ovsd3.layout import ModelFolder
+    from ovsd3.runtime.adapters import AdapterEdit, parse_adapters
     from ovsd3.runtime.cache import CacheConfig
     from ovsd3.serve.api import create_app
     from ovsd3.serve.bodies import Limits
     from ovsd3.serve.jobs import WorkerPool, load_pipeline
 
     limits = Limits()
-    ModelFolder.open(args.model_dir).check_defaults_within(limits.max_steps, limits.max_guidance, "ovsd3 serve")
+    model = ModelFolder.open(args.model_dir)
+    model.check_defaults_within(limits.max_steps, limits.max_guidance, "ovsd3 serve")
+    AdapterEdit(parse_adapters(args.lora), model.block_count)  # a bad --lora file: refused before binding
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
     try:
