@@ -91,14 +91,19 @@ def integer(value, name: str) -> int:
         raise InvalidRequest(f"{name} must be an integer (got {shown(value)})") from None
 
 
-def real(value, name: str) -> float:
-    """A number keyword: any real number but a bool, finite (NaN and inf draw black or noisy images)."""
+def _as_float(value, name: str) -> float:
+    """Any real number but a bool (True is not a guidance of 1), as a float; NaN and inf stay for the caller."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise InvalidRequest(f"{name} must be a number (got {shown(value)})")
     try:
-        number = float(value)
+        return float(value)
     except OverflowError:  # an int beyond a float's range
-        number = math.inf
+        return math.inf
+
+
+def real(value, name: str) -> float:
+    """A number keyword, finite (NaN and inf draw black or noisy images)."""
+    number = _as_float(value, name)
     if not math.isfinite(number):
         raise InvalidRequest(f"{name} must be a finite number (got {value})")
     return number
@@ -175,9 +180,9 @@ def checked_integer(value, name: str) -> int:
 
 def checked_number(value, name: str) -> float:
     """``value`` as the number keyword ``name`` takes it, finite and in NUMBER_RANGES' bounds."""
-    number = real(value, name)
+    number = _as_float(value, name)
     low, high = NUMBER_RANGES[name]
-    if not low <= number <= high:
+    if not low <= number <= high:  # NaN too
         raise InvalidRequest(_number_error(name, number, low, high))
     return number
 
