@@ -466,3 +466,17 @@ def test_genai_taylorseer_config_runs_ovsd3s_taylorseer(pipe):
     cached, before = pipe.transformer.calls - before, pipe.transformer.calls
     pipe.generate("a", num_inference_steps=6, guidance_scale=1.0, **SIZE)
     assert 0 < cached < pipe.transformer.calls - before == 6
+
+
+def test_a_request_changed_after_it_was_built_is_checked_again(pipe):
+    request = Request(prompt="a", num_inference_steps=2, **SIZE)
+    request.num_images_per_prompt = 10**7
+    refused(lambda: pipe.prepare_request(request), "num_images_per_prompt")
+    request.num_images_per_prompt, request.width = 1, 64.5
+    refused(lambda: pipe.prepare_request(request), "width")
+
+
+def test_an_empty_picture_is_refused():
+    from PIL import Image
+
+    refused(lambda: Request(prompt="a", image=Image.new("RGB", (0, 0))), "image")

@@ -47,6 +47,8 @@ def image_input(value, name: str, mask: bool = False):
 
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
+    if isinstance(value, Image.Image) and not (value.width and value.height):
+        raise InvalidRequest(f"{name} is an empty picture ({value.width}x{value.height})")
     if value is None or isinstance(value, (str, Path, Image.Image)):
         return value
     if not (isinstance(value, np.ndarray) or _is_torch_tensor(value)):

@@ -233,6 +233,7 @@ class SD3Pipeline:
         return self.prepare_request(Request.of(prompt, **settings))
 
     def prepare_request(self, request: Request) -> Job:
+        request = replace(request)  # checked again: a caller may have changed its fields since it was built
         cache = CacheConfig.parse(request.cache)
         request = self._with_folder_skip_layers(request, cache)
         steps = self._default_steps(request) if request.num_inference_steps is None \
