@@ -23,6 +23,7 @@ guidance scale this is exactly genai's forecast of both branches, combined.
 from __future__ import annotations
 
 import math
+import numbers
 from types import MappingProxyType
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
@@ -47,6 +48,10 @@ class TaylorSeer:
     disable_cache_after_step: int = -2  # negative: counted from the end, as genai
     max_order: int = 1
 
+    def __post_init__(self):  # built in Python as well as parsed: the same checks either way
+        _check_types(self)
+        self.check()
+
     def check(self) -> None:
         if self.cache_interval < 2:
             raise CacheSettingError(f"taylorseer cache_interval must be at least 2 (got {self.cache_interval})")
@@ -68,6 +73,10 @@ class FirstBlockCache:
     max_skips: int = 3
     max_order: int = 0  # reuse the last whole call's output: on the demo, forecasting from it lost pictures
 
+    def __post_init__(self):
+        _check_types(self)
+        self.check()
+
     def check(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise CacheSettingError(f"first-block-cache threshold must be between 0 and 1 (got {self.threshold})")
@@ -87,6 +96,10 @@ class GuidanceInterval:
     low: float = 0.0
     high: float = 1.0
 
+    def __post_init__(self):
+        _check_types(self)
+        self.check()
+
     def check(self) -> None:
         if not 0.0 <= self.low <= self.high <= 1.0:
             raise CacheSettingError(f"guidance-interval needs 0 <= low <= high <= 1 (got low {self.low}, "
@@ -94,6 +107,18 @@ class GuidanceInterval:
 
     def guides(self, sigma: float) -> bool:
         return self.low <= sigma <= self.high
+
+
+def _check_types(setting) -> None:
+    """Each setting's value of its declared kind: an integer (not a bool, not 2.5) or a finite number; a
+    setting built in Python is refused in the same words as one parsed from a spec."""
+    for item in fields(setting):
+        value = getattr(setting, item.name)
+        if item.type == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise CacheSettingError(f"{setting.name} {item.name} must be an integer (got {value!r})")
+        if item.type == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                     or not math.isfinite(value)):
+            raise CacheSettingError(f"{setting.name} {item.name} must be a finite number (got {value!r})")
 
 
 def _check_order(name: str, order: int) -> None:
@@ -116,6 +141,14 @@ class CacheConfig:
 
     step_cache: TaylorSeer | FirstBlockCache | None = None
     guidance_interval: GuidanceInterval | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.step_cache, (TaylorSeer, FirstBlockCache, type(None))):
+            raise CacheSettingError(f"step_cache must be a TaylorSeer, a FirstBlockCache or None (got "
+                                    f"{type(self.step_cache).__name__})")
+        if not isinstance(self.guidance_interval, (GuidanceInterval, type(None))):
+            raise CacheSettingError(f"guidance_interval must be a GuidanceInterval or None (got "
+                                    f"{type(self.guidance_interval).__name__})")
 
     @property
     def active(self) -> bool:
@@ -162,9 +195,7 @@ def _parse_part(part: str):
         if not equals or key not in known:
             raise CacheSettingError(f"{kind.name}: unknown setting {item!r} (settings: {', '.join(known)})")
         values[key] = _number(kind.name, key, text.strip(), float if known[key] == "float" else int)
-    setting = kind(**values)
-    setting.check()
-    return setting
+    return kind(**values)  # checked as it is built
 
 
 def _number(mode: str, key: str, text: str, kind: type):

@@ -28,7 +28,7 @@ from ovsd3.runtime.guidance import SkipLayerGuidance
 from ovsd3.runtime.inpaint import MaskBlend, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
                                  noise_source)
-from ovsd3.runtime.request import MAX_GUIDANCE, Request, as_array
+from ovsd3.runtime.request import MAX_GUIDANCE, MAX_STEPS, Request, as_array
 from ovsd3.runtime.scheduler import (FlowMatchSchedule, add_noise, euler_step, flash_step, img2img_start,
                                      predicted_clean)
 from ovsd3.runtime.text import CLIP_MAX_LENGTH, PromptEmbeddings, TextEncoders
@@ -111,6 +111,7 @@ class SD3Pipeline:
         self.folder, self.static = model.path, static
         self.latent_channels = int(model.transformer_config.get("in_channels", 16))
         self.joint_attention_dim = int(model.transformer_config["joint_attention_dim"])
+        self.pooled_projection_dim = int(model.transformer_config["pooled_projection_dim"])
         self.vae_scale_factor = model.vae_scale_factor
         self.size_multiple = self.vae_scale_factor * model.patch_size
         self.default_size = model.native_size
@@ -228,9 +229,10 @@ class SD3Pipeline:
     def prepare(self, prompt: str | list[str] | None = None, **settings) -> Job:
         """Validate a request (the keywords of :class:`~ovsd3.runtime.request.Request`), encode its prompts
         and draw its starting latents."""
-        return self.prepare_request(Request(prompt=prompt, **settings))
+        return self.prepare_request(Request.of(prompt, **settings))
 
     def prepare_request(self, request: Request) -> Job:
+        request = replace(request)  # checked again: a caller may have changed its fields since it was built
         cache = CacheConfig.parse(request.cache)
         request = self._with_folder_skip_layers(request, cache)
         steps = self._default_steps(request) if request.num_inference_steps is None \
@@ -267,8 +269,9 @@ class SD3Pipeline:
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
                        batch: int, cache: CacheConfig) -> None:
-        if steps < 1:
-            raise InvalidRequest(f"steps must be at least 1 (got {steps})")
+        if not 1 <= steps <= MAX_STEPS:  # the folder's default too: a damaged record must not allocate for days
+            raise InvalidRequest(f"num_inference_steps must be between 1 and {MAX_STEPS} (got {steps}"
+                                 f"{'' if request.num_inference_steps is not None else ', the folder default'})")
         if width <= 0 or height <= 0 or width % self.size_multiple or height % self.size_multiple:
             raise InvalidRequest(f"width and height must be positive multiples of {self.size_multiple} "
                                  f"(got {width}x{height})")
@@ -326,7 +329,7 @@ class SD3Pipeline:
             return generator_noise(request.generator, batch)
         seed = int(np.random.SeedSequence().entropy % 2**32) if request.seed is None else int(request.seed)
         if callable(request.noise):
-            return seed, request.noise
+            return seed, checked_noise(request.noise)
         return seed, noise_source(request.noise or DEFAULT_NOISE, seed)
 
     def _sigmas(self, steps: int, request: Request) -> np.ndarray:
@@ -373,8 +376,9 @@ class SD3Pipeline:
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.joint_attention_dim:
             raise InvalidRequest(f"`{name}` must be (batch, tokens, {self.joint_attention_dim}), "
                                  f"got {prompt_embeds.shape}")
-        if pooled_embeds.ndim != 2 or pooled_embeds.shape[0] != prompt_embeds.shape[0]:
-            raise InvalidRequest(f"pooled embeddings {pooled_embeds.shape} do not match `{name}` {prompt_embeds.shape}")
+        if pooled_embeds.ndim != 2 or pooled_embeds.shape != (prompt_embeds.shape[0], self.pooled_projection_dim):
+            raise InvalidRequest(f"the pooled embeddings for `{name}` must be (batch, {self.pooled_projection_dim}) "
+                                 f"with the batch of `{name}` {prompt_embeds.shape}, got {pooled_embeds.shape}")
         return PromptEmbeddings(prompt_embeds, pooled_embeds)
 
     def _start_latents(self, shape: tuple, request: Request, noise, width: int, height: int,
@@ -491,7 +495,7 @@ class SD3Pipeline:
         ``return_dict=False``."""
         started = time.perf_counter()
         infer_before = sum(self.infer_seconds.values()) + self.transformer.seconds
-        request = Request(prompt=prompt, **settings)
+        request = Request.of(prompt, **settings)
         job = self.prepare_request(request)
         self._sample(job, request)
         self._release(self.transformer)
@@ -536,10 +540,41 @@ class SD3Pipeline:
         tensors = {"latents": job.latents, "prompt_embeds": job.embeds.prompt_embeds,
                    "pooled_prompt_embeds": job.embeds.pooled_embeds}
         chosen = {name: tensors[name] for name in request.callback_on_step_end_tensor_inputs}
-        outputs = request.callback_on_step_end(self, step.index, np.float32(step.timestep), chosen) or {}
+        outputs = request.callback_on_step_end(self, step.index, np.float32(step.timestep), chosen)
+        if outputs is None:
+            return
+        if not isinstance(outputs, dict):
+            raise InvalidRequest(f"callback_on_step_end must return a dict of tensors (or None), got "
+                                 f"{type(outputs).__name__}")
         if "latents" in outputs:
-            job.latents = as_array(outputs.pop("latents"), "latents")
+            job.latents = _replacement(outputs["latents"], "latents", job.latents)
         if "prompt_embeds" in outputs or "pooled_prompt_embeds" in outputs:
-            job.embeds = PromptEmbeddings(as_array(outputs.pop("prompt_embeds", job.embeds.prompt_embeds), "prompt_embeds"),
-                                          as_array(outputs.pop("pooled_prompt_embeds", job.embeds.pooled_embeds),
-                                                   "pooled_prompt_embeds"))
+            embeds = job.embeds
+            job.embeds = PromptEmbeddings(
+                _replacement(outputs.get("prompt_embeds", embeds.prompt_embeds), "prompt_embeds", embeds.prompt_embeds),
+                _replacement(outputs.get("pooled_prompt_embeds", embeds.pooled_embeds), "pooled_prompt_embeds",
+                             embeds.pooled_embeds))
+
+
+def _replacement(value, name: str, current: np.ndarray) -> np.ndarray:
+    """A tensor a callback_on_step_end returned, in the shape of the one it replaces and finite: refused in one
+    line naming the callback's output, before the transformer sees it."""
+    array = as_array(value, f"callback_on_step_end's {name}")
+    if array.shape != current.shape:
+        raise InvalidRequest(f"callback_on_step_end returned `{name}` of shape {array.shape}; it must keep "
+                             f"{current.shape}")
+    return array
+
+
+def checked_noise(noise: Callable[[tuple], np.ndarray]) -> Callable[[tuple], np.ndarray]:
+    """A caller's noise(shape) function, its every answer checked: the shape asked for and finite numbers."""
+    def drawn(shape: tuple) -> np.ndarray:
+        array = as_array(noise(shape), "noise(shape)'s result")
+        if array.shape != tuple(shape):
+            raise InvalidRequest(f"noise(shape) returned shape {array.shape} for {tuple(shape)}")
+        return array
+
+    drawn.name = getattr(noise, "name", "custom")
+    if hasattr(noise, "sync"):  # a torch generator's stream, moved on after sampling
+        drawn.sync = noise.sync
+    return drawn

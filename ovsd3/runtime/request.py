@@ -17,12 +17,18 @@ come from without a torch generator), ``cache`` (step caching) and ``callback`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+import numbers
+import operator
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
 
-from ovsd3.errors import InvalidRequest
+from ovsd3.errors import InvalidRequest, reason_of
+from ovsd3.runtime.cache import CacheConfig
+from ovsd3.runtime.images import image_input
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' _callback_tensor_inputs
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -34,6 +40,11 @@ MAX_SEQUENCE_LENGTH = 512  # T5's limit, as diffusers checks it
 # takes any float, and 7 is its default
 MAX_GUIDANCE = 100.0
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as torch.Generator.manual_seed and openvino.genai take them
+# The largest side asked for before the model's own limit is known: 8192 is the input images' bound
+# (MAX_INPUT_PIXELS) and far past any SD3 position embedding (3072 for SD3 Medium and SD3.5)
+MAX_SIDE = 8192
+# Given embeddings are as long as SD3's encoders make them: CLIP's 77 tokens and T5's at most 512
+MAX_EMBEDDING_TOKENS = 77 + MAX_SEQUENCE_LENGTH
 
 
 def as_prompt_list(prompt: str | list[str] | None, name: str) -> list[str] | None:
@@ -57,13 +68,123 @@ def _check_text(text, name: str) -> None:
         raise InvalidRequest(f"`{name}` is not valid UTF-8 text") from None
 
 
-def as_array(value, name: str) -> np.ndarray | None:
+def shown(value) -> str:
+    """A value as an error message quotes it: short, one line (an array by its type and shape)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def integer(value, name: str) -> int:
+    """An integer keyword: an int or numpy integer, or a float with no fraction (diffusers passes 512.0 on);
+    never a bool, never 64.5 drawn as 64."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidRequest(f"{name} must be an integer (got {value!r})")
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        raise InvalidRequest(f"{name} must be a whole number (got {shown(value)})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidRequest(f"{name} must be an integer (got {shown(value)})") from None
+
+
+def _as_float(value, name: str) -> float:
+    """Any real number but a bool (True is not a guidance of 1), as a float; NaN and inf stay for the caller."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidRequest(f"{name} must be a number (got {shown(value)})")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond a float's range
+        return math.inf
+
+
+def real(value, name: str) -> float:
+    """A number keyword, finite (NaN and inf draw black or noisy images)."""
+    number = _as_float(value, name)
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{name} must be a finite number (got {value})")
+    return number
+
+
+def as_array(value, name: str, ndim: int | None = None) -> np.ndarray | None:
+    """A float32 array of finite numbers (numpy, a CPU torch tensor, nested lists), of ``ndim`` dimensions when
+    given, none of them empty."""
     if value is None:
         return None
     try:
-        return np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as error:
-        raise InvalidRequest(f"`{name}` is not an array of numbers ({error})") from None
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiu":  # bools, complex, strings, objects: not what a model reads
+            raise TypeError(f"its values are {array.dtype}")
+        array = array.astype(np.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidRequest(f"`{name}` is not an array of numbers ({reason_of(error)})") from None
+    if ndim is not None and array.ndim != ndim:
+        raise InvalidRequest(f"`{name}` must have {ndim} dimensions, got shape {array.shape}")
+    if not array.size:
+        raise InvalidRequest(f"`{name}` is empty (shape {array.shape})")
+    if not np.isfinite(array).all():
+        raise InvalidRequest(f"`{name}` holds NaN or infinite values")
+    return array
+
+
+# keyword -> (lowest, highest): integers checked for type and range before any work
+INTEGER_RANGES = {"height": (1, MAX_SIDE), "width": (1, MAX_SIDE), "num_inference_steps": (1, MAX_STEPS),
+                  "num_images_per_prompt": (1, MAX_IMAGES), "num_images": (1, MAX_IMAGES), "clip_skip": (0, None),
+                  "max_sequence_length": (1, MAX_SEQUENCE_LENGTH), "seed": (0, MAX_SEED),
+                  "padding_mask_crop": (None, None)}
+# keyword -> (lowest, highest), both included
+NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE), "strength": (0.0, 1.0),
+                 "skip_layer_guidance_scale": (0.0, MAX_GUIDANCE), "skip_layer_guidance_start": (0.0, 1.0),
+                 "skip_layer_guidance_stop": (0.0, 1.0)}
+# keyword -> its array's dimensions
+ARRAY_DIMENSIONS = {"latents": 4, "prompt_embeds": 3, "negative_prompt_embeds": 3, "pooled_prompt_embeds": 2,
+                    "negative_pooled_prompt_embeds": 2, "masked_image_latents": None}
+
+
+def _range_error(name: str, value, low, high) -> str:
+    """The one line for an integer out of range, in the words the command line uses for the same bound."""
+    if name in ("width", "height"):
+        return f"width and height must be positive multiples of 16 up to {MAX_SIDE} ({name} got {value})"
+    if name == "clip_skip":
+        return f"clip_skip must not be negative (got {value})"
+    if name == "max_sequence_length":
+        return (f"`max_sequence_length` cannot be greater than {MAX_SEQUENCE_LENGTH} but is {value}" if value > high
+                else f"max_sequence_length must be at least 1 (got {value})")
+    if name == "seed":
+        return f"seed must be between 0 and 2**64 - 1 (got {value})"
+    if name in ("num_images_per_prompt", "num_images"):
+        return f"number of images ({name}) must be at least 1, and prompts x images at most {MAX_IMAGES} " \
+               f"(got {value})"
+    return f"{name} must be between {low} and {high} (got {value})"
+
+
+def _number_error(name: str, value, low: float, high: float) -> str:
+    if name == "guidance_scale":  # the command line's words for --guidance
+        return f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (guidance_scale got {value})"
+    if name == "strength":
+        return f"strength must be between 0 and 1 (got {value})"
+    return f"{name} must be a number from {low:g} to {high:g} (got {value})"
+
+
+def checked_integer(value, name: str) -> int:
+    """``value`` as the integer keyword ``name`` takes it, in INTEGER_RANGES' bounds."""
+    number = integer(value, name)
+    low, high = INTEGER_RANGES[name]
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise InvalidRequest(_range_error(name, number, low, high))
+    return number
+
+
+def checked_number(value, name: str) -> float:
+    """``value`` as the number keyword ``name`` takes it, finite and in NUMBER_RANGES' bounds."""
+    number = _as_float(value, name)
+    low, high = NUMBER_RANGES[name]
+    if not low <= number <= high:  # NaN too
+        raise InvalidRequest(_number_error(name, number, low, high))
+    return number
 
 
 @dataclass
@@ -106,19 +227,63 @@ class Request:
     callback: Callable | None = None
     num_images: int | None = None  # the older name of num_images_per_prompt
 
+    @classmethod
+    def of(cls, prompt=None, **settings) -> "Request":
+        """A request from a call's keywords: an unknown keyword is refused in one line, as a TypeError would
+        name it, with the nearest known keyword when there is one (a typo is not silently ignored)."""
+        known = [item.name for item in fields(cls)]
+        for name in settings:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, n=1)
+                raise InvalidRequest(f"got an unexpected keyword argument {name!r}"
+                                     + (f" (did you mean {near[0]!r}?)" if near else ""))
+        return cls(prompt=prompt, **settings)
+
     def __post_init__(self):
+        self._check_numbers()
+        self._check_kinds()
+        for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+            as_prompt_list(getattr(self, name), name)  # type check only: diffusers' `or` rules need the originals
+        for name, ndim in ARRAY_DIMENSIONS.items():
+            setattr(self, name, as_array(getattr(self, name), name, ndim))
+        self.image = image_input(self.image, "image")
+        self.mask_image = image_input(self.mask_image, "mask_image", mask=True)
+        self._check_given_text()
+        self._check_given_embeddings()
+        self._check_options()
+
+    def _check_numbers(self) -> None:
+        """Every integer and number keyword: its type, finiteness and bounds, before anything is allocated."""
+        optional = {item.name for item in fields(self) if item.default is None}
+        for name in INTEGER_RANGES:
+            if getattr(self, name) is not None or name not in optional:
+                setattr(self, name, checked_integer(getattr(self, name), name))
+        for name in NUMBER_RANGES:
+            if getattr(self, name) is not None or name not in optional:
+                setattr(self, name, checked_number(getattr(self, name), name))
         if self.num_images is not None and self.num_images_per_prompt is not None \
                 and self.num_images != self.num_images_per_prompt:
             raise InvalidRequest("num_images and num_images_per_prompt disagree (num_images is its older name)")
         given = self.num_images_per_prompt if self.num_images_per_prompt is not None else self.num_images
-        self.num_images_per_prompt = 1 if given is None else int(given)
-        for name in ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
-            as_prompt_list(getattr(self, name), name)  # type check only: diffusers' `or` rules need the originals
-        for name in ("latents", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                     "negative_pooled_prompt_embeds"):
-            setattr(self, name, as_array(getattr(self, name), name))
-        self._check_given_text()
-        self._check_options()
+        self.num_images_per_prompt = 1 if given is None else given
+
+    def _check_kinds(self) -> None:
+        """The keywords that take a string, a flag, a function or a list of names."""
+        if not isinstance(self.output_type, str) or self.output_type not in OUTPUT_TYPES:
+            raise InvalidRequest(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {shown(self.output_type)}"
+                                 f"; ovsd3 runs without torch, so there is no 'pt')")
+        if not isinstance(self.return_dict, (bool, np.bool_)):
+            raise InvalidRequest(f"return_dict must be True or False (got {shown(self.return_dict)})")
+        for name in ("callback_on_step_end", "callback"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise InvalidRequest(f"{name} must be a function (got {shown(getattr(self, name))})")
+        if self.noise is not None and not callable(self.noise) and not isinstance(self.noise, str):
+            raise InvalidRequest(f"noise must be a source's name or a function noise(shape) (got {shown(self.noise)})")
+        inputs = self.callback_on_step_end_tensor_inputs
+        if not isinstance(inputs, (list, tuple)) or not all(isinstance(name, str) for name in inputs):
+            raise InvalidRequest(f"`callback_on_step_end_tensor_inputs` must be a list of names, such as ['latents'] "
+                                 f"(got {shown(inputs)})")
+        CacheConfig.parse(self.cache)  # a spec string, a CacheConfig or None; refused here, before any work
 
     def _check_given_text(self) -> None:
         """diffusers' check_inputs for prompts and embeddings: one of each pair, never both."""
@@ -142,50 +307,52 @@ class Request:
             raise InvalidRequest(f"`prompt_embeds` {self.prompt_embeds.shape} and `negative_prompt_embeds` "
                                  f"{self.negative_prompt_embeds.shape} must have the same shape")
 
+    def _check_given_embeddings(self) -> None:
+        """Given embeddings agree with each other (their widths against the model are the pipeline's check), and
+        the batch they make stays within MAX_IMAGES."""
+        embeds, pooled = self.prompt_embeds, self.pooled_prompt_embeds
+        if embeds is not None:
+            if embeds.shape[1] > MAX_EMBEDDING_TOKENS:
+                raise InvalidRequest(f"`prompt_embeds` has {embeds.shape[1]} tokens, more than the "
+                                     f"{MAX_EMBEDDING_TOKENS} SD3's text encoders make")
+            if pooled is not None and pooled.shape[0] != embeds.shape[0]:
+                raise InvalidRequest(f"`pooled_prompt_embeds` {pooled.shape} and `prompt_embeds` {embeds.shape} "
+                                     "must have the same batch size")
+        negative_pooled = self.negative_pooled_prompt_embeds
+        if pooled is not None and negative_pooled is not None and negative_pooled.shape != pooled.shape:
+            raise InvalidRequest(f"`pooled_prompt_embeds` {pooled.shape} and `negative_pooled_prompt_embeds` "
+                                 f"{negative_pooled.shape} must have the same shape")
+        if self.batch_size * self.num_images_per_prompt > MAX_IMAGES:
+            raise InvalidRequest(f"prompts x images must be at most {MAX_IMAGES} (got {self.batch_size} x "
+                                 f"{self.num_images_per_prompt}, num_images_per_prompt)")
+
     def _check_options(self) -> None:
-        if self.max_sequence_length is not None and self.max_sequence_length > MAX_SEQUENCE_LENGTH:
-            raise InvalidRequest(f"`max_sequence_length` cannot be greater than {MAX_SEQUENCE_LENGTH} but is "
-                                 f"{self.max_sequence_length}")
         unknown = [name for name in self.callback_on_step_end_tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
         if unknown:
             raise InvalidRequest(f"`callback_on_step_end_tensor_inputs` has to be in {list(CALLBACK_TENSOR_INPUTS)}, "
                                  f"but found {unknown}")
-        if self.output_type not in OUTPUT_TYPES:
-            raise InvalidRequest(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {self.output_type!r}; "
-                                 f"ovsd3 runs without torch, so there is no 'pt')")
-        if self.clip_skip is not None and self.clip_skip < 0:
-            raise InvalidRequest(f"clip_skip must not be negative (got {self.clip_skip})")
-        if self.max_sequence_length is not None and self.max_sequence_length < 1:
-            raise InvalidRequest(f"max_sequence_length must be at least 1 (got {self.max_sequence_length})")
         if self.mask_image is not None and self.image is None:
             raise InvalidRequest("mask_image needs an `image` to inpaint")
         if self.padding_mask_crop is not None:
             raise InvalidRequest("padding_mask_crop is not supported: ovsd3 redraws the masked region at the "
                                  "image's size")
         self._check_skip_layer_guidance()
-        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # nan too
-            raise InvalidRequest(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {self.guidance_scale})")
-        if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
-            raise InvalidRequest(f"seed must be between 0 and 2**64 - 1 (got {self.seed})")
-        if self.num_images_per_prompt < 1:
-            raise InvalidRequest(f"number of images must be at least 1 (got {self.num_images_per_prompt})")
 
     def _check_skip_layer_guidance(self) -> None:
+        """The layers' type and sign (their range is the pipeline's check, which knows the blocks); the scale,
+        start and stop were checked as numbers."""
+        if self.skip_layer_guidance_start > self.skip_layer_guidance_stop:
+            raise InvalidRequest(f"skip_layer_guidance_start and _stop must satisfy 0 <= start <= stop <= 1 (got "
+                                 f"{self.skip_layer_guidance_start} and {self.skip_layer_guidance_stop})")
         if self.skip_guidance_layers is None:
             return
         layers = self.skip_guidance_layers
         if not isinstance(layers, (list, tuple)) or \
                 not all(isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) for layer in layers):
             raise InvalidRequest(f"skip_guidance_layers must be a list of block indices, such as [7, 8, 9] "
-                                 f"(got {layers!r})")
+                                 f"(got {shown(layers)})")
         if layers and min(layers) < 0:
-            raise InvalidRequest(f"skip_guidance_layers are 0-based block indices (got {list(layers)})")
-        if not 0 <= self.skip_layer_guidance_scale <= MAX_GUIDANCE:
-            raise InvalidRequest(f"skip_layer_guidance_scale must be a number from 0 to {MAX_GUIDANCE:g} "
-                                 f"(got {self.skip_layer_guidance_scale})")
-        if not 0 <= self.skip_layer_guidance_start <= self.skip_layer_guidance_stop <= 1:
-            raise InvalidRequest(f"skip_layer_guidance_start and _stop must satisfy 0 <= start <= stop <= 1 (got "
-                                 f"{self.skip_layer_guidance_start} and {self.skip_layer_guidance_stop})")
+            raise InvalidRequest(f"skip_guidance_layers are 0-based block indices (got {shown(list(layers))})")
 
     @property
     def batch_size(self) -> int:
