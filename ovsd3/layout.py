@@ -31,8 +31,8 @@ MODEL_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, T5, VAE_DECODER, VAE_ENCODER)
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 FLASH_LORA_ID = "jasperai/flash-sd3"
 
-# The bounds of a generation request (ovsd3.runtime.request keeps the same; a test holds them equal), here
-# because a folder's defaults must keep them and this module imports nothing of the runtime.
+# The bounds of a generation request (ovsd3.runtime.request takes them from here), here because a folder's
+# defaults must keep them and this module imports nothing of the runtime.
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 MAX_BLOCKS = 1000  # transformer blocks: SD3.5 Large has 38

@@ -27,18 +27,17 @@ from typing import Any, Callable
 import numpy as np
 
 from ovsd3.errors import InvalidRequest, reason_of
+from ovsd3.layout import MAX_GUIDANCE, MAX_STEPS  # noqa: F401 (re-exported: the runtime's callers import them here)
 from ovsd3.runtime.cache import CacheConfig
 from ovsd3.runtime.images import image_input
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' _callback_tensor_inputs
 OUTPUT_TYPES = ("pil", "np", "latent")
-# Bounds said before any work: beyond them a typo would grow until the machine kills the process.
-MAX_STEPS = 1000
+# Bounds said before any work: beyond them a typo would grow until the machine kills the process. Steps and
+# guidance are layout's, which a folder's defaults keep too. Beyond 100, guidance only adds noise and overflows
+# (1e308 is inf in float32: a black image); diffusers takes any float, and 7 is its default.
 MAX_IMAGES = 64  # prompts x images per prompt, in one batch
 MAX_SEQUENCE_LENGTH = 512  # T5's limit, as diffusers checks it
-# Beyond this, guidance only adds noise and overflows (1e308 is inf in float32: a black image); diffusers
-# takes any float, and 7 is its default
-MAX_GUIDANCE = 100.0
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as torch.Generator.manual_seed and openvino.genai take them
 # The largest side asked for before the model's own limit is known: 8192 is the input images' bound
 # (MAX_INPUT_PIXELS) and far past any SD3 position embedding (3072 for SD3 Medium and SD3.5)
