@@ -1,5 +1,6 @@
 """The `ovsd3` command line. Heavy imports happen inside each command, so `ovsd3 --help` is instant and
-`ovsd3 run` never loads PyTorch."""
+`ovsd3 run` never loads PyTorch. Ctrl-C and SIGTERM are handled from main's first instruction (and, with
+`python -m ovsd3`, before this module loads): one line, exit code 128 + the signal, never a traceback."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import sys
 from pathlib import Path
 
 from ovsd3 import __version__
+from ovsd3.atomic import Interrupts, exit_code_of
 from ovsd3.errors import OvsdError
-from ovsd3.layout import DEFAULT_MODEL_ID, FLASH_LORA_ID
 
 EXIT_INTERNAL = 1
 EXIT_ERROR = 2
@@ -20,6 +21,7 @@ EXIT_INTERRUPTED = 130
 
 def _add_convert(subparsers) -> None:
     from ovsd3.convert import DEFAULT_MIN_PSNR
+    from ovsd3.layout import DEFAULT_MODEL_ID, FLASH_LORA_ID
 
     parser = subparsers.add_parser(
         "convert", help="SD3 / SD3.5 (PyTorch, diffusers layout) to an OpenVINO model folder",
@@ -58,6 +60,8 @@ def _convert_extras_needed(task: str):
 def _run_convert(args) -> int:
     if len(args.paths) > 2:
         raise OvsdError(f"convert takes MODEL and OUT, got {len(args.paths)} paths: {' '.join(args.paths)}")
+    from ovsd3.layout import DEFAULT_MODEL_ID
+
     model, output = args.paths if len(args.paths) == 2 else (DEFAULT_MODEL_ID, args.paths[0])
     with _convert_extras_needed("conversion"):
         from ovsd3.convert import ConvertRequest, convert_model
@@ -181,22 +185,49 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+COMMANDS = ("convert", "run", "quantize", "report", "benchmark", "serve")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    with Interrupts() as interrupts:  # before the imports of parsing: Ctrl-C may come at any moment
+        return _main(argv, interrupts)
+
+
+def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    command = next((word for word in words if word in COMMANDS), None)  # for the message, until parsed
     try:
+        args = _parse(argv)
+        command = args.command
         return args.handler(args)
-    except OvsdError as error:
-        print(f"ovsd3 {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        # run keeps the images it finished (and its preview); the other commands write whole folders or nothing
-        written = "" if args.command in ("run", "serve") else "; nothing was written"
-        print(f"ovsd3 {args.command}: interrupted{written}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # a bug, or a library failing in a way not foreseen: still one line
-        if os.environ.get("OVSD3_DEBUG"):
+    except KeyboardInterrupt as stop:
+        return _report_interrupted(command, stop)
+    except Exception as error:
+        if interrupts.received is not None:  # a library turned the interrupt into an error of its own
+            return _report_interrupted(command, interrupts.stop())
+        if isinstance(error, OvsdError):
+            print(f"ovsd3 {command}: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        if os.environ.get("OVSD3_DEBUG"):  # a bug, or a library failing in a way not foreseen: still one line
             raise
-        return _report_unexpected(args.command, error)
+        return _report_unexpected(command, error)
+
+
+def _report_interrupted(command: str | None, stop: KeyboardInterrupt) -> int:
+    import signal
+
+    from ovsd3.atomic import TERMINATING_SIGNALS, signals_held
+
+    with signals_held():  # a second Ctrl-C while saying so must not print a traceback
+        for signum in TERMINATING_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_IGN)
+    code = exit_code_of(stop)
+    how = "interrupted" if code == EXIT_INTERRUPTED else f"terminated ({signal.Signals(code - 128).name})"
+    # run keeps the images it finished (and its preview); the other commands write whole folders or nothing
+    written = "" if command in ("run", "serve", None) else "; nothing was written"
+    print(f"ovsd3{' ' + command if command else ''}: {how}{written}", file=sys.stderr)
+    return code
 
 
 def _report_unexpected(command: str, error: Exception) -> int:
