@@ -218,6 +218,7 @@ OUTPUT_FILES = {
     "report": (REPORT_JSON, "report.md", "grid.png", "chart.png", "images/*/*.png"),
     "benchmark": (BENCHMARK_JSON, "benchmark.md", "benchmark.png", "images/*.png"),
     "ovms-config": (OVMS_CONFIG, f"*/{OVMS_GRAPH}"),
+    "calibration": ("plan.json", "prompt_*.npz", ".prompt_*.tmp.npz"),  # quantize's --calib-cache
 }
 COMMAND_LINES = {"ovms-config": "ovsd3 serve --write-ovms-config"}
 
@@ -256,8 +257,14 @@ def unexpected_file(folder: Path, patterns: tuple[str, ...]) -> str | None:
             is_folder = path.is_dir() and not path.is_symlink()
             plain = is_folder or (path.is_file() and not path.is_symlink())
             if not plain or not any(_matches(parts, pattern, whole=not is_folder) for pattern in patterns):
-                return "/".join(parts) + ("/" if is_folder else "")
+                return "/".join(parts) + ("/" + _first_file(path) if is_folder else "")
     return None
+
+
+def _first_file(folder: Path) -> str:
+    """The first file under ``folder``, relative (what names a stray folder best), or "" for an empty one."""
+    files = sorted(path for path in folder.rglob("*") if not path.is_dir() or path.is_symlink())
+    return files[0].relative_to(folder).as_posix() if files else ""
 
 
 def _ovms_config(data) -> bool:

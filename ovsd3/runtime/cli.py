@@ -102,7 +102,7 @@ def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
     from ovsd3.runtime.images import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    private = folder / f".{os.getpid()}-{uuid.uuid4().hex}.png.tmp"
+    private = folder / f".{os.getpid()}-{uuid.uuid4().hex}.png.tmp"  # the pid: see _clear_leftovers
     try:
         try:
             save_png(image, private, params)
@@ -124,7 +124,7 @@ def _write_preview(step, folder: Path) -> None:
     from ovsd3.runtime.preview import preview_images
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".preview.png.tmp"
+    tmp = folder / f".preview-{os.getpid()}.png.tmp"  # private to this run, so runs into one folder never mix
     try:
         preview_images(step.denoised[:1])[0].save(tmp, format="PNG")
         tmp.replace(folder / PREVIEW)  # atomic, so a viewer never sees half a file
@@ -156,6 +156,34 @@ def _check_output(output: Path, model_dir: Path) -> None:
         raise OvsdError(f"--output {output}: {existing} is not a writable folder")
 
 
+# Temporary files a run writes in --output, named with its pid: those of a killed run are cleared by the next.
+LEFTOVERS = (r"\.(?P<pid>\d+)-[0-9a-f]+\.png\.tmp", r"\.preview-(?P<pid>\d+)\.png\.tmp")
+
+
+def _clear_leftovers(output: Path) -> None:
+    from ovsd3.atomic import clear_dead_leftovers
+
+    for name in LEFTOVERS:
+        clear_dead_leftovers(output, name)
+
+
+def _lora_paths(specs: list[str]) -> list[Path]:
+    """The files named by --lora PATH[:WEIGHT] values (both readings, where a path holds a colon)."""
+    return [Path(path) for spec in specs for path in {str(spec), str(spec).rpartition(":")[0]} if path]
+
+
+def _check_cache_dir(args) -> None:
+    """The model cache is written to: not in or over an input, nor (when named) in or over --output."""
+    from ovsd3.atomic import check_cache_apart
+    from ovsd3.runtime.devices import default_cache_dir
+
+    if args.no_cache:
+        return
+    inputs = (args.model_dir, args.image, args.mask, *_lora_paths(args.lora))
+    check_cache_apart(args.cache_dir or default_cache_dir(), "--cache-dir", inputs=inputs,
+                      outputs=(args.output,) if args.cache_dir else ())
+
+
 def run(args) -> int:
     from ovsd3.atomic import cleaned_up_on_failure
     from ovsd3.layout import ModelFolder
@@ -175,6 +203,8 @@ def run(args) -> int:
             clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length,
             **_skip_layer_guidance(args))  # the same, for its checks
     _check_output(args.output, args.model_dir)
+    _check_cache_dir(args)
+    _clear_leftovers(args.output)
     for name, path in (("image", args.image), ("mask", args.mask)):
         if path is not None and not path.is_file():
             raise OvsdError(f"cannot read {name} {path}: no such file")
