@@ -348,23 +348,30 @@ class AtomicOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            interrupted = self._interrupts.received is not None
-            if exc_type is None and not interrupted:
-                self._commit()
-                return
-            with signals_held():
-                disk_full = _disk_full(self.staging)  # before the staging folder frees its space
-                shutil.rmtree(self.staging, ignore_errors=True)
-                self._remove_created_parents()
-            if interrupted and not isinstance(exc, KeyboardInterrupt):
-                raise self._interrupts.stop() from None  # swallowed, or turned into another error by a library
-            if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
-                raise OvsdError(f"cannot write {self.target}: {exc.strerror} (nothing was written)") from None
-            if disk_full and isinstance(exc, Exception) and not isinstance(exc, OvsdError):
-                # OpenVINO's writers say "iostream error", not "no space left"
-                raise OvsdError(f"the disk holding {self.target.parent} is full: nothing was written") from None
+            if exc_type is None and self._interrupts.received is None:
+                try:
+                    return self._commit()
+                except BaseException as error:  # the folder replaced is back in place: say why, leave nothing
+                    self._discard(error)
+                    raise
+            self._discard(exc)
         finally:
             self._interrupts.__exit__(None, None, None)
+
+    def _discard(self, exc: BaseException | None) -> None:
+        """Remove what this run made; raise, instead of ``exc``, the interrupt that a library swallowed or a
+        one-line error for a full disk or a refused write."""
+        with signals_held():
+            disk_full = _disk_full(self.staging)  # before the staging folder frees its space
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._remove_created_parents()
+        if self._interrupts.received is not None and not isinstance(exc, KeyboardInterrupt):
+            raise self._interrupts.stop() from None  # swallowed, or turned into another error by a library
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            raise OvsdError(f"cannot write {self.target}: {exc.strerror} (nothing was written)") from None
+        if disk_full and isinstance(exc, Exception) and not isinstance(exc, OvsdError):
+            # OpenVINO's writers say "iostream error", not "no space left"
+            raise OvsdError(f"the disk holding {self.target.parent} is full: nothing was written") from None
 
     def _remove_created_parents(self) -> None:
         for folder in reversed(self._created_parents):
@@ -375,8 +382,6 @@ class AtomicOutput:
         self._created_parents.clear()
 
     def _refuse_commit(self, why: str) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self._remove_created_parents()
         raise OvsdError(f"output {self.target} {why} while `ovsd3 {self.command}` worked; nothing was replaced")
 
     def _commit(self) -> None:
