@@ -50,6 +50,14 @@ def exit_code_of(stop: KeyboardInterrupt) -> int:
     return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
 
 
+def interrupted_line(command: str | None, stop: KeyboardInterrupt) -> str:
+    """The one line that ends an interrupted command: "ovsd3 quantize: interrupted; nothing was written"."""
+    how = f"terminated ({signal.Signals(stop.signum).name})" if isinstance(stop, Terminated) else "interrupted"
+    # run keeps the images it finished (and its preview); the other commands write whole folders or nothing
+    written = "" if command in ("run", "serve", None) else "; nothing was written"
+    return f"ovsd3{' ' + command if command else ''}: {how}{written}"
+
+
 class Interrupts:
     """``with Interrupts() as interrupts:`` SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise
     :class:`Terminated`, in this (main) thread, and the signal is remembered (``received``): a library that

@@ -216,18 +216,14 @@ def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
 def _report_interrupted(command: str | None, stop: KeyboardInterrupt) -> int:
     import signal
 
-    from ovsd3.atomic import TERMINATING_SIGNALS, signals_held
+    from ovsd3.atomic import TERMINATING_SIGNALS, interrupted_line, signals_held
 
     with signals_held():  # a second Ctrl-C while saying so must not print a traceback
         for signum in TERMINATING_SIGNALS:
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 signal.signal(signum, signal.SIG_IGN)
-    code = exit_code_of(stop)
-    how = "interrupted" if code == EXIT_INTERRUPTED else f"terminated ({signal.Signals(code - 128).name})"
-    # run keeps the images it finished (and its preview); the other commands write whole folders or nothing
-    written = "" if command in ("run", "serve", None) else "; nothing was written"
-    print(f"ovsd3{' ' + command if command else ''}: {how}{written}", file=sys.stderr)
-    return code
+    print(interrupted_line(command, stop), file=sys.stderr)
+    return exit_code_of(stop)
 
 
 def _report_unexpected(command: str, error: Exception) -> int:

@@ -45,8 +45,8 @@ def run_child(task: dict) -> dict:
         task_path, result_path = scratch / "task.json", scratch / "result.json"
         task_path.write_text(json.dumps(task))
         env = dict(os.environ, DIFFUSERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-        done = _run_to_the_end([sys.executable, "-m", "ovsd3.report.children", str(task_path), str(result_path)],
-                               env)
+        done = _run_to_the_end([sys.executable, "-m", "ovsd3.report.children", str(task_path), str(result_path),
+                                str(os.getpid())], env)
         if result_path.exists():
             result = json.loads(result_path.read_text())
             if "error" in result:
@@ -71,20 +71,29 @@ def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(command, child.returncode, None, stderr)
 
 
-def _end_with_parent() -> None:
-    """In the child: end as soon as the parent is gone (killed outright, it could not end us itself)."""
-    parent = os.getppid()
+def _end_with_parent(parent: int) -> None:
+    """In the child: end as soon as the parent (pid ``parent``) is gone, as killed outright it could not end us
+    itself. Linux kills us with the parent (PR_SET_PDEATHSIG); elsewhere a thread watches for it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the thread below
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(ORPHAN_POLL_SECONDS)
         os._exit(EXIT_ORPHANED)
 
+    if os.getppid() != parent:  # gone already, before we could ask to go with it
+        os._exit(EXIT_ORPHANED)
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _main(task_path: str, result_path: str) -> int:
-    _end_with_parent()
+def _main(task_path: str, result_path: str, parent: str) -> int:
+    _end_with_parent(int(parent))
     task = json.loads(Path(task_path).read_text())
     module_name, function_name = TASKS[task["name"]].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
@@ -99,4 +108,4 @@ def _main(task_path: str, result_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(*sys.argv[1:3]))
+    sys.exit(_main(*sys.argv[1:4]))

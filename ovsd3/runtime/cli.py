@@ -236,19 +236,26 @@ def run(args) -> int:
 
 def _generate(pipe, args, cache) -> int:
     progress = ProgressBar()
+    unfinished_line = []  # the progress bar's, until its last step ends it
 
     def on_step(step):
         progress(step.index + 1, step.total)
+        unfinished_line[:] = [step.index + 1 < step.total]
         if args.preview_every and (step.index + 1) % args.preview_every == 0:
             _write_preview(step, args.output)
 
     steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps  # the folder's, images too
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
-                  guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
-                  noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
-                  mask_image=args.mask, **_skip_layer_guidance(args),
-                  clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
-                  callback=on_step)
+    try:
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
+                      guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
+                      noise=args.noise, num_images_per_prompt=args.num_images, image=args.image,
+                      strength=args.strength, mask_image=args.mask, **_skip_layer_guidance(args),
+                      clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
+                      callback=on_step)
+    except BaseException:
+        if any(unfinished_line):
+            print(file=sys.stderr)  # the error or the interrupt gets a line of its own
+        raise
     for image, params in zip(result.images, result.params):
         path = save_new_png(image, args.output, params, f"-{params['seed']}")
         print(path)
