@@ -100,15 +100,20 @@ def restore_handlers(previous: dict[int, object]) -> None:
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold SIGINT/SIGTERM/SIGHUP back while cleaning up, so a second Ctrl-C cannot leave half a cleanup; a signal
-    that came meanwhile is delivered (and raised) when the block ends."""
+    that came meanwhile is delivered to the handler in place when the block ends. (Python-level, not a signal
+    mask: a mask holds one thread only, and OpenVINO's threads would take the signal instead.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum))
+                for signum in TERMINATING_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        restore_handlers(previous)
+        if came:
+            signal.raise_signal(came[0])
 
 
 def _started_after(pid: int, moment: float) -> bool | None:

@@ -216,12 +216,11 @@ def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
 def _report_interrupted(command: str | None, stop: KeyboardInterrupt) -> int:
     import signal
 
-    from ovsd3.atomic import TERMINATING_SIGNALS, interrupted_line, signals_held
+    from ovsd3.atomic import TERMINATING_SIGNALS, interrupted_line
 
-    with signals_held():  # a second Ctrl-C while saying so must not print a traceback
-        for signum in TERMINATING_SIGNALS:
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(ValueError):  # ValueError: main called outside the main thread, which gets no signals
+        for signum in TERMINATING_SIGNALS:  # a second Ctrl-C while saying so must not print a traceback
+            signal.signal(signum, signal.SIG_IGN)  # (main's Interrupts puts the handlers back as it ends)
     print(interrupted_line(command, stop), file=sys.stderr)
     return exit_code_of(stop)
 
