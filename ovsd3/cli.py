@@ -1,5 +1,6 @@
 """The `ovsd3` command line. Heavy imports happen inside each command, so `ovsd3 --help` is instant and
-`ovsd3 run` never loads PyTorch."""
+`ovsd3 run` never loads PyTorch. Ctrl-C and SIGTERM are handled from main's first instruction (and, with
+`python -m ovsd3`, before this module loads): one line, exit code 128 + the signal, never a traceback."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from ovsd3 import __version__
 from ovsd3.arguments import check_options, number, path_fits
+from ovsd3.atomic import Interrupts, exit_code_of
 from ovsd3.errors import OvsdError
-from ovsd3.layout import DEFAULT_MODEL_ID, FLASH_LORA_ID
 
 EXIT_INTERNAL = 1
 EXIT_ERROR = 2
@@ -28,6 +29,7 @@ QUANTIZE_RULES = {"source": path_fits, "output": path_fits, "calib_cache": path_
 
 def _add_convert(subparsers) -> None:
     from ovsd3.convert import DEFAULT_MIN_PSNR
+    from ovsd3.layout import DEFAULT_MODEL_ID, FLASH_LORA_ID
 
     parser = subparsers.add_parser(
         "convert", help="SD3 / SD3.5 (PyTorch, diffusers layout) to an OpenVINO model folder",
@@ -67,6 +69,8 @@ def _run_convert(args) -> int:
     check_options(args, CONVERT_RULES)
     if len(args.paths) > 2:
         raise OvsdError(f"convert takes MODEL and OUT, got {len(args.paths)} paths: {' '.join(args.paths)}")
+    from ovsd3.layout import DEFAULT_MODEL_ID
+
     model, output = args.paths if len(args.paths) == 2 else (DEFAULT_MODEL_ID, args.paths[0])
     with _convert_extras_needed("conversion"):
         from ovsd3.convert import ConvertRequest, convert_model
@@ -200,22 +204,44 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+COMMANDS = ("convert", "run", "quantize", "report", "benchmark", "serve")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    with Interrupts() as interrupts:  # before the imports of parsing: Ctrl-C may come at any moment
+        return _main(argv, interrupts)
+
+
+def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    command = next((word for word in words if word in COMMANDS), None)  # for the message, until parsed
     try:
+        args = _parse(argv)
+        command = args.command
         return args.handler(args)
-    except OvsdError as error:
-        print(f"ovsd3 {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        # run keeps the images it finished (and its preview); the other commands write whole folders or nothing
-        written = "" if args.command in ("run", "serve") else "; nothing was written"
-        print(f"ovsd3 {args.command}: interrupted{written}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # a bug, or a library failing in a way not foreseen: still one line
-        if os.environ.get("OVSD3_DEBUG"):
+    except KeyboardInterrupt as stop:
+        return _report_interrupted(command, stop)
+    except Exception as error:
+        if interrupts.received is not None:  # a library turned the interrupt into an error of its own
+            return _report_interrupted(command, interrupts.stop())
+        if isinstance(error, OvsdError):
+            print(f"ovsd3 {command}: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        if os.environ.get("OVSD3_DEBUG"):  # a bug, or a library failing in a way not foreseen: still one line
             raise
-        return _report_unexpected(args.command, error)
+        return _report_unexpected(command, error)
+
+
+def _report_interrupted(command: str | None, stop: KeyboardInterrupt) -> int:
+    import signal
+
+    from ovsd3.atomic import TERMINATING_SIGNALS, interrupted_line
+
+    with contextlib.suppress(ValueError):  # ValueError: main called outside the main thread, which gets no signals
+        for signum in TERMINATING_SIGNALS:  # a second Ctrl-C while saying so must not print a traceback
+            signal.signal(signum, signal.SIG_IGN)  # (main's Interrupts puts the handlers back as it ends)
+    print(interrupted_line(command, stop), file=sys.stderr)
+    return exit_code_of(stop)
 
 
 def _report_unexpected(command: str, error: Exception) -> int:

@@ -100,16 +100,16 @@ def check_fields(path: Path, data: dict, fields: tuple[Field, ...], prefix: str 
     """A one-line OvsdError naming ``path`` and the first field of ``data`` that ``fields`` refuse."""
     from ovsd3.errors import OvsdError
 
-    for field in fields:
-        if field.name not in data:
-            if field.required:
-                raise OvsdError(f"{path}: {prefix}{field.name} is missing (it must be {_describe(field)})")
+    for rule in fields:
+        if rule.name not in data:
+            if rule.required:
+                raise OvsdError(f"{path}: {prefix}{rule.name} is missing (it must be {_describe(rule)})")
             continue
-        value = data[field.name]
-        if value is None and field.nullable:
+        value = data[rule.name]
+        if value is None and rule.nullable:
             continue
-        if not _valid(value, field):
-            raise OvsdError(f"{path}: {prefix}{field.name} must be {_describe(field)} (got {_shown(value)})")
+        if not _valid(value, rule):
+            raise OvsdError(f"{path}: {prefix}{rule.name} must be {_describe(rule)} (got {_shown(value)})")
 
 
 def check_known(path: Path, data: dict, fields: tuple[Field, ...], prefix: str = "") -> None:
@@ -389,12 +389,84 @@ class ModelFolder:
 
 
 REPORT_JSON, BENCHMARK_JSON, OVMS_CONFIG = "report.json", "benchmark.json", "config.json"
+OVMS_GRAPH = "graph.pbtxt"
+
+# What each command writes in its output folder, as patterns of relative paths ("*" within one name only).
+# `--overwrite` replaces a folder only when every file in it matches: anything else is the user's.
+_TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml",
+                    "openvino_detokenizer.bin", "*.json", "merges.txt", "vocab.txt", "*.model", "*.jinja")
+MODEL_FOLDER_FILES = (
+    MODEL_INDEX, OVSD3_RECORD, SCHEDULER_CONFIG,
+    *(f"{component}/{name}" for component in MODEL_COMPONENTS for name in ("config.json", MODEL_XML, MODEL_BIN)),
+    *(f"{tokenizer}/{name}" for tokenizer in TOKENIZER_OF.values() for name in _TOKENIZER_FILES),
+)
+OUTPUT_FILES = {
+    "convert": MODEL_FOLDER_FILES,
+    "quantize": MODEL_FOLDER_FILES,  # and what the source folder holds besides, which quantize copies
+    "report": (REPORT_JSON, "report.md", "grid.png", "chart.png", "images/*/*.png"),
+    "benchmark": (BENCHMARK_JSON, "benchmark.md", "benchmark.png", "images/*.png"),
+    "ovms-config": (OVMS_CONFIG, f"*/{OVMS_GRAPH}"),
+    "calibration": ("plan.json", "prompt_*.npz", ".prompt_*.tmp.npz"),  # quantize's --calib-cache
+}
+COMMAND_LINES = {"ovms-config": "ovsd3 serve --write-ovms-config"}
+
+
+def output_files(command: str) -> tuple[str, ...]:
+    """The patterns of what ``command`` writes in its output folder (see OUTPUT_FILES)."""
+    return OUTPUT_FILES.get(command, ())
+
+
+def command_line(command: str) -> str:
+    """How the user types ``command``: "ovsd3 report", "ovsd3 serve --write-ovms-config"."""
+    return COMMAND_LINES.get(command, f"ovsd3 {command}")
+
+
+def _matches(parts: tuple[str, ...], pattern: str, whole: bool) -> bool:
+    from fnmatch import fnmatchcase
+
+    names = pattern.split("/")
+    if len(parts) > len(names) or (whole and len(parts) != len(names)):
+        return False
+    return all(fnmatchcase(part, name) for part, name in zip(parts, names))
+
+
+def unexpected_file(folder: Path, patterns: tuple[str, ...]) -> str | None:
+    """The first path (relative, sorted) under ``folder`` that none of ``patterns`` accounts for: a file that no
+    pattern matches, a folder that leads to none, a link or anything that is not a plain file; None when the
+    folder holds only what the patterns describe."""
+    import os
+
+    folder = Path(folder)
+    for root, folders, files in os.walk(folder):
+        folders.sort()
+        here = Path(root).relative_to(folder).parts
+        for name in sorted(files + folders):
+            path, parts = Path(root) / name, (*here, name)
+            is_folder = path.is_dir() and not path.is_symlink()
+            plain = is_folder or (path.is_file() and not path.is_symlink())
+            if not plain or not any(_matches(parts, pattern, whole=not is_folder) for pattern in patterns):
+                return "/".join(parts) + ("/" + _first_file(path) if is_folder else "")
+    return None
+
+
+def _first_file(folder: Path) -> str:
+    """The first file under ``folder``, relative (what names a stray folder best), or "" for an empty one."""
+    files = sorted(path for path in folder.rglob("*") if not path.is_dir() or path.is_symlink())
+    return files[0].relative_to(folder).as_posix() if files else ""
+
+
+def _ovms_config(data) -> bool:
+    """An OVMS config as `serve --write-ovms-config` writes it: model_config_list entries naming their models."""
+    entries = data.get("model_config_list") if isinstance(data, dict) else None
+    return isinstance(entries, list) and bool(entries) and all(
+        isinstance(entry, dict) and isinstance(entry.get("config"), dict)
+        and isinstance(entry["config"].get("name"), str) for entry in entries)
 
 
 def made_by(folder: Path) -> str | None:
     """Which ovsd3 command wrote ``folder`` ("convert", "quantize", "report", "benchmark", "ovms-config"), by the
     file each leaves behind; None for anything else (a model or folder the user brought). `--overwrite` replaces
-    only a folder that the same command made."""
+    only a folder that the same command made, and only when it holds nothing else (:func:`unexpected_file`)."""
     folder = Path(folder)
     try:
         if (folder / OVSD3_RECORD).is_file():
@@ -403,7 +475,7 @@ def made_by(folder: Path) -> str | None:
         for command, marker in (("report", REPORT_JSON), ("benchmark", BENCHMARK_JSON)):
             if (folder / marker).is_file():
                 return command
-        if (folder / OVMS_CONFIG).is_file() and "model_config_list" in json.loads((folder / OVMS_CONFIG).read_text()):
+        if (folder / OVMS_CONFIG).is_file() and _ovms_config(json.loads((folder / OVMS_CONFIG).read_text())):
             return "ovms-config"
     except (OSError, ValueError, TypeError):
         return None

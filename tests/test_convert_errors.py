@@ -119,9 +119,13 @@ def test_overwrite_replaces_only_an_earlier_convert_output(tmp_path, tiny_sd3_wi
 
     shutil.rmtree(out)
     shutil.copytree(ov_sd3, out)  # an earlier `ovsd3 convert` output
-    (out / "added-later.txt").write_text("replaced with the folder")
+    (out / "added-later.txt").write_text("the user's: kept, and the overwrite refused (issue 25)")
+    code, err = run_cli(capsys, tiny_sd3_without_t5, out, "--overwrite")
+    assert_one_line_error(code, err, "holds added-later.txt", "nothing was replaced")
+    assert (out / "added-later.txt").exists() and (out / "text_encoder_3").exists()
+    (out / "added-later.txt").unlink()
     assert main(["convert", str(tiny_sd3_without_t5), str(out), "--overwrite"]) == 0
-    assert not (out / "added-later.txt").exists() and (out / "transformer" / "openvino_model.xml").exists()
+    assert (out / "transformer" / "openvino_model.xml").exists()
     assert not (out / "text_encoder_3").exists()  # the new conversion's (no T5), not the old folder's
     assert not leftovers(out)
 

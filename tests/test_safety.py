@@ -90,9 +90,12 @@ def test_refused_overwrite_keeps_the_input_intact(model_copy, source_copy, tmp_p
 def test_overwrite_replaces_an_earlier_output_of_the_same_command(model_copy, tmp_path, capsys):
     out = tmp_path / "ovms"
     assert main(["serve", str(model_copy), "--write-ovms-config", str(out)]) == 0
-    (out / "stale.txt").write_text("from the first run")
+    (out / "config.json").write_text('{"model_config_list": [{"config": {"name": "model"}}], "stale": 1}')
     assert main(["serve", str(model_copy), "--write-ovms-config", str(out), "--overwrite"]) == 0
-    assert (out / "config.json").exists() and not (out / "stale.txt").exists()
+    assert "stale" not in (out / "config.json").read_text()
+    (out / "stale.txt").write_text("not written by ovsd3: kept, and the overwrite refused (tests/test_outputs.py)")
+    assert main(["serve", str(model_copy), "--write-ovms-config", str(out), "--overwrite"]) == EXIT_ERROR
+    assert (out / "stale.txt").exists()
 
 
 # -- 2. bounds said before any work (memory, time) -----------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ovsd3 import layout
+from ovsd3.atomic import clear_dead_leftovers
 from ovsd3.errors import OvsdError, reason_of
 from ovsd3.progress import ProgressBar
 from ovsd3.runtime.pipeline import SD3Pipeline, offload_advised
@@ -28,6 +29,7 @@ BUILTIN = "builtin"
 CONCEPTUAL_CAPTIONS = "conceptual_captions"
 CONCEPTUAL_CAPTIONS_REPO = "google-research-datasets/conceptual_captions"
 INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+PARTIAL_SAMPLES = r"\.prompt_\d+\.(?P<pid>\d+)\.tmp\.npz"  # a prompt's file being written, by the run with that pid
 DECODER_INPUT = "latent_sample"  # the VAE decoder IR's input: final latents / scaling_factor + shift_factor
 
 
@@ -114,6 +116,7 @@ def record(folder: Path, plan: CalibrationPlan, prompts: list[str], cache_dir: P
     """Sample ``prompts`` with the folder's own pipeline and write each prompt's transformer inputs and
     final latents to ``cache_dir``. Prompts already recorded there are skipped (resume after a crash)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    clear_dead_leftovers(cache_dir, PARTIAL_SAMPLES)
     manifest = cache_dir / "plan.json"
     manifest.write_text(json.dumps({"plan": asdict(plan), "prompts": prompts}, indent=1))
     files = [cache_dir / f"prompt_{i:05d}.npz" for i in range(len(prompts))]
@@ -136,7 +139,7 @@ def record(folder: Path, plan: CalibrationPlan, prompts: list[str], cache_dir: P
             pass  # the transformer inputs are recorded as it runs; job.latents ends as the final latents
         arrays = {name: np.stack([call[name] for call in pipe.recorded]) for name in INPUT_NAMES}
         arrays[DECODER_INPUT] = _decoder_input(pipe, job.latents)
-        partial = cache_dir / f".prompt_{index:05d}.tmp.npz"
+        partial = cache_dir / f".prompt_{index:05d}.{os.getpid()}.tmp.npz"
         np.savez(partial, **arrays)
         partial.replace(files[index])  # a killed run never leaves half a file
         progress(done, len(todo))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ovsd3 import __version__, layout
-from ovsd3.atomic import AtomicOutput
+from ovsd3.atomic import AtomicOutput, check_cache_apart
 from ovsd3.errors import OvsdError
 from ovsd3.memory import trimmed_mappings
 from ovsd3.quantize import calibration
@@ -157,42 +157,74 @@ def _decoder_summary(options: VaeDecoderQuantization, latents: int) -> dict:
 
 
 def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print) -> dict:
-    import openvino as ov
-
     _quiet_nncf()
     request, model = _checked(request)
     output = AtomicOutput(request.output, command="quantize", overwrite=request.overwrite,
-                          inputs=(model.path, request.calib_cache, request.dataset))
+                          inputs=(model.path, request.calib_cache, request.dataset),
+                          writes=layout.output_files("quantize") + _copied_files(model.path))
     output.check()
+    if request.calib_cache is not None:
+        _check_calib_cache(request.calib_cache, request, model.path)
     started = time.perf_counter()
-    record = model.record
-    digits_demo = record.demo == "digits"
-    defaults = record.defaults
+    defaults = model.record.defaults
     plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
                                        steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale)
-    prompts, cache_dir = _calibrate(request, model.path, plan, digits_demo, log)
-    decoder_latents = min(len(prompts), MAX_DECODER_LATENTS)  # one per prompt: its final latents
-    with output as staging:
-        _copy_everything_but_models(model.path, staging)
-        with trimmed_mappings():  # NNCF reads every weight of the mapped IRs once: keep them out of RSS
-            rows = _quantize_models(ov.Core(), model.path, staging, request,
-                                    calibration.RecordedLatents(cache_dir, decoder_latents), cache_dir, log)
-        gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
-                            steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
-                            min_psnr=request.min_psnr, min_ssim=request.min_ssim,
-                            max_digit_drop=request.max_digit_drop if digits_demo else None)
-        report = _gate(model.path, staging, gate, log)
-        summary = {"calibration": {**asdict(plan), "dataset": request.dataset},
-                   "transformer": asdict(request.transformer), "weights": asdict(request.weights),
-                   "vae_decoder": _decoder_summary(request.vae_decoder, decoder_latents),
-                   "sizes": {row.component: {"before_bytes": row.before_bytes, "after_bytes": row.after_bytes,
-                                             "format": row.format} for row in rows},
-                   "gate": report.as_dict()}
-        record.quantization = summary
-        record.ovsd3_version = __version__
-        record.save(staging)
+    prompts, cache_dir = _calibrate(request, model.path, plan, model.record.demo == "digits", log)
+    try:
+        with output as staging:
+            summary = _write_quantized(staging, model, request, plan, prompts, cache_dir, log)
+    except OvsdError as error:  # say what stays: the recorded inputs, which the next run reuses
+        kept = f" (the calibration inputs recorded in {cache_dir} stay for the next run)" if cache_dir else ""
+        raise OvsdError(f"{error}{kept}") from None
     log(f"wrote {output.target} in {time.perf_counter() - started:.0f} s")
     return summary
+
+
+def _write_quantized(staging: Path, model: layout.ModelFolder, request: QuantizeRequest, plan, prompts: list[str],
+                     cache_dir: Path | None, log) -> dict:
+    """The quantized folder in ``staging``, past its quality gate, with its record; returns the record's summary."""
+    import openvino as ov
+
+    record, defaults = model.record, model.record.defaults
+    digits_demo = record.demo == "digits"
+    decoder_latents = min(len(prompts), MAX_DECODER_LATENTS)  # one per prompt: its final latents
+    _copy_everything_but_models(model.path, staging)
+    with trimmed_mappings():  # NNCF reads every weight of the mapped IRs once: keep them out of RSS
+        rows = _quantize_models(ov.Core(), model.path, staging, request,
+                                calibration.RecordedLatents(cache_dir, decoder_latents), cache_dir, log)
+    gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
+                        steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
+                        min_psnr=request.min_psnr, min_ssim=request.min_ssim,
+                        max_digit_drop=request.max_digit_drop if digits_demo else None)
+    report = _gate(model.path, staging, gate, log)
+    summary = {"calibration": {**asdict(plan), "dataset": request.dataset},
+               "transformer": asdict(request.transformer), "weights": asdict(request.weights),
+               "vae_decoder": _decoder_summary(request.vae_decoder, decoder_latents),
+               "sizes": {row.component: {"before_bytes": row.before_bytes, "after_bytes": row.after_bytes,
+                                         "format": row.format} for row in rows},
+               "gate": report.as_dict()}
+    record.quantization = summary
+    record.ovsd3_version = __version__
+    record.save(staging)
+    return summary
+
+
+def _copied_files(source: Path) -> tuple[str, ...]:
+    """What quantize copies from the source folder besides the models: part of what it writes."""
+    from glob import escape
+
+    return tuple(escape(path.relative_to(source).as_posix()) for path in sorted(source.rglob("*"))
+                 if path.is_file())
+
+
+def _check_calib_cache(cache_dir: Path, request: QuantizeRequest, source: Path) -> None:
+    """The calibration cache is written to: apart from the model, the prompt file and OUT (either way round),
+    and holding nothing but recorded inputs, checked before anything is recorded or created."""
+    check_cache_apart(cache_dir, "--calib-cache", inputs=(source, request.dataset), outputs=(request.output,))
+    stray = layout.unexpected_file(cache_dir, layout.output_files("calibration")) if cache_dir.is_dir() else None
+    if stray is not None:
+        raise OvsdError(f"--calib-cache {cache_dir} holds {stray}, which is not a recorded calibration input: name "
+                        "an empty folder or an earlier calibration cache (nothing was written)")
 
 
 def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFolder]:
@@ -234,6 +266,7 @@ def _calibrate(request: QuantizeRequest, source: Path, plan, digits_demo: bool, 
     else:
         prompts = calibration.load_prompts(request.dataset, plan.prompts_needed, log)
     cache_dir = request.calib_cache or calibration.default_cache_root() / calibration.cache_key(source, plan, prompts)
+    _check_calib_cache(cache_dir, request, source)
     log(f"[1/4] calibration: {request.calib} transformer inputs from {len(prompts)} prompts x "
         f"{plan.steps} steps at {plan.size}x{plan.size} (guidance {plan.guidance_scale}), cached in {cache_dir}")
     calibration.record(source, plan, prompts, cache_dir, log)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ovsd3 import __version__, layout
-from ovsd3.atomic import AtomicOutput
+from ovsd3.atomic import AtomicOutput, scratch_folder
 from ovsd3.errors import OvsdError
 from ovsd3.metrics import psnr
 from ovsd3.report import figures, machine
@@ -163,14 +162,11 @@ def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print)
     output = AtomicOutput(request.out, command="benchmark", overwrite=request.overwrite,
                           inputs=(request.folder, request.torch_model))
     output.check()
-    image_dir = Path(tempfile.mkdtemp(prefix="ovsd3-benchmark-"))
-    try:
+    with scratch_folder("ovsd3-benchmark") as image_dir:  # a killed run's is cleared by the next
         runners = _run(_tasks(request, record, settings, log), request, settings, image_dir, log)
         reference = ovsd3_runner(request.caches[0])  # ratios are against ovsd3 with the first cache mode (off)
         _picture_psnr(runners, reference, image_dir)
         return _write(request, runners, reference, settings, output, image_dir, log)
-    finally:
-        shutil.rmtree(image_dir, ignore_errors=True)
 
 
 def _write(request: BenchmarkRequest, runners: dict, reference: str, settings: dict, output: AtomicOutput,

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +21,7 @@ from typing import Callable
 from PIL import Image
 
 from ovsd3 import __version__, layout
-from ovsd3.atomic import AtomicOutput
+from ovsd3.atomic import AtomicOutput, scratch_folder
 from ovsd3.demo.digits import DigitScorer, evaluation_prompts
 from ovsd3.errors import OvsdError
 from ovsd3.report import figures, machine
@@ -128,14 +126,11 @@ def _first_start(measured: dict) -> dict:
 def _first_starts(folder: Path, device: str, prompt: str, settings: dict) -> dict:
     """Without a model cache is measured by the generation child; here: a process filling an empty cache,
     then a new process starting from it."""
-    cache_dir = Path(tempfile.mkdtemp(prefix="ovsd3-report-cache-"))
-    try:
+    with scratch_folder("ovsd3-report-cache") as cache_dir:  # a killed run's is cleared by the next
         task = {"name": "ovsd3_first_start", "folder": str(folder), "device": device, "cache_dir": str(cache_dir),
                 "prompt": prompt, **settings}
         filling = _first_start(run_child(task))
         cached = _first_start(run_child(task))
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
     return {"cache_fill": filling, "cached": cached}
 
 

@@ -97,7 +97,7 @@ def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
     from ovsd3.runtime.images import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    private = folder / f".{os.getpid()}-{uuid.uuid4().hex}.png.tmp"
+    private = folder / f".{os.getpid()}-{uuid.uuid4().hex}.png.tmp"  # the pid: see _clear_leftovers
     try:
         try:
             save_png(image, private, params)
@@ -119,7 +119,7 @@ def _write_preview(step, folder: Path) -> None:
     from ovsd3.runtime.preview import preview_images
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".preview.png.tmp"
+    tmp = folder / f".preview-{os.getpid()}.png.tmp"  # private to this run, so runs into one folder never mix
     try:
         preview_images(step.denoised[:1])[0].save(tmp, format="PNG")
         tmp.replace(folder / PREVIEW)  # atomic, so a viewer never sees half a file
@@ -151,6 +151,34 @@ def _check_output(output: Path, model_dir: Path) -> None:
         raise OvsdError(f"--output {output}: {existing} is not a writable folder")
 
 
+# Temporary files a run writes in --output, named with its pid: those of a killed run are cleared by the next.
+LEFTOVERS = (r"\.(?P<pid>\d+)-[0-9a-f]+\.png\.tmp", r"\.preview-(?P<pid>\d+)\.png\.tmp")
+
+
+def _clear_leftovers(output: Path) -> None:
+    from ovsd3.atomic import clear_dead_leftovers
+
+    for name in LEFTOVERS:
+        clear_dead_leftovers(output, name)
+
+
+def _lora_paths(specs: list[str]) -> list[Path]:
+    """The files named by --lora PATH[:WEIGHT] values (both readings, where a path holds a colon)."""
+    return [Path(path) for spec in specs for path in {str(spec), str(spec).rpartition(":")[0]} if path]
+
+
+def _check_cache_dir(args) -> None:
+    """The model cache is written to: not in or over an input, nor (when named) in or over --output."""
+    from ovsd3.atomic import check_cache_apart
+    from ovsd3.runtime.devices import default_cache_dir
+
+    if args.no_cache:
+        return
+    inputs = (args.model_dir, args.image, args.mask, *_lora_paths(args.lora))
+    check_cache_apart(args.cache_dir or default_cache_dir(), "--cache-dir", inputs=inputs,
+                      outputs=(args.output,) if args.cache_dir else ())
+
+
 def run(args) -> int:
     from ovsd3.atomic import cleaned_up_on_failure
     from ovsd3.layout import ModelFolder
@@ -171,6 +199,8 @@ def run(args) -> int:
             clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length,
             **_skip_layer_guidance(args))  # the same, for its checks
     _check_output(args.output, args.model_dir)
+    _check_cache_dir(args)
+    _clear_leftovers(args.output)
     model = ModelFolder.open(args.model_dir)  # a damaged folder is said before anything reads it
     for name, path in (("image", args.image), ("mask", args.mask)):
         if path is not None and not path.is_file():
@@ -204,19 +234,26 @@ def run(args) -> int:
 
 def _generate(pipe, args, cache) -> int:
     progress = ProgressBar()
+    unfinished_line = []  # the progress bar's, until its last step ends it
 
     def on_step(step):
         progress(step.index + 1, step.total)
+        unfinished_line[:] = [step.index + 1 < step.total]
         if args.preview_every and (step.index + 1) % args.preview_every == 0:
             _write_preview(step, args.output)
 
     steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps  # the folder's, images too
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
-                  guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
-                  noise=args.noise, num_images_per_prompt=args.num_images, image=args.image, strength=args.strength,
-                  mask_image=args.mask, **_skip_layer_guidance(args),
-                  clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
-                  callback=on_step)
+    try:
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
+                      guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
+                      noise=args.noise, num_images_per_prompt=args.num_images, image=args.image,
+                      strength=args.strength, mask_image=args.mask, **_skip_layer_guidance(args),
+                      clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
+                      callback=on_step)
+    except BaseException:
+        if any(unfinished_line):
+            print(file=sys.stderr)  # the error or the interrupt gets a line of its own
+        raise
     for image, params in zip(result.images, result.params):
         path = save_new_png(image, args.output, params, f"-{params['seed']}")
         print(path)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ovsd3 import __version__, layout
-from ovsd3.errors import InvalidRequest, OvsdError
+from ovsd3.errors import InvalidRequest
 from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.adapters import LoraAdapter

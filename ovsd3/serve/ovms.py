@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+from glob import escape
 from pathlib import Path
 
 from ovsd3.atomic import AtomicOutput
 from ovsd3.errors import OvsdError
-from ovsd3.layout import ModelFolder
+from ovsd3.layout import OVMS_CONFIG, OVMS_GRAPH, ModelFolder
 
 OVMS_DEVICES = ("CPU", "GPU", "NPU")
 
@@ -68,11 +69,13 @@ def write_ovms_config(model_dir: Path, out: Path, *, name: str | None = None, de
     model = ModelFolder.open(model_dir)
     name = name or model.name
     options = graph_options(model, device, max_images, max_steps)
-    output = AtomicOutput(out, command="ovms-config", overwrite=overwrite, inputs=(model.path,))
+    # --overwrite replaces only the config of this very model: another model's graph would be lost
+    output = AtomicOutput(out, command="ovms-config", overwrite=overwrite, inputs=(model.path,),
+                          writes=(OVMS_CONFIG, f"{escape(name)}/{OVMS_GRAPH}"))
     output.check()
     with output as staging:
         (staging / name).mkdir(parents=True)
-        (staging / name / "graph.pbtxt").write_text(graph_text(options))
+        (staging / name / OVMS_GRAPH).write_text(graph_text(options))
         config = {"model_config_list": [{"config": {"name": name, "base_path": name}}]}
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out / "config.json"
+        (staging / OVMS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out / OVMS_CONFIG
