@@ -134,13 +134,18 @@ def test_same_seed_same_bytes(ov_sd3):
     assert png_bytes(a.images[0], a.params[0]) != png_bytes(c.images[0], c.params[0])
 
 
-def test_steps_are_yielded_for_progress_and_previews(ov_pipe):
+def test_steps_are_yielded_for_progress_and_previews(ov_pipe, ov_sd3_fp32):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     from ovsd3.runtime.preview import latents_to_rgb
 
     job = ov_pipe.prepare(PROMPT, seed=5, num_inference_steps=4, guidance_scale=2.0, **SIZE)
     steps = list(ov_pipe.steps(job))
     assert [step.index for step in steps] == [0, 1, 2, 3] and all(step.total == 4 for step in steps)
-    assert [step.sigma for step in steps] == pytest.approx([1.0, 0.857692, 0.602151, 0.008929], abs=1e-5)
+    reference = FlowMatchEulerDiscreteScheduler.from_pretrained(ov_sd3_fp32 / "scheduler")  # the sigmas' source
+    reference.set_timesteps(4)
+    assert [step.sigma for step in steps] == pytest.approx(reference.sigmas[:-1].tolist(), abs=1e-6)
+    assert job.sigmas == pytest.approx(reference.sigmas.tolist(), abs=1e-6)
     assert latents_to_rgb(steps[-1].denoised).shape == (1, 8, 8, 3)
     np.testing.assert_array_equal(steps[-1].latents, job.latents)
 
@@ -196,7 +201,7 @@ sys.exit(code)
     assert image.text["parameters"].startswith("a cat\nSteps: 4, Sampler: flash, CFG scale: 0.0, Seed: 1")
 
 
-def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32):
+def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32, monkeypatch):
     """Without T5 the transformer runs on 77 + 1 text tokens with an attention bias; the images are those of
     the plain IR on diffusers' 77 + 256 tokens (here: the sampler run by hand on the folder's own IR)."""
     import openvino as ov
@@ -219,11 +224,31 @@ def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32):
         uncond, cond = np.split(out, 2)
         expected = euler_step(expected, uncond + np.float32(5.0) * (cond - uncond), float(job.sigmas[index]),
                               float(job.sigmas[index + 1]))
+    start = job.latents.copy()
     for _ in pipe.steps(job):
         pass
     assert ATTENTION_BIAS_INPUT in {name for port in pipe.transformer.compiled.inputs for name in port.get_names()}
     assert [shape[:2] for shape in shapes] == [(2, 77 + 256)] * 4  # observers see diffusers' sequence
-    assert psnr(expected, job.latents, data_range=float(np.ptp(expected))) >= 45.0
+    exact = psnr(expected, job.latents, data_range=float(np.ptp(expected)))
+    # Float rounding only (the latents, not 8-bit images). Leaving the bias out scores 42-45 dB on these
+    # random tiny models, so the bound sits far above that, and the control below shows it.
+    assert exact >= MIN_COLLAPSE_PSNR, exact
+
+    from ovsd3.runtime import transformer as transformer_module
+    from ovsd3.runtime.text_collapse import collapse_text
+
+    def without_bias(inputs, patch_size):  # the collapse a broken implementation would make: no log(256)
+        collapse = collapse_text(inputs, patch_size)
+        return type(collapse)(collapse.inputs, np.zeros_like(collapse.attention_bias), collapse.copies)
+
+    monkeypatch.setattr(transformer_module, "collapse_text", without_bias)
+    job = pipe.prepare(PROMPT, latents=start, num_inference_steps=4, guidance_scale=5.0, **SIZE)
+    for _ in pipe.steps(job):
+        pass
+    assert psnr(expected, job.latents, data_range=float(np.ptp(expected))) < MIN_COLLAPSE_PSNR - 20
+
+
+MIN_COLLAPSE_PSNR = 90.0
 
 
 ATTENTION_BIAS_INPUT = "attention_bias"
