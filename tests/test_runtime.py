@@ -252,3 +252,47 @@ MIN_COLLAPSE_PSNR = 90.0
 
 
 ATTENTION_BIAS_INPUT = "attention_bias"
+
+
+RELEASE_0_1 = "9f8b8afbdc060cd635a4aa15ff6784782136a1cc"  # pyproject version 0.1.0, before torch's noise existed
+
+DRAW_WITH_0_1 = """
+import sys, numpy as np
+from PIL import Image
+from ovsd3.runtime import SD3Pipeline
+pipe = SD3Pipeline.load(sys.argv[1], device="CPU", cache_dir=None)
+start = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+text = pipe("a cat", seed=5, num_inference_steps=2, guidance_scale=3.0, width=64, height=64).images[0]
+edit = pipe("a cat", seed=6, image=start, strength=0.6, num_inference_steps=4, guidance_scale=3.0, width=64,
+            height=64).images[0]
+np.save(sys.argv[2], np.stack([np.asarray(text), np.asarray(edit)]))
+"""
+
+
+def test_numpy_noise_draws_the_pictures_of_0_1(ov_sd3, tmp_path):
+    """The README: noise="numpy" gives ovsd3 0.1's pictures for old seeds. 0.1's own runtime, taken from this
+    repository's history, draws on the same folder (without the newer ovsd3.json, which 0.1 cannot read)."""
+    import os
+    import shutil
+
+    repository = Path(__file__).resolve().parent.parent
+    if not (repository / ".git").exists():
+        pytest.skip("needs this repository's git history for ovsd3 0.1")
+    old = tmp_path / "ovsd3-0.1"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(repository), "archive", RELEASE_0_1, "ovsd3"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    folder = tmp_path / "folder"
+    shutil.copytree(ov_sd3, folder, copy_function=os.link, ignore=shutil.ignore_patterns("ovsd3.json"))
+    drawn = subprocess.run([sys.executable, "-c", DRAW_WITH_0_1, str(folder), str(tmp_path / "old.npy")],
+                           env={**os.environ, "PYTHONPATH": str(old)}, cwd=tmp_path, capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
+    expected = np.load(tmp_path / "old.npy")
+    pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None)
+    start = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    text = dict(seed=5, num_inference_steps=2, guidance_scale=3.0, **SIZE)
+    edit = dict(seed=6, image=start, strength=0.6, num_inference_steps=4, guidance_scale=3.0, **SIZE)
+    assert np.array_equal(np.asarray(pipe("a cat", noise="numpy", **text).images[0]), expected[0])
+    assert np.array_equal(np.asarray(pipe("a cat", noise="numpy", **edit).images[0]), expected[1])
+    assert not np.array_equal(np.asarray(pipe("a cat", noise="torch", **text).images[0]), expected[0])  # the default
