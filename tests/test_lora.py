@@ -166,3 +166,45 @@ def test_serve_with_a_lora_draws_the_pipelines_picture(ov_sd3, adapters):
                             json={"prompt": "a cat", "rng_seed": 6, "num_inference_steps": 3, "size": "64x64"})
     got = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("kind, key", [
+    ("DoRA", "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector"),
+    ("DoRA (kohya)", "lora_unet_transformer_blocks_0_attn_to_q.dora_scale"),
+    ("LoHa", "lora_unet_transformer_blocks_0_attn_to_q.hada_w1_a"),
+    ("LoKr", "lora_unet_transformer_blocks_0_attn_to_q.lokr_w1"),
+    ("LoRA bias", "transformer.transformer_blocks.0.attn.to_q.lora_B.bias"),
+])
+def test_adapters_other_than_plain_lora_are_refused(ov_sd3, tmp_path, capsys, kind, key):
+    """The README: DoRA, LoHa, LoKr and LoRA biases are refused, not applied as plain LoRA."""
+    from safetensors.numpy import save_file
+
+    from ovsd3.cli import EXIT_ERROR, main
+
+    prefix = key.split(".")[0] + "." if key.startswith("lora_unet_") else "transformer.transformer_blocks.0.attn.to_q."
+    plain = ({f"{prefix}lora_down.weight": np.ones((4, 32), np.float32),
+              f"{prefix}lora_up.weight": np.ones((32, 4), np.float32)} if key.startswith("lora_unet_") else
+             {f"{prefix}lora_A.weight": np.ones((4, 32), np.float32),
+              f"{prefix}lora_B.weight": np.ones((32, 4), np.float32)})
+    path = tmp_path / "adapter.safetensors"
+    save_file({**plain, key: np.ones((32,), np.float32)}, str(path))
+    code = main(["run", str(ov_sd3), "--prompt", "a cat", "--steps", "1", "--no-cache", "--lora", str(path),
+                 "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_ERROR and len(error) == 1, (kind, error)
+    assert f"is not a plain LoRA (it has {key}: DoRA, LoHa, LoKr" in error[0], (kind, error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_dora_folder_is_refused(adapters, tmp_path):
+    import json
+    import shutil
+
+    from ovsd3.runtime.adapters import read_adapter
+
+    folder = tmp_path / "dora"
+    shutil.copytree(adapters["a"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(OvsdError, match="is a DoRA adapter: only plain LoRA is supported"):
+        read_adapter(folder, 2)

@@ -134,18 +134,42 @@ def test_record_carries_sizes_and_gate(q_sd3):
 
 @pytest.mark.parametrize("folder_fixture", ["q_flash", "q_sd3"])
 def test_quantized_folder_loads_in_every_runtime(request, folder_fixture, tmp_path):
+    """ovsd3, openvino.genai and optimum-intel draw the same picture from the quantized folder (same IR, same
+    seed: genai's TorchGenerator and diffusers' global stream are torch's, which ovsd3 draws); another seed is
+    another picture."""
     import openvino_genai
+    import torch
     from optimum.intel import OVStableDiffusion3Pipeline
+
+    from ovsd3.metrics import psnr
+    from ovsd3.runtime import SD3Pipeline
 
     folder = request.getfixturevalue(folder_fixture)
     assert main(["run", str(folder), "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "2",
                  "--no-cache", "--output", str(tmp_path)]) == 0
-    image = openvino_genai.Text2ImagePipeline(str(folder), "CPU").generate(
-        "a cat", width=64, height=64, num_inference_steps=2, rng_seed=1).data
-    assert image.shape == (1, 64, 64, 3)
-    images = OVStableDiffusion3Pipeline.from_pretrained(folder)(
-        "a cat", width=64, height=64, num_inference_steps=2, output_type="np").images
-    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    flash = folder_fixture == "q_flash"
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    pipe = SD3Pipeline.load(folder, precision="f32", cache_dir=None)
+
+    guidance = 0.0 if flash else 7.0
+
+    def ours(seed: int, steps: int, **extra) -> np.ndarray:
+        return pipe("a cat", seed=seed, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                    width=64, height=64, **extra).images[0] * 255.0
+
+    # genai: one step on Flash (its stochastic sampler's per-step noise is not diffusers'; 77 T5 tokens without T5)
+    steps, extra = (1, {"max_sequence_length": 77}) if flash else (2, {})
+    genai = openvino_genai.Text2ImagePipeline(str(folder), "CPU", **f32).generate(
+        "a cat", width=64, height=64, num_inference_steps=steps, guidance_scale=guidance,
+        generator=openvino_genai.TorchGenerator(1)).data[0].astype(np.float64)
+    assert psnr(genai, ours(1, steps, **extra), data_range=255.0) >= 40.0
+    assert psnr(genai, ours(2, steps, **extra), data_range=255.0) < 25.0
+    torch.manual_seed(3)  # no generator: diffusers draws from torch's global stream
+    optimum = OVStableDiffusion3Pipeline.from_pretrained(folder, ov_config=f32)(
+        "a cat", width=64, height=64, num_inference_steps=2, guidance_scale=guidance,
+        output_type="np").images[0] * 255.0
+    assert psnr(optimum, ours(3, 2), data_range=255.0) >= 40.0
+    assert psnr(optimum, ours(4, 2), data_range=255.0) < 25.0
 
 
 def diffusers_timesteps(folder: Path, steps: int) -> list[float]:
