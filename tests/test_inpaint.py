@@ -55,7 +55,8 @@ def test_inpainting_matches_diffusers(pipes, strength, steps, guidance, mode):
                               **call).images
     agreement = psnr(expected.numpy().astype(np.float64), got.astype(np.float64), data_range=8.0)
     assert agreement >= MIN_LATENT_PSNR, agreement
-    other = ovsd3_pipe("a blue digit 3", generator=torch.Generator().manual_seed(5), output_type="latent", **call).images
+    other = ovsd3_pipe("a blue digit 3", generator=torch.Generator().manual_seed(5), output_type="latent",
+                       **call).images
     assert psnr(expected.numpy().astype(np.float64), other.astype(np.float64), data_range=8.0) < MIN_LATENT_PSNR - 30
     kept = np.asarray(square_mask("L"))[::8, ::8] == 0  # latent pixels outside the mask
     image_latents = ovsd3_pipe._encode_image(  # the image's own latents, with the generator's first draw

@@ -70,8 +70,8 @@ def test_edits_start_from_the_uploaded_image(server, ov_sd3):
     colours = [(200, 30, 30), (20, 40, 220)]
     answers = []
     for colour in colours:
-        answer = httpx.post(f"{server}/v3/images/edits", files={"image": ("start.png", png_upload(colour), "image/png")},
-                            data=fields, timeout=60)
+        upload = {"image": ("start.png", png_upload(colour), "image/png")}
+        answer = httpx.post(f"{server}/v3/images/edits", files=upload, data=fields, timeout=60)
         assert answer.status_code == 200, answer.text
         answers.append([np.asarray(decode_png(item["b64_json"]), float) for item in answer.json()["data"]])
     pipe = SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None)
@@ -82,8 +82,8 @@ def test_edits_start_from_the_uploaded_image(server, ov_sd3):
         assert len(got) == 2 and got[0].shape == (SIZE, SIZE, 3)
         assert all(np.array_equal(image, mine) for image, mine in zip(got, own))
         assert psnr(got[0], other[0], data_range=255.0) < 30.0  # the other upload's picture is another picture
-    weaker = httpx.post(f"{server}/v3/images/edits", files={"image": ("start.png", png_upload(colours[0]), "image/png")},
-                        data=dict(fields, strength="1.0"), timeout=60).json()
+    upload = {"image": ("start.png", png_upload(colours[0]), "image/png")}
+    weaker = httpx.post(f"{server}/v3/images/edits", files=upload, data=dict(fields, strength="1.0"), timeout=60).json()
     assert not np.array_equal(np.asarray(decode_png(weaker["data"][0]["b64_json"]), float), answers[0][0])
 
 

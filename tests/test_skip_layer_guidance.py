@@ -37,7 +37,8 @@ def test_skip_layer_guidance_matches_diffusers(pipes, layers):
     assert psnr(plain.astype(np.float64), got.astype(np.float64), data_range=1.0) < 60  # it did change the picture
     latent_call = {**call, "output_type": "latent"}
     got = ovsd3_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2), **latent_call).images
-    expected = diffusers_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2), **latent_call).images.numpy()
+    expected = diffusers_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2),
+                              **latent_call).images.numpy()
     agreement = psnr(expected, got, data_range=float(np.ptp(expected)))
     assert agreement >= MIN_LATENT_PSNR, agreement  # the part that matters, at a bound the images cannot show
 
