@@ -181,7 +181,7 @@ def diffusers_timesteps(folder: Path, steps: int) -> list[float]:
     return scheduler.timesteps.tolist()
 
 
-def test_calibration_cache_resumes(workdir, ov_flash, capsys):
+def test_calibration_cache_resumes(workdir, ov_flash, q_flash, capsys):  # q_flash: its run wrote the cache
     from ovsd3.quantize import calibration
 
     cache = workdir / "q-flash-calib"  # written by the q_flash fixture's run
