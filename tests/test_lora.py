@@ -14,7 +14,7 @@ from ovsd3.runtime import SD3Pipeline
 
 SIZE = dict(width=64, height=64)
 CALL = dict(num_inference_steps=4, guidance_scale=3.0, output_type="np", **SIZE)
-MIN_PSNR = 35.0
+MIN_PSNR = 90.0  # float images from the f32 IR against diffusers + PEFT; a wrong scale or layer is far below
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_adapters_match_diffusers_and_peft(ov_sd3_fp32, tiny_sd3, adapters, weig
     got = pipe("a cat", generator=torch.Generator().manual_seed(1), **CALL).images
     plain = SD3Pipeline.load(ov_sd3_fp32, precision="f32", cache_dir=None)(
         "a cat", generator=torch.Generator().manual_seed(1), **CALL).images
-    assert psnr(expected.astype(np.float64), got.astype(np.float64), data_range=1.0) >= MIN_PSNR
+    agreement = psnr(expected.astype(np.float64), got.astype(np.float64), data_range=1.0)
+    assert agreement >= MIN_PSNR, agreement
     assert psnr(plain.astype(np.float64), got.astype(np.float64), data_range=1.0) < 40  # the adapter changed it
 
 
