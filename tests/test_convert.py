@@ -245,7 +245,12 @@ def test_optimum_intel_generates_what_diffusers_does(request, folder_fixture, so
     ov_pipe = OVStableDiffusion3Pipeline.from_pretrained(folder, ov_config={"INFERENCE_PRECISION_HINT": "f32"})
     got = ov_pipe(PROMPT, latents=latents.clone(), **settings).images
     expected = _torch_pipeline(source)(PROMPT, latents=latents.clone(), **settings).images
-    assert psnr(expected, got, data_range=1.0) >= 35.0
+    # Float images from the fp16 folder in f32 execution: measured 68-69 dB (the weights' fp16 rounding), where
+    # another prompt is another picture (below 40 dB); the old 35 dB bound could not tell these apart.
+    agreement = psnr(expected, got, data_range=1.0)
+    assert agreement >= 55.0, agreement
+    other = ov_pipe("a lighthouse in a storm", latents=latents.clone(), **settings).images
+    assert psnr(expected, other, data_range=1.0) < 40.0  # the prompt reached optimum's text encoders
 
 
 def test_optimum_intel_draws_ovsd3s_flash_picture(ov_flash):
