@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import main  # noqa: F401  (sys.path set by pytest for tests/)
 from ovsd3.metrics import psnr
@@ -43,6 +45,35 @@ def genai_calls(folder, steps: int, guidance: float, setting: TaylorSeer | None)
     genai.set_generation_config(config)
     genai.generate(PROMPT, width=64, height=64, num_inference_steps=steps, guidance_scale=guidance, rng_seed=1)
     return len(genai.get_performance_metrics().raw_metrics.transformer_inference_durations)
+
+
+GENAI_STORED_ORDERS = 2  # TaylorSeerState::m_max_order: the output and its first difference
+
+
+def genai_schedule(setting: TaylorSeer, steps: int) -> list[bool]:
+    """openvino.genai's TaylorSeerState schedule, transcribed from its source (src/cpp/src/diffusion_caching/
+    taylorseer_lite.hpp: initialize() and should_compute_at_step()), as the reference for ovsd3's own."""
+    after = setting.disable_cache_after_step
+    after = steps + after if after < 0 else after
+    if setting.disable_cache_before_step >= steps or after < 0 or after <= setting.disable_cache_before_step:
+        return [True] * steps  # TaylorSeer inactive
+    first = max(setting.disable_cache_before_step, GENAI_STORED_ORDERS)
+    schedule = []
+    for step in range(steps):
+        if step < first or step >= after:
+            schedule.append(True)
+        else:
+            offset = step - first
+            schedule.append(offset >= setting.cache_interval - 1
+                            and (offset - (setting.cache_interval - 1)) % setting.cache_interval == 0)
+    return schedule if not all(schedule) else [True] * steps
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(steps=st.integers(1, 60), interval=st.integers(2, 8), before=st.integers(0, 30), after=st.integers(-40, 40))
+def test_taylorseer_schedule_is_genais(steps, interval, before, after):
+    setting = TaylorSeer(cache_interval=interval, disable_cache_before_step=before, disable_cache_after_step=after)
+    assert taylorseer_schedule(setting, steps) == genai_schedule(setting, steps)
 
 
 @pytest.mark.parametrize("steps, spec", [(28, "taylorseer"), (12, "taylorseer"), (5, "taylorseer"),
@@ -95,7 +126,7 @@ def test_taylorseer_forecasts_from_the_last_full_calls():
         return full
 
     got = [float(cache.velocity(index, full_at(index))[0, 0]) for index in range(10)]
-    assert computed == [i for i, run in enumerate(taylorseer_schedule(setting, 10)) if run] == [0, 1, 4, 7, 9]
+    assert computed == [i for i, run in enumerate(genai_schedule(setting, 10)) if run]
     assert got == pytest.approx([3.0 + 0.5 * index for index in range(10)])
     factors = TaylorFactors(max_order=2)
     for step in (0, 2, 4):
@@ -103,6 +134,30 @@ def test_taylorseer_forecasts_from_the_last_full_calls():
     # the TaylorSeer paper's second order: backward differences as derivatives, Taylor's 1/k! weights:
     # 16 + 6 * 2 + 2 * 2**2 / 2 (the true 36 needs the central differences caching cannot have yet)
     assert factors.predict(6)[0] == pytest.approx(32.0)
+
+
+@pytest.mark.parametrize("switch_at", [3, 4, 5, 6])
+def test_a_forecast_never_spans_a_guidance_switch(switch_at):
+    """Where guidance starts (the batch share changes), the step runs whole although the schedule would
+    forecast it, and the next forecasts extrapolate from guided outputs only."""
+    setting = TaylorSeer(cache_interval=3, disable_cache_before_step=2, disable_cache_after_step=-1)
+    schedule = taylorseer_schedule(setting, 10)
+    cache, computed = StepCache(setting, 10, 1), []
+
+    def full_at(index):
+        def full():
+            computed.append(index)  # unguided outputs far from the guided ones: a mixed forecast would show
+            return np.full((1, 2), (100.0 if index >= switch_at else 0.0) + index, dtype=np.float32)
+        return full
+
+    got = [float(cache.velocity(index, full_at(index), batch_share=1.0 if index >= switch_at else 0.5)[0, 0])
+           for index in range(10)]
+    assert switch_at in computed
+    assert computed == sorted({switch_at} | {index for index, run in enumerate(schedule) if run})
+    # A forecast after the switch holds or extrapolates guided outputs (100 + step); one through the unguided
+    # output before the switch would carry its jump of 100 into the slope.
+    forecast_after = [index for index in range(switch_at, 10) if index not in computed]
+    assert forecast_after and all(100.0 + switch_at <= got[index] <= 100.0 + index for index in forecast_after), got
 
 
 def test_first_block_cache_skips_only_what_its_threshold_allows(pipe):

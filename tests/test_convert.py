@@ -68,7 +68,10 @@ def test_record_carries_parity_and_defaults(ov_sd3):
     assert record.weight_format == "fp16" and record.has_t5 and record.flash_lora is None
     assert record.defaults == layout.GenerationDefaults()
     assert set(record.parity) == set(layout.MODEL_COMPONENTS)
-    assert all(entry["psnr"] >= 30 for entry in record.parity.values())
+    # convert refuses below its --min-psnr (30), so that bound could not fail here: fp16 exports of these models
+    # measure 76-84 dB against PyTorch, and a lossy export (an fp16 overflow, a dropped layer) far less.
+    assert all(entry["psnr"] >= 60 and entry["checked_at"] == "f32" for entry in record.parity.values()), record.parity
+    assert all(0 < entry["max_abs_error"] < 0.05 for entry in record.parity.values()), record.parity
 
 
 def _torch_pipeline(model: Path):
@@ -201,14 +204,33 @@ def test_source_without_t5_converts(workdir, tiny_sd3_without_t5):
     assert any("peak RSS" in line for line in lines)
 
 
-@pytest.mark.parametrize("folder_fixture", ["ov_sd3", "ov_sd35", "ov_flash"])
-def test_openvino_genai_generates(request, folder_fixture):
+@pytest.mark.parametrize("folder_fixture, guidance, steps, ours_only", [
+    ("ov_sd3", 5.0, 3, {}), ("ov_sd35", 3.5, 3, {}),
+    # Flash, no T5: genai feeds 77 zero T5 tokens where diffusers (and ovsd3 by default) feed 256, and its
+    # stochastic sampler's per-step noise is not diffusers' (ovsd3 follows diffusers there: test_runtime's
+    # flash test, and optimum-intel below), so one step, which draws no per-step noise, at genai's length.
+    ("ov_flash", 0.0, 1, {"max_sequence_length": 77})])
+def test_openvino_genai_draws_ovsd3s_picture(request, folder_fixture, guidance, steps, ours_only):
+    """genai's Text2ImagePipeline on the folder draws what ovsd3 draws: same seed (genai's TorchGenerator is
+    torch's stream, which ovsd3 draws by default), steps, guidance and T5 length, both in f32."""
     import openvino_genai
 
+    from ovsd3.runtime import SD3Pipeline
+
     folder = request.getfixturevalue(folder_fixture)
-    pipe = openvino_genai.Text2ImagePipeline(str(folder), "CPU")
-    image = pipe.generate(PROMPT, width=64, height=64, num_inference_steps=2, rng_seed=1).data
-    assert image.shape == (1, 64, 64, 3) and image.std() > 0
+    settings = dict(width=64, height=64, num_inference_steps=steps, guidance_scale=guidance)
+    genai = openvino_genai.Text2ImagePipeline(str(folder), "CPU", INFERENCE_PRECISION_HINT="f32")
+    theirs = genai.generate(PROMPT, generator=openvino_genai.TorchGenerator(1), **settings).data[0].astype(float)
+    pipe = SD3Pipeline.load(folder, precision="f32", cache_dir=None)
+
+    def ours(**changes) -> np.ndarray:
+        call = {"seed": 1, "noise": "torch", **settings, **ours_only, **changes}
+        return np.asarray(pipe(PROMPT, **call).images[0], float)
+
+    same = ours()
+    # Measured 51 dB, no pixel more than 1 apart (8-bit rounding of the two decoders' floats)
+    assert np.abs(theirs - same).max() <= 2 and psnr(theirs, same, data_range=255.0) >= 45.0
+    assert psnr(theirs, ours(seed=2), data_range=255.0) < 25.0  # the noise is what makes it agree (~15 dB)
 
 
 @pytest.mark.parametrize("folder_fixture, source_fixture",
@@ -223,13 +245,28 @@ def test_optimum_intel_generates_what_diffusers_does(request, folder_fixture, so
     ov_pipe = OVStableDiffusion3Pipeline.from_pretrained(folder, ov_config={"INFERENCE_PRECISION_HINT": "f32"})
     got = ov_pipe(PROMPT, latents=latents.clone(), **settings).images
     expected = _torch_pipeline(source)(PROMPT, latents=latents.clone(), **settings).images
-    assert psnr(expected, got, data_range=1.0) >= 35.0
+    # Float images from the fp16 folder in f32 execution: measured 68-69 dB (the weights' fp16 rounding), where
+    # another prompt is another picture (below 40 dB); the old 35 dB bound could not tell these apart.
+    agreement = psnr(expected, got, data_range=1.0)
+    assert agreement >= 55.0, agreement
+    other = ov_pipe("a lighthouse in a storm", latents=latents.clone(), **settings).images
+    assert psnr(expected, other, data_range=1.0) < 40.0  # the prompt reached optimum's text encoders
 
 
-def test_optimum_intel_loads_flash_folder(ov_flash):
+def test_optimum_intel_draws_ovsd3s_flash_picture(ov_flash):
+    """optimum-intel on a Flash folder (stochastic sampler, no T5) against ovsd3 on the same folder: diffusers'
+    SD3 pipeline draws its latents and per-step noise from torch's global stream, which ovsd3 draws for a seed
+    without a generator."""
     from optimum.intel import OVStableDiffusion3Pipeline
 
-    pipe = OVStableDiffusion3Pipeline.from_pretrained(ov_flash)
+    from ovsd3.runtime import SD3Pipeline
+
+    pipe = OVStableDiffusion3Pipeline.from_pretrained(ov_flash, ov_config={"INFERENCE_PRECISION_HINT": "f32"})
     assert pipe.scheduler.config.stochastic_sampling
-    image = pipe(PROMPT, width=64, height=64, num_inference_steps=4, guidance_scale=0.0, output_type="np").images
-    assert image.shape == (1, 64, 64, 3)
+    settings = dict(width=64, height=64, num_inference_steps=4, guidance_scale=0.0, output_type="np")
+    torch.manual_seed(7)
+    theirs = pipe(PROMPT, **settings).images.astype(np.float64)
+    ours = SD3Pipeline.load(ov_flash, precision="f32", cache_dir=None)
+    same = ours(PROMPT, seed=7, **settings).images.astype(np.float64)
+    assert psnr(theirs, same, data_range=1.0) >= 45.0
+    assert psnr(theirs, ours(PROMPT, seed=8, **settings).images.astype(np.float64), data_range=1.0) < 25.0

@@ -149,6 +149,12 @@ def test_unexpected_failure_is_one_line_too(tmp_path, tiny_sd3, capsys, monkeypa
     assert code == 1 and err == ("ovsd3 convert: internal error: RuntimeError: something inside a library broke "
                                  "(set OVSD3_DEBUG=1 for the traceback)")
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
+    # What that line promises: with OVSD3_DEBUG=1 the error itself propagates (Python prints its traceback),
+    # and the output is cleaned up all the same.
+    monkeypatch.setenv("OVSD3_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="something inside a library broke\nwith a second line"):
+        main(["convert", str(tiny_sd3), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
 
 
 def _start_convert(model: Path, out: Path) -> subprocess.Popen:

@@ -14,7 +14,10 @@ from ovsd3.runtime.noise import TorchNoise
 
 PROMPTS = ["a photo of a cat sitting on a red sofa", "a lighthouse in a storm"]
 SIZE = dict(width=64, height=64)
-MIN_PSNR = 35.0
+# Float images (output_type "np") and latents from the f32 IR: measured 127-130 dB against diffusers, where a
+# missing prompt_2 or numpy's noise scores 13-29 dB. 35 dB, the 8-bit images' bound, would pass a wrong sampler.
+MIN_PSNR = 100.0
+MIN_PSNR_8BIT = 45.0  # uint8 pictures: measured 51 dB, no pixel more than 1 apart
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_diffusers_keywords_draw_diffusers_pictures(pipes):
     assert close(expected, got)
     # prompt_2 reaches CLIP-G: without it the picture changes
     plain = ovsd3_pipe(generator=generator(3), **dict(call, prompt_2=None)).images
-    assert not close(plain, got)
+    assert not close(plain, got, minimum=40.0)  # measured 29 dB
 
 
 def test_the_same_seed_draws_diffusers_picture(pipes):
@@ -73,7 +76,7 @@ def test_the_same_seed_draws_diffusers_picture(pipes):
     expected = diffusers_pipe(PROMPTS[0], generator=generator(7), **call).images
     assert got.params[0]["noise"] == "torch" and close(expected, got.images)
     numpy_noise = ovsd3_pipe(PROMPTS[0], seed=7, noise="numpy", **call).images
-    assert not close(expected, numpy_noise)  # numpy's stream is another picture
+    assert not close(expected, numpy_noise, minimum=40.0)  # numpy's stream is another picture (14 dB)
 
 
 def test_embeddings_passed_in(pipes):
@@ -160,7 +163,8 @@ def test_image_calls_take_diffusers_defaults(pipes, tiny_sd3, pipeline):
     call = dict(image=init, guidance_scale=3.0, output_type="latent", **SIZE, **extra)
     got = ovsd3_pipe(PROMPTS[0], generator=generator(8), **call).images
     expected = getattr(diffusers, pipeline).from_pretrained(tiny_sd3)(PROMPTS[0], generator=generator(8), **call).images
-    assert psnr(expected.numpy().astype(np.float64), got.astype(np.float64), data_range=8.0) >= MIN_PSNR
+    agreement = psnr(expected.numpy().astype(np.float64), got.astype(np.float64), data_range=8.0)
+    assert agreement >= MIN_PSNR, agreement
     assert ovsd3_pipe.num_timesteps == 30  # 50 steps at strength 0.6
 
 
@@ -231,7 +235,7 @@ def test_openvino_genai_generate_call(pipes, ov_sd3_fp32):
     expected = genai_pipe.generate(PROMPTS[0], generator=openvino_genai.TorchGenerator(5), **properties).data
     got = ovsd3_pipe.generate(PROMPTS[0], generator=openvino_genai.TorchGenerator(5), **properties)
     assert got.data.dtype == np.uint8 and got.data.shape == expected.shape == (2, 64, 64, 3)
-    assert psnr(expected.astype(np.float64), got.data.astype(np.float64), data_range=255.0) >= MIN_PSNR
+    assert psnr(expected.astype(np.float64), got.data.astype(np.float64), data_range=255.0) >= MIN_PSNR_8BIT
     default_seed = ovsd3_pipe.generate(PROMPTS[0], **properties).data  # rng_seed 42 unless given
     np.testing.assert_array_equal(default_seed, ovsd3_pipe.generate(PROMPTS[0], rng_seed=42, **properties).data)
     steps = []

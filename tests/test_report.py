@@ -339,7 +339,9 @@ def test_report_cache_modes_are_columns(tmp_path, ov_sd3):
     assert (off["cache"], off["speed"]["transformer_calls"]) == ("off", 12)
     assert (cached["cache"], cached["speed"]["transformer_calls"]) == ("taylorseer", 9)
     assert cached["speed"]["work"] == pytest.approx(9 / 12)
-    assert cached["quality"]["mean_psnr_db"] is not None  # against the uncached column's images
+    # against the uncached column's images, the same prompt and seed
+    assert cached["quality"]["psnr_db"] == pytest.approx(
+        [psnr(rgb(out / a), rgb(out / b), data_range=255.0) for a, b in zip(off["images"], cached["images"])])
     assert "| transformer work" in (out / "report.md").read_text()
 
 

@@ -21,6 +21,16 @@ SIZE = dict(width=64, height=64)
 MIN_PSNR = 35.0
 
 
+# Images are compared at 35 dB (8-bit rounding through a random tiny VAE), which another prompt can reach on
+# these models. The latents are the part that matters: measured 145-156 dB against diffusers (f32 rounding),
+# where another prompt scores 35-49 dB and the no-T5 shortcut without its bias 42-45 dB.
+MIN_LATENT_PSNR = 120.0
+
+
+def latent_psnr(expected: np.ndarray, got: np.ndarray) -> float:
+    return psnr(expected, got, data_range=float(np.ptp(expected)))
+
+
 def as_float(images) -> np.ndarray:
     """uint8 PIL images as float arrays (PSNR on uint8 would wrap around)."""
     return np.stack([np.asarray(image, dtype=np.float64) for image in images])
@@ -49,18 +59,31 @@ def test_text_to_image_matches_diffusers(request, folder_fixture, source_fixture
     latents = initial_latents(1)
     got = pipe(PROMPT, latents=latents, num_inference_steps=4, guidance_scale=1.0, **SIZE).images
     extra = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
-    expected = torch_pipeline(source, **extra)(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=4,
-                                               guidance_scale=1.0, **SIZE).images
+    reference = torch_pipeline(source, **extra)
+    expected = reference(PROMPT, latents=torch.from_numpy(latents), num_inference_steps=4, guidance_scale=1.0,
+                         **SIZE).images
     assert psnr(as_float(expected), as_float(got), data_range=255.0) >= MIN_PSNR
+    # The part that matters, at a bound no wrong sampler reaches: the final latents
+    call = dict(num_inference_steps=4, guidance_scale=1.0, output_type="latent", **SIZE)
+    expected = reference(PROMPT, latents=torch.from_numpy(latents), **call).images.numpy()
+    assert latent_psnr(expected, pipe(PROMPT, latents=latents, **call).images) >= MIN_LATENT_PSNR
+    assert latent_psnr(expected, pipe("a lighthouse", latents=latents, **call).images) < MIN_LATENT_PSNR - 60
 
 
 def test_guidance_with_negative_prompt_matches_diffusers(ov_pipe, tiny_sd3):
     latents = initial_latents(1, seed=1)
     settings = dict(negative_prompt="blurry, low quality", num_inference_steps=5, guidance_scale=4.5, **SIZE)
     got = ov_pipe(PROMPT, latents=latents, **settings).images
-    expected = torch_pipeline(tiny_sd3)(PROMPT, latents=torch.from_numpy(latents), **settings).images
+    reference = torch_pipeline(tiny_sd3)
+    expected = reference(PROMPT, latents=torch.from_numpy(latents), **settings).images
     agreement = psnr(as_float(expected), as_float(got), data_range=255.0)
     assert agreement >= MIN_PSNR
+    expected_latents = reference(PROMPT, latents=torch.from_numpy(latents), output_type="latent",
+                                 **settings).images.numpy()
+    got_latents = ov_pipe(PROMPT, latents=latents, output_type="latent", **settings).images
+    assert latent_psnr(expected_latents, got_latents) >= MIN_LATENT_PSNR
+    other_negative = ov_pipe(PROMPT, latents=latents, output_type="latent", **dict(settings, negative_prompt="")).images
+    assert latent_psnr(expected_latents, other_negative) < MIN_LATENT_PSNR - 40  # the negative prompt is used
     unguided = ov_pipe(PROMPT, latents=latents, num_inference_steps=5, guidance_scale=1.0, **SIZE).images
     assert psnr(as_float(expected), as_float(unguided), data_range=255.0) < agreement - 10.0  # guidance mattered
 
@@ -134,13 +157,18 @@ def test_same_seed_same_bytes(ov_sd3):
     assert png_bytes(a.images[0], a.params[0]) != png_bytes(c.images[0], c.params[0])
 
 
-def test_steps_are_yielded_for_progress_and_previews(ov_pipe):
+def test_steps_are_yielded_for_progress_and_previews(ov_pipe, ov_sd3_fp32):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     from ovsd3.runtime.preview import latents_to_rgb
 
     job = ov_pipe.prepare(PROMPT, seed=5, num_inference_steps=4, guidance_scale=2.0, **SIZE)
     steps = list(ov_pipe.steps(job))
     assert [step.index for step in steps] == [0, 1, 2, 3] and all(step.total == 4 for step in steps)
-    assert [step.sigma for step in steps] == pytest.approx([1.0, 0.857692, 0.602151, 0.008929], abs=1e-5)
+    reference = FlowMatchEulerDiscreteScheduler.from_pretrained(ov_sd3_fp32 / "scheduler")  # the sigmas' source
+    reference.set_timesteps(4)
+    assert [step.sigma for step in steps] == pytest.approx(reference.sigmas[:-1].tolist(), abs=1e-6)
+    assert job.sigmas == pytest.approx(reference.sigmas.tolist(), abs=1e-6)
     assert latents_to_rgb(steps[-1].denoised).shape == (1, 8, 8, 3)
     np.testing.assert_array_equal(steps[-1].latents, job.latents)
 
@@ -196,7 +224,7 @@ sys.exit(code)
     assert image.text["parameters"].startswith("a cat\nSteps: 4, Sampler: flash, CFG scale: 0.0, Seed: 1")
 
 
-def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32):
+def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32, monkeypatch):
     """Without T5 the transformer runs on 77 + 1 text tokens with an attention bias; the images are those of
     the plain IR on diffusers' 77 + 256 tokens (here: the sampler run by hand on the folder's own IR)."""
     import openvino as ov
@@ -219,11 +247,75 @@ def test_zero_t5_text_is_collapsed_exactly(ov_no_t5_fp32):
         uncond, cond = np.split(out, 2)
         expected = euler_step(expected, uncond + np.float32(5.0) * (cond - uncond), float(job.sigmas[index]),
                               float(job.sigmas[index + 1]))
+    start = job.latents.copy()
     for _ in pipe.steps(job):
         pass
     assert ATTENTION_BIAS_INPUT in {name for port in pipe.transformer.compiled.inputs for name in port.get_names()}
     assert [shape[:2] for shape in shapes] == [(2, 77 + 256)] * 4  # observers see diffusers' sequence
-    assert psnr(expected, job.latents, data_range=float(np.ptp(expected))) >= 45.0
+    exact = psnr(expected, job.latents, data_range=float(np.ptp(expected)))
+    # Float rounding only (the latents, not 8-bit images). Leaving the bias out scores 42-45 dB on these
+    # random tiny models, so the bound sits far above that, and the control below shows it.
+    assert exact >= MIN_COLLAPSE_PSNR, exact
+
+    from ovsd3.runtime import transformer as transformer_module
+    from ovsd3.runtime.text_collapse import collapse_text
+
+    def without_bias(inputs, patch_size):  # the collapse a broken implementation would make: no log(256)
+        collapse = collapse_text(inputs, patch_size)
+        return type(collapse)(collapse.inputs, np.zeros_like(collapse.attention_bias), collapse.copies)
+
+    monkeypatch.setattr(transformer_module, "collapse_text", without_bias)
+    job = pipe.prepare(PROMPT, latents=start, num_inference_steps=4, guidance_scale=5.0, **SIZE)
+    for _ in pipe.steps(job):
+        pass
+    assert psnr(expected, job.latents, data_range=float(np.ptp(expected))) < MIN_COLLAPSE_PSNR - 20
+
+
+MIN_COLLAPSE_PSNR = 90.0
 
 
 ATTENTION_BIAS_INPUT = "attention_bias"
+
+
+RELEASE_0_1 = "9f8b8afbdc060cd635a4aa15ff6784782136a1cc"  # pyproject version 0.1.0, before torch's noise existed
+
+DRAW_WITH_0_1 = """
+import sys, numpy as np
+from PIL import Image
+from ovsd3.runtime import SD3Pipeline
+pipe = SD3Pipeline.load(sys.argv[1], device="CPU", cache_dir=None)
+start = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+text = pipe("a cat", seed=5, num_inference_steps=2, guidance_scale=3.0, width=64, height=64).images[0]
+edit = pipe("a cat", seed=6, image=start, strength=0.6, num_inference_steps=4, guidance_scale=3.0, width=64,
+            height=64).images[0]
+np.save(sys.argv[2], np.stack([np.asarray(text), np.asarray(edit)]))
+"""
+
+
+def test_numpy_noise_draws_the_pictures_of_0_1(ov_sd3, tmp_path):
+    """The README: noise="numpy" gives ovsd3 0.1's pictures for old seeds. 0.1's own runtime, taken from this
+    repository's history, draws on the same folder (without the newer ovsd3.json, which 0.1 cannot read)."""
+    import os
+    import shutil
+
+    repository = Path(__file__).resolve().parent.parent
+    if not (repository / ".git").exists():
+        pytest.skip("needs this repository's git history for ovsd3 0.1")
+    old = tmp_path / "ovsd3-0.1"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(repository), "archive", RELEASE_0_1, "ovsd3"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    folder = tmp_path / "folder"
+    shutil.copytree(ov_sd3, folder, copy_function=os.link, ignore=shutil.ignore_patterns("ovsd3.json"))
+    drawn = subprocess.run([sys.executable, "-c", DRAW_WITH_0_1, str(folder), str(tmp_path / "old.npy")],
+                           env={**os.environ, "PYTHONPATH": str(old)}, cwd=tmp_path, capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
+    expected = np.load(tmp_path / "old.npy")
+    pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None)
+    start = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    text = dict(seed=5, num_inference_steps=2, guidance_scale=3.0, **SIZE)
+    edit = dict(seed=6, image=start, strength=0.6, num_inference_steps=4, guidance_scale=3.0, **SIZE)
+    assert np.array_equal(np.asarray(pipe("a cat", noise="numpy", **text).images[0]), expected[0])
+    assert np.array_equal(np.asarray(pipe("a cat", noise="numpy", **edit).images[0]), expected[1])
+    assert not np.array_equal(np.asarray(pipe("a cat", noise="torch", **text).images[0]), expected[0])  # the default

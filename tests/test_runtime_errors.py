@@ -11,6 +11,17 @@ from ovsd3.errors import OvsdError
 from ovsd3.runtime.devices import DevicePlan
 
 
+def absent_device() -> str:
+    """A device OpenVINO knows that this machine lacks (an Intel laptop has a GPU, some an NPU too)."""
+    import openvino as ov
+
+    present = {name.split(".")[0] for name in ov.Core().available_devices}
+    return next(name for name in ("NPU", "GPU", "FPGA") if name not in present)
+
+
+ABSENT = absent_device()
+
+
 def run_cli(capsys, folder, *extra) -> tuple[int, str]:
     code = main(["run", str(folder), "--prompt", "a cat", "--no-cache", "--steps", "2", *map(str, extra)])
     return code, capsys.readouterr().err.strip().splitlines()[-1]
@@ -27,8 +38,8 @@ def run_cli(capsys, folder, *extra) -> tuple[int, str]:
     (("--clip-skip", "-1"), "clip_skip must not be negative"),
     (("--image", "{image}", "--strength", "1.5"), "strength must be between 0 and 1"),
     (("--image", "{image}", "--strength", "-0.1"), "strength must be between 0 and 1"),
-    (("--device", "NPU"), "device NPU is not available here"),
-    (("--device", "transformer=GPU"), "device GPU is not available here"),
+    (("--device", ABSENT), f"device {ABSENT} is not available here"),
+    (("--device", f"transformer={ABSENT}"), f"device {ABSENT} is not available here"),
     (("--device", "unet=CPU"), "unknown component 'unet'"),
     (("--image", "{missing}"), "cannot read image"),
     (("--image", "{not_an_image}"), "cannot read image"),
@@ -86,17 +97,22 @@ def test_not_a_model_folder(tmp_path, capsys):
     assert code == EXIT_ERROR and "not an OpenVINO SD3 folder" in err
 
 
-def test_unsupported_scheduler_option_is_refused(ov_sd3, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas",
+                                    "use_beta_sigmas"])  # the README: refused, not approximated
+def test_unsupported_scheduler_option_is_refused(ov_sd3, tmp_path, capsys, option):
     import json
+    import os
 
-    folder = tmp_path / "dynamic-shift"
-    shutil.copytree(ov_sd3, folder)
+    folder = tmp_path / "other-sigmas"
+    shutil.copytree(ov_sd3, folder, copy_function=os.link)
     config_path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(config_path.read_text())
-    config["use_dynamic_shifting"] = True
+    config[option] = True
+    config_path.unlink()  # a hard link to the fixture's file: replace it, never write through
     config_path.write_text(json.dumps(config))
-    code, err = run_cli(capsys, folder)
-    assert code == EXIT_ERROR and "use_dynamic_shifting" in err and "not supported" in err
+    code, err = run_cli(capsys, folder, "--output", tmp_path / "out")
+    assert code == EXIT_ERROR and option in err and "not supported" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_device_plans():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import struct
@@ -351,8 +352,7 @@ def test_ctrl_c_during_convert_under_load_exits_130_quietly(tiny_sd3, tmp_path, 
                       "checking": lambda: (staging / "text_encoder_2").exists()}
         wait_for(conditions[moment], process)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=300)
-    time.sleep(1.0)  # OpenVINO's telemetry sender, a forked child, has its second to speak
+        _, err = process.communicate(timeout=300)  # reads to EOF: a forked child holding stderr is waited for too
     assert process.returncode == EXIT_INTERRUPTED, err
     assert err.strip().splitlines() == ["ovsd3 convert: interrupted; nothing was written"], err
     assert sorted(path.name for path in tmp_path.iterdir()) == []
@@ -427,6 +427,8 @@ def _post_slow(base: str, timeout: float):
 
     try:
         return httpx.post(f"{base}/v3/images/generations", json={"prompt": "a cat", **SLOW}, timeout=timeout).status_code
+    except httpx.TimeoutException:  # read, write, connect or pool: which one a loaded machine hits varies
+        return "timeout"
     except httpx.HTTPError as error:
         return type(error).__name__
 
@@ -444,16 +446,17 @@ def test_ctrl_c_on_a_busy_server_cancels_the_queue_and_exits_cleanly(ov_sd3):
 
         wait_for(all_six_in, process)
         process.send_signal(signal.SIGINT)
-        stopped = time.monotonic()
-        output, _ = process.communicate(timeout=120)
-        seconds = time.monotonic() - stopped
+        output, _ = process.communicate(timeout=600)  # a hang guard only: the checks below say what was stopped
         statuses = [answer.result() for answer in answers]
     assert process.returncode == 0, output
     assert "Traceback" not in output and "terminate called" not in output, output
-    assert "cancelled" in output and output.strip().endswith("ovsd3 serve: stopped"), output
+    assert output.strip().endswith("ovsd3 serve: stopped"), output
     # Each waiting client is told the server is going away (the running job may just have finished: 200)
     assert set(statuses) <= {200, 503} and statuses.count(503) >= 4, statuses
-    assert seconds < 60, seconds  # a step of the running job, not the queue's 1,200 steps (minutes here)
+    # Every 503 is a job the server says it cancelled, the running one included (stopped at its next step, not
+    # run to its end, which would have answered 200): no wall-clock bound, so a loaded machine cannot fail it.
+    queued, running = map(int, re.search(r"cancelled (\d+) queued and (\d+) running", output).groups())
+    assert running <= 1 and queued + running == statuses.count(503), (output, statuses)
 
 
 def test_work_for_clients_that_went_away_is_cancelled(ov_sd3):
@@ -463,7 +466,7 @@ def test_work_for_clients_that_went_away_is_cancelled(ov_sd3):
     with server_process(ov_sd3) as (process, base):
         with ThreadPoolExecutor(4) as clients:  # each gives up after a second
             gave_up = list(clients.map(lambda _: _post_slow(base, 1.0), range(4)))
-        assert gave_up == ["ReadTimeout"] * 4
+        assert gave_up == ["timeout"] * 4
         wait_for(lambda: httpx.get(f"{base}/health").json() | {"status": None} ==
                  {"status": None, "model": ov_sd3.name, "workers": 1, "busy": 0, "queued": 0}, process, timeout=30)
         metrics = httpx.get(f"{base}/metrics").text

@@ -51,19 +51,82 @@ def test_generations_returns_n_pngs(server):
     assert again["data"] == body["data"]  # same seed, same pictures
 
 
-def test_edits_start_from_the_uploaded_image(server):
+def png_upload(colour) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(buffer, format="PNG")
-    files = {"image": ("start.png", buffer.getvalue(), "image/png")}
+    Image.new("RGB", (SIZE, SIZE), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_edits_start_from_the_uploaded_image(server, ov_sd3):
+    """Two uploads, the same seed and settings: each answer is the pipeline's picture from that upload (so the
+    upload is what the job started from), and the two differ."""
+    import numpy as np
+
+    from ovsd3.metrics import psnr
+    from ovsd3.runtime import SD3Pipeline
+
     fields = {"prompt": "a blue digit seven", "n": "2", "strength": "0.5", "num_inference_steps": "4",
               "size": f"{SIZE}x{SIZE}", "seed": "1"}
-    answer = httpx.post(f"{server}/v3/images/edits", files=files, data=fields, timeout=60)
-    assert answer.status_code == 200, answer.text
-    images = [decode_png(item["b64_json"]) for item in answer.json()["data"]]
-    assert len(images) == 2 and images[0].size == (SIZE, SIZE)
-    weaker = httpx.post(f"{server}/v3/images/edits", files=files, data=dict(fields, strength="1.0"),
-                        timeout=60).json()
-    assert weaker["data"][0]["b64_json"] != answer.json()["data"][0]["b64_json"]
+    colours = [(200, 30, 30), (20, 40, 220)]
+    answers = []
+    for colour in colours:
+        upload = {"image": ("start.png", png_upload(colour), "image/png")}
+        answer = httpx.post(f"{server}/v3/images/edits", files=upload, data=fields, timeout=60)
+        assert answer.status_code == 200, answer.text
+        answers.append([np.asarray(decode_png(item["b64_json"]), float) for item in answer.json()["data"]])
+    pipe = SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None)
+    expected = [[np.asarray(image, float) for image in pipe(
+        fields["prompt"], image=Image.new("RGB", (SIZE, SIZE), colour), strength=0.5, num_inference_steps=4, seed=1,
+        num_images_per_prompt=2, width=SIZE, height=SIZE).images] for colour in colours]
+    for got, own, other in ((answers[0], expected[0], expected[1]), (answers[1], expected[1], expected[0])):
+        assert len(got) == 2 and got[0].shape == (SIZE, SIZE, 3)
+        assert all(np.array_equal(image, mine) for image, mine in zip(got, own))
+        assert psnr(got[0], other[0], data_range=255.0) < 30.0  # the other upload's picture is another picture
+    upload = {"image": ("start.png", png_upload(colours[0]), "image/png")}
+    weaker = httpx.post(f"{server}/v3/images/edits", files=upload, data=dict(fields, strength="1.0"), timeout=60).json()
+    assert not np.array_equal(np.asarray(decode_png(weaker["data"][0]["b64_json"]), float), answers[0][0])
+
+
+def test_output_format_and_compression_are_honoured(server):
+    """OpenAI's output_format (png, jpeg, webp) and output_compression (100 = least compressed)."""
+    def draw(**fields) -> bytes:
+        answer = httpx.post(f"{server}/v3/images/generations",
+                            json={"prompt": "a photo of a cat", "seed": 3, **FAST, **fields}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return base64.b64decode(answer.json()["data"][0]["b64_json"])
+
+    webp = draw(output_format="webp")
+    assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
+    assert Image.open(io.BytesIO(webp)).size == (SIZE, SIZE)
+    for kind, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        small, large = draw(output_format=kind, output_compression=5), draw(output_format=kind, output_compression=100)
+        assert small.startswith(magic) and large.startswith(magic)
+        assert len(small) < len(large), (kind, len(small), len(large))
+
+
+def test_stream_true_is_refused(server):
+    answer = httpx.post(f"{server}/v3/images/generations", json={"prompt": "cat", "stream": True, **FAST}, timeout=30)
+    assert answer.status_code == 400 and "stream" in answer.json()["error"]["message"]
+    assert "/v1/jobs/{id}/events" in answer.json()["error"]["message"]
+
+
+def test_finished_jobs_are_bounded_by_count(monkeypatch):
+    from ovsd3.serve import jobs
+
+    assert (jobs.KEEP_FINISHED, jobs.KEEP_FINISHED_BYTES) == (256, 256 * 2**20)  # the README's limits
+    monkeypatch.setattr(jobs, "KEEP_FINISHED", 3)
+    pool = jobs.WorkerPool(lambda: None, workers=1, max_queue=4)
+    try:
+        finished = []
+        for index in range(10):  # ten small finished jobs
+            job = jobs.Job(jobs.GenerationRequest(prompt=f"a cat {index}"))
+            job.emit("done", seed=index, images=["x"])
+            pool.jobs[job.id] = job
+            finished.append(job.id)
+        pool._forget_old_jobs()
+        assert list(pool.jobs) == finished[-3:]  # the newest three
+    finally:
+        pool.close()
 
 
 def read_events(response) -> list[dict]:
@@ -152,6 +215,7 @@ def test_cancel_stops_a_running_job(server):
     ({"prompt": "cat", "rng_seed": -1}, 400, "rng_seed"),
     ({"prompt": "cat", "output_format": "gif"}, 400, "output_format"),
     ({"prompt": "cat", "response_format": "url"}, 400, "b64_json"),
+    ({"prompt": "cat", "output_compression": 101}, 400, "output_compression"),
     ({"prompt": "cat", "cache": "warp-speed"}, 400, "unknown cache mode 'warp-speed'"),
     ({"prompt": "cat", "cache": "taylorseer:interval=-1"}, 400, "cache_interval must be at least 2"),
 ])
@@ -385,3 +449,46 @@ def test_write_ovms_config(ov_sd3, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "ovsd3", "serve", str(ov_sd3), "--write-ovms-config", str(out)],
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "already exists" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_sigterm_stops_the_server_cleanly(ov_sd3):
+    """The README: on SIGTERM, as on Ctrl-C, serve stops taking work, cancels the running job at its next step,
+    answers its client 503 and exits with code 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from ovsd3.serve.launch import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "ovsd3", "serve", str(ov_sd3), "--port", str(port), "--device",
+                                "CPU"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _answers(f"{base}/health"):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        with ThreadPoolExecutor(1) as client:
+            answer = client.submit(httpx.post, f"{base}/v3/images/generations",
+                                   json={"prompt": "a cat", **SLOW}, timeout=600)
+            while httpx.get(f"{base}/health").json()["busy"] == 0:
+                assert not answer.done(), answer.result().text
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=600)
+            status = answer.result().status_code
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert status == 503 and "cancelled 0 queued and 1 running job(s)" in output, (status, output)
+    assert output.strip().endswith("ovsd3 serve: stopped") and "Traceback" not in output, output
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

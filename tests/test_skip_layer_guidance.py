@@ -11,7 +11,8 @@ from ovsd3.metrics import psnr
 from ovsd3.runtime import SD3Pipeline
 
 SIZE = dict(width=64, height=64)
-MIN_PSNR = 35.0
+MIN_PSNR = 35.0  # decoded 8-bit images
+MIN_LATENT_PSNR = 100.0
 SLG = dict(skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5)
 
 
@@ -34,6 +35,46 @@ def test_skip_layer_guidance_matches_diffusers(pipes, layers):
                        **{**call, "skip_guidance_layers": None}).images
     assert psnr(expected.astype(np.float64), got.astype(np.float64), data_range=1.0) >= MIN_PSNR
     assert psnr(plain.astype(np.float64), got.astype(np.float64), data_range=1.0) < 60  # it did change the picture
+    latent_call = {**call, "output_type": "latent"}
+    got = ovsd3_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2), **latent_call).images
+    expected = diffusers_pipe("a blue digit 7", generator=torch.Generator().manual_seed(2),
+                              **latent_call).images.numpy()
+    agreement = psnr(expected, got, data_range=float(np.ptp(expected)))
+    assert agreement >= MIN_LATENT_PSNR, agreement  # the part that matters, at a bound the images cannot show
+
+
+MIN_VARIANT_PSNR = 120.0  # the README's "~151 dB": float rounding of one f32 call
+
+
+@pytest.mark.parametrize("layers", [[0], [1], [0, 1]])
+def test_skipping_variant_is_diffusers_skip_layers(ov_sd35_fp32, tiny_sd35, layers):
+    """The IR with blocks rewired out (ovsd3/ir/skip_blocks.py) against diffusers'
+    ``SD3Transformer2DModel(..., skip_layers=...)``, one call on the same inputs, both in f32; the plain IR and
+    the wrong blocks skipped are the controls."""
+    import openvino as ov
+    from diffusers import SD3Transformer2DModel
+
+    from ovsd3 import layout
+    from ovsd3.convert.components import transformer_parity_inputs
+    from ovsd3.ir.skip_blocks import skip_blocks
+
+    module = SD3Transformer2DModel.from_pretrained(tiny_sd35, subfolder="transformer").eval()
+    inputs = transformer_parity_inputs(module.config, np.random.default_rng(4))
+    with torch.no_grad():
+        expected = module(**{name: torch.from_numpy(value) for name, value in inputs.items()},
+                          skip_layers=layers, return_dict=False)[0].numpy()
+    core, blocks = ov.Core(), module.config.num_layers
+
+    def variant(skipped) -> np.ndarray:
+        model = core.read_model(layout.model_xml(ov_sd35_fp32, layout.TRANSFORMER))
+        compiled = core.compile_model(skip_blocks(model, skipped, blocks), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return compiled(inputs)[0]
+
+    exact = psnr(expected, variant(layers))
+    assert exact >= MIN_VARIANT_PSNR, exact
+    complement = [block for block in range(blocks) if block not in layers]
+    for wrong in ([], complement) if complement else ([],):  # nothing skipped; the other blocks skipped
+        assert psnr(expected, variant(wrong)) < MIN_VARIANT_PSNR - 60, wrong
 
 
 @pytest.mark.parametrize("folder", ["ov_sd35", "q_sd3"])
