@@ -6,6 +6,7 @@ Conversions take tens of seconds each, so each folder is made once per test sess
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -114,3 +115,21 @@ def q_sd3(workdir, ov_sd3) -> Path:
     out = workdir / "q-sd3"
     assert quantize(ov_sd3, out, "--slices", "2") == 0
     return out
+
+
+@pytest.fixture
+def model_copy(ov_sd3, tmp_path) -> Path:
+    """A converted model the test may see destroyed (the session's stays safe whatever happens)."""
+    return Path(shutil.copytree(ov_sd3, tmp_path / "model"))
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Any model loading, measuring child or calibration fails the test: a refusal must come before work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr("ovsd3.runtime.pipeline.SD3Pipeline.load", refuse)
+    monkeypatch.setattr("ovsd3.report.compare.run_child", refuse)
+    monkeypatch.setattr("ovsd3.report.benchmark.run_child", refuse)
+    monkeypatch.setattr("ovsd3.quantize.calibration.record", refuse)

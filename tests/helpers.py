@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ovsd3.cli import main
@@ -18,3 +19,19 @@ def quantize(source: Path, out: Path, *extra) -> int:
     return main(["quantize", str(source), str(out), "--calib", "8", "--calib-size", "64", "--group-size", "8",
                  "--gate-prompts", "2", "--calib-cache", str(out.parent / f"{out.name}-calib"), *TINY_GATE,
                  *map(str, extra)])
+
+
+def fingerprint(folder: Path) -> str:
+    """Every path under ``folder`` with its bytes: equal fingerprints, untouched folder."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def last_line(capsys) -> str:
+    """The last line a command wrote on stderr (its one-line error)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""

@@ -4,11 +4,9 @@ Ctrl-C / SIGTERM are honoured from the first instruction (one line, exit 130 / 1
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ovsd3.atomic import AtomicOutput, scratch_folder
+from helpers import fingerprint, last_line
+
 from ovsd3.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
 from ovsd3.errors import OvsdError
 from ovsd3.layout import OUTPUT_FILES, made_by, unexpected_file
@@ -28,43 +28,11 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 LINUX = sys.platform.startswith("linux")
 
 
-def fingerprint(folder: Path) -> str:
-    """Every path under ``folder`` with its bytes: equal fingerprints, untouched folder."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def last_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
 def dead_pid() -> int:
     """The pid of a process that has ended and been reaped."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
-
-
-@pytest.fixture
-def model_copy(ov_sd3, tmp_path) -> Path:
-    return Path(shutil.copytree(ov_sd3, tmp_path / "model"))
-
-
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    """Any model loading, measuring child or calibration fails the test: the refusal must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started before the refusal")
-
-    monkeypatch.setattr("ovsd3.runtime.pipeline.SD3Pipeline.load", refuse)
-    monkeypatch.setattr("ovsd3.report.compare.run_child", refuse)
-    monkeypatch.setattr("ovsd3.report.benchmark.run_child", refuse)
-    monkeypatch.setattr("ovsd3.quantize.calibration.record", refuse)
 
 
 # -- caches are outputs ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ away, finished jobs bounded by memory, a port in use) is at the end.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -22,28 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import fingerprint, last_line
+
 from ovsd3.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
-
-
-def fingerprint(folder: Path) -> str:
-    """Every file under ``folder`` with its bytes: equal fingerprints, untouched folder."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def last_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
-@pytest.fixture
-def model_copy(ov_sd3, tmp_path) -> Path:
-    """A converted model the test may see destroyed (the session's stays safe whatever happens)."""
-    return Path(shutil.copytree(ov_sd3, tmp_path / "model"))
 
 
 @pytest.fixture
@@ -100,18 +80,6 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_command(model_copy, tm
 
 
 # -- 2. bounds said before any work (memory, time) -----------------------------------------------------------
-
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    """Any model loading or measuring child fails the test: the refusal must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started before the bound was checked")
-
-    monkeypatch.setattr("ovsd3.runtime.pipeline.SD3Pipeline.load", refuse)
-    monkeypatch.setattr("ovsd3.report.compare.run_child", refuse)
-    monkeypatch.setattr("ovsd3.report.benchmark.run_child", refuse)
-    monkeypatch.setattr("ovsd3.quantize.calibration.record", refuse)
-
 
 def _long_line_file(tmp_path: Path) -> Path:
     path = tmp_path / "long.txt"
