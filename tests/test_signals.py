@@ -7,10 +7,16 @@ at exit) runs ``python -m`` for real, the signal raised inside an exec() at a ch
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
+import ovsd3
 from ovsd3 import atomic, cli
 from ovsd3.atomic import TERMINATING_SIGNALS, Interrupts, ignore_signals, restore_handlers, signals_held
 
@@ -89,3 +95,31 @@ def test_main_interrupted_as_its_handlers_go_in_or_back_says_one_line_and_130(mo
     assert code == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "ovsd3 report: interrupted; nothing was written\n"
     assert {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS} == own_handlers
+
+
+# The command line parses inside an exec(), which receives the Ctrl-C, as a dataclass being made while ovsd3
+# imports can; the interrupt is caught and reported, and the exit status must be 130, not death by SIGINT.
+CTRL_C_INSIDE_EXEC = """
+import runpy, signal, sys
+
+import ovsd3.cli
+
+parse = ovsd3.cli._parse
+
+def parse_after_a_ctrl_c_inside_exec(argv):
+    exec("signal.raise_signal(signal.SIGINT)", {"signal": signal})
+    return parse(argv)
+
+ovsd3.cli._parse = parse_after_a_ctrl_c_inside_exec
+sys.argv = ["ovsd3", "report", "a", "--out", "b"]
+runpy.run_module("ovsd3", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_python_m_ovsd3_exits_130_after_a_ctrl_c_caught_from_inside_exec(tmp_path):
+    (tmp_path / "ctrl_c_inside_exec.py").write_text(textwrap.dedent(CTRL_C_INSIDE_EXEC))
+    source = Path(ovsd3.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(source)]))
+    done = subprocess.run([sys.executable, "-m", "ctrl_c_inside_exec"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "ovsd3 report: interrupted; nothing was written\n")
