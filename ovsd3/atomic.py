@@ -72,9 +72,13 @@ class Interrupts:
 
     def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():
-            for signum in TERMINATING_SIGNALS:
-                if signal.getsignal(signum) is not signal.SIG_IGN:
-                    self._previous[signum] = signal.signal(signum, self._handle)
+            try:
+                for signum in TERMINATING_SIGNALS:
+                    if signal.getsignal(signum) is not signal.SIG_IGN:
+                        self._previous[signum] = signal.signal(signum, self._handle)
+            except KeyboardInterrupt:  # a signal while they went in: `with` calls no __exit__, so put them back
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -93,8 +97,27 @@ class Interrupts:
 
 
 def restore_handlers(previous: dict[int, object]) -> None:
+    """Put every handler in ``previous`` back, even if a signal comes meanwhile. signal.signal() runs the handler
+    of a signal that is pending before it swaps, so one that raises (Interrupts') would leave the handlers after
+    it swapped for good (signals_held's, which swallow SIGTERM); the first interrupt is raised once all are back."""
+    stop: KeyboardInterrupt | None = None
     for signum, handler in previous.items():
-        signal.signal(signum, handler)
+        while True:
+            try:
+                signal.signal(signum, handler)
+                break
+            except KeyboardInterrupt as raised:  # raised before this handler was swapped: swap it still
+                stop = stop or raised
+    if stop is not None:
+        raise stop
+
+
+def ignore_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP ignored from now on (a command that has ended, saying how): a signal that comes
+    meanwhile is dropped, not raised (main thread only; elsewhere nothing)."""
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(KeyboardInterrupt):  # a signal pending as the first one went
+            restore_handlers(dict.fromkeys(TERMINATING_SIGNALS, signal.SIG_IGN))
 
 
 @contextlib.contextmanager
@@ -106,9 +129,11 @@ def signals_held() -> Iterator[None]:
         yield
         return
     came: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum))
-                for signum in TERMINATING_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
-    try:
+    previous: dict[int, object] = {}
+    try:  # a signal while the handlers go in raises here, and those already swapped go back
+        for signum in TERMINATING_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, lambda signum, frame: came.append(signum))
         yield
     finally:
         restore_handlers(previous)

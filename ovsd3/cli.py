@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ovsd3 import __version__
 from ovsd3.arguments import check_options, number, path_fits
-from ovsd3.atomic import Interrupts, exit_code_of
+from ovsd3.atomic import Interrupts, exit_code_of, interrupted_line
 from ovsd3.errors import OvsdError
 
 EXIT_INTERNAL = 1
@@ -208,13 +208,21 @@ COMMANDS = ("convert", "run", "quantize", "report", "benchmark", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
-    with Interrupts() as interrupts:  # before the imports of parsing: Ctrl-C may come at any moment
-        return _main(argv, interrupts)
+    try:
+        with Interrupts() as interrupts:  # before the imports of parsing: Ctrl-C may come at any moment
+            return _main(argv, interrupts)
+    except KeyboardInterrupt as stop:  # as the handlers went in or back, outside _main's try: the same one line
+        print(interrupted_line(_command_named(argv), stop), file=sys.stderr)
+        return exit_code_of(stop)
+
+
+def _command_named(argv: list[str] | None) -> str | None:
+    """The command, for the message, until parsed."""
+    return next((word for word in (sys.argv[1:] if argv is None else argv) if word in COMMANDS), None)
 
 
 def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
-    words = sys.argv[1:] if argv is None else argv
-    command = next((word for word in words if word in COMMANDS), None)  # for the message, until parsed
+    command = _command_named(argv)
     try:
         args = _parse(argv)
         command = args.command
@@ -233,13 +241,9 @@ def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
 
 
 def _report_interrupted(command: str | None, stop: KeyboardInterrupt) -> int:
-    import signal
+    from ovsd3.atomic import ignore_signals
 
-    from ovsd3.atomic import TERMINATING_SIGNALS, interrupted_line
-
-    with contextlib.suppress(ValueError):  # ValueError: main called outside the main thread, which gets no signals
-        for signum in TERMINATING_SIGNALS:  # a second Ctrl-C while saying so must not print a traceback
-            signal.signal(signum, signal.SIG_IGN)  # (main's Interrupts puts the handlers back as it ends)
+    ignore_signals()  # a second Ctrl-C while saying so must not print a traceback (main's Interrupts puts them back)
     print(interrupted_line(command, stop), file=sys.stderr)
     return exit_code_of(stop)
 
