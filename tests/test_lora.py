@@ -207,5 +207,5 @@ def test_a_peft_dora_folder_is_refused(adapters, tmp_path):
     shutil.copytree(adapters["a"], folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(OvsdError, match="is a DoRA adapter: only plain LoRA is supported"):
+    with pytest.raises(OvsdError, match=r"adapter_config.json: a DoRA adapter \(use_dora\); only plain LoRA is supported"):
         read_adapter(folder, 2)
