@@ -14,17 +14,17 @@ into one model with the original inputs and outputs.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from ovsd3.atomic import scratch_folder
 from ovsd3.ir.slicing import CUT_PREFIX, cuts_for, extract, stages, stitch
 
 
 def quantize_in_slices(model, samples: Iterable[dict], quantize_slice: Callable, slices: int,
-                       log: Callable[[str], None] = print, workdir: Path | None = None):
+                       log: Callable[[str], None] = print):
     """``quantize_slice(slice_model, slice_samples, index)`` quantizes one slice; samples are streamed
     through the float slices from disk so only one slice and one sample are in memory at a time."""
     import gc
@@ -34,9 +34,9 @@ def quantize_in_slices(model, samples: Iterable[dict], quantize_slice: Callable,
     stage, block_count = stages(model)
     cuts = cuts_for(block_count, slices)
     bounds = [None, *cuts, None]
-    scratch = Path(tempfile.mkdtemp(prefix="ovsd3-slices-", dir=workdir))
     core = ov.Core()
-    try:
+    # the recorded inputs of each slice, on disk; a killed run's folder is cleared by the next one
+    with scratch_folder("ovsd3-slices") as scratch:
         current = scratch / "inputs_0"
         current.mkdir()
         count = 0
@@ -72,8 +72,6 @@ def quantize_in_slices(model, samples: Iterable[dict], quantize_slice: Callable,
             del piece
             gc.collect()
         return stitch(quantized)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _stream:
