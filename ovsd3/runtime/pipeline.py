@@ -245,8 +245,8 @@ class SD3Pipeline:
         ``precision``: ``"f32"`` to force full-precision execution. ``adapters``: LoRA adapters for the
         transformer, ``[(path, weight), ...]`` (files or PEFT folders; see :mod:`ovsd3.runtime.adapters`).
         ``offload``: start with :meth:`enable_model_cpu_offload` on, compiling nothing until it is used.
-        ``concurrency``: how many pipelines (this one and its :meth:`clone`\ s) will generate at once; the
-        models are compiled for that many parallel calls (see CompileOptions)."""
+        ``concurrency``: how many pipelines (this one and its clones, see :meth:`clone`) will generate at
+        once; the models are compiled for that many parallel calls (see CompileOptions)."""
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) \
                 or not 1 <= concurrency <= MAX_CONCURRENCY:
             raise InvalidRequest(f"concurrency must be a whole number from 1 to {MAX_CONCURRENCY} "

@@ -149,10 +149,11 @@ class Transformer:
     def biased(self):
         """The variant with an ``attention_bias`` input, compiled on first use."""
         variants = self._variants
-        with variants.lock:
-            if variants.biased is None:
-                variants.biased = self._variant(self._biased_model)
-            return variants.biased
+        if variants.biased is None:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if variants.biased is None:
+                    variants.biased = self._variant(self._biased_model)
+        return variants.biased
 
     def _feed(self, inputs: dict) -> tuple[object, dict]:
         """The compiled model to run and its inputs: the collapsed text where that is exact."""
@@ -194,12 +195,13 @@ class Transformer:
     @property
     def split(self) -> SplitTransformer:
         variants = self._variants
-        with variants.lock:
-            if variants.split is None:
-                if self.static_shapes is not None:
-                    raise OvsdError("first-block-cache is not available with static shapes (--static)")
-                variants.split = SplitTransformer(self.compiler, self._biased_model())
-            return variants.split
+        if variants.split is None:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if variants.split is None:
+                    if self.static_shapes is not None:
+                        raise OvsdError("first-block-cache is not available with static shapes (--static)")
+                    variants.split = SplitTransformer(self.compiler, self._biased_model())
+        return variants.split
 
     def probe(self, inputs: dict) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
         """Run up to the first block; returns its output and a function that finishes this call."""
@@ -221,9 +223,10 @@ class Transformer:
         if self.static_shapes is not None:
             raise OvsdError("skip-layer guidance is not available with static shapes (--static)")
         variants = self._variants
-        with variants.lock:
-            if layers not in variants.skipping:
-                variants.skipping[layers] = self._variant(lambda: self._skipping_model(layers))
+        if layers not in variants.skipping:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if layers not in variants.skipping:
+                    variants.skipping[layers] = self._variant(lambda: self._skipping_model(layers))
         feed = collapse_text(inputs, self.patch_size).biased_inputs()  # zero bias where it cannot collapse
         return self._timed(lambda: self.requests(variants.skipping[layers], feed)[0])
 
