@@ -12,7 +12,7 @@ pictures: the workers of one server draw the same bits; servers with other worke
 other threads per call (cores / streams), which can round a pixel one level differently.
 
 To measure code from another checkout (before and after), run this file with PYTHONPATH set to that
-checkout: the child is `python -m ovsd3.cli serve` from the PYTHONPATH.
+checkout: the child is `python -m ovsd3.cli serve` from the PYTHONPATH, started in the work folder.
 """
 
 from __future__ import annotations
@@ -89,6 +89,14 @@ def post(base: str, body: dict) -> str:
         return json.loads(answer.read())["data"][0]["b64_json"]
 
 
+def child_ovsd3(workdir: Path) -> str:
+    """Where the child processes import ovsd3 from: PYTHONPATH decides (they run in ``workdir``, not here,
+    since ``python -m`` puts its working directory first on the path)."""
+    done = subprocess.run([sys.executable, "-c", "import ovsd3; print(ovsd3.__file__)"], cwd=workdir,
+                          capture_output=True, text=True, check=True)
+    return str(Path(done.stdout.strip()).parent)
+
+
 def measure(folder: Path, workers: int, device: str) -> dict:
     """Start the server, time its load, draw one picture per worker at once, read its memory, stop it."""
     port = free_port()
@@ -97,7 +105,7 @@ def measure(folder: Path, workers: int, device: str) -> dict:
         env = dict(os.environ, XDG_CACHE_HOME=cache_home)
         started = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "ovsd3.cli", "serve", str(folder), "--port", str(port),
-                                    "--device", device, "--workers", str(workers)], env=env,
+                                    "--device", device, "--workers", str(workers)], env=env, cwd=folder.parent,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             wait_for_health(base, process)
@@ -144,12 +152,11 @@ def main() -> int:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     folder = build_folder(args.workdir)
-    import ovsd3
     from ovsd3.layout import weight_bytes
     from ovsd3.report.machine import processor_name
 
     print(f"folder {folder} ({weight_bytes(folder) / 2**30:.2f} GiB of IR weights); ovsd3 from "
-          f"{Path(ovsd3.__file__).parent}; {processor_name()}, {os.cpu_count()} cores; one {REQUEST['size']} "
+          f"{child_ovsd3(folder.parent)}; {processor_name()}, {os.cpu_count()} cores; one {REQUEST['size']} "
           f"{REQUEST['num_inference_steps']}-step request per worker at once", flush=True)
     rows = []
     for workers in (int(part) for part in args.workers.split(",")):
@@ -165,9 +172,9 @@ def main() -> int:
         levels = max(int(abs(picture - reference).max()) for picture in row["pictures"])
         equal = min(float((picture == reference).mean()) for picture in row["pictures"])
         print(f"--workers {row['workers']} / --workers {first['workers']}: "
-              f"peak RSS x{row['peak'] / first['peak']:.2f}, load time x{row['load_s'] / first['load_s']:.2f}; its workers drew "
-              f"{'the same' if within else 'DIFFERENT'} pictures, at most {levels} level(s) from --workers "
-              f"{first['workers']}'s ({equal:.2%} of the values equal)")
+              f"peak RSS x{row['peak'] / first['peak']:.2f}, load time x{row['load_s'] / first['load_s']:.2f}; "
+              f"its workers drew {'the same' if within else 'DIFFERENT'} pictures, at most {levels} level(s) "
+              f"from --workers {first['workers']}'s ({equal:.2%} of the values equal)")
     return 0
 
 
