@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -91,20 +92,55 @@ class TrimmedFirstCalls:
 
     def __init__(self, compiled):
         self.compiled = compiled
-        self._seen: set[tuple] = set()
+        self._seen: set[tuple] = set()  # (request, input shapes) already run
 
     def __call__(self, inputs):
+        return self.run(None, inputs)
+
+    def run(self, request, inputs):
+        """One inference on ``request`` (an infer request of this model; None: the model's built-in one)."""
+        infer = self.compiled if request is None else lambda feed: request.infer(feed, share_inputs=True)
         shapes = tuple((str(name), tuple(getattr(value, "shape", ()))) for name, value in inputs.items()) \
             if isinstance(inputs, dict) else None
-        if shapes in self._seen:
-            return self.compiled(inputs)
+        if (id(request), shapes) in self._seen:
+            return infer(inputs)
         with trimmed_mappings():
-            result = self.compiled(inputs)
-        self._seen.add(shapes)
+            result = infer(inputs)
+        self._seen.add((id(request), shapes))
         return result
 
     def __getattr__(self, name):
         return getattr(self.compiled, name)
+
+
+class InferRequests:
+    """One caller's infer requests: one per compiled model it runs, made at its first call.
+
+    ``compiled(inputs)`` runs on the compiled model's single built-in request, which two threads must not use
+    at once. Clones of a pipeline (``SD3Pipeline.clone``) share their compiled models, so one copy of the
+    weights, and each runs them on requests of its own: OpenVINO runs requests of one compiled model at once."""
+
+    def __init__(self):
+        # compiled model -> this caller's request; weak, so that a released model (offload) takes its request
+        self._own = weakref.WeakKeyDictionary()
+
+    def request_of(self, compiled):
+        """This caller's infer request for ``compiled`` (a model, or the OnUse holding one)."""
+        compiled = compiled.get() if isinstance(compiled, OnUse) else compiled
+        request = self._own.get(compiled)
+        if request is None:
+            request = self._own[compiled] = compiled.create_infer_request()
+        return request
+
+    def __call__(self, compiled, inputs):
+        """``compiled(inputs)`` on this caller's request: the same OVDict of copied outputs."""
+        if isinstance(compiled, ShapeSpecialised):  # model offload: compiled for these shapes first
+            compiled = compiled.for_shapes(inputs)
+        compiled = compiled.get() if isinstance(compiled, OnUse) else compiled
+        request = self.request_of(compiled)
+        if isinstance(compiled, TrimmedFirstCalls):
+            return compiled.run(request, inputs)
+        return request.infer(inputs, share_inputs=True)  # as CompiledModel.__call__ does
 
 
 class OnUse:
@@ -142,6 +178,10 @@ class ShapeSpecialised:
         self._compiled, self._shapes = None, None
 
     def __call__(self, inputs: dict):
+        return self.for_shapes(inputs)(inputs)
+
+    def for_shapes(self, inputs: dict):
+        """The model compiled for ``inputs``' shapes (compiled now if they changed)."""
         shapes = {name: list(value.shape) for name, value in inputs.items()}
         if shapes != self._shapes:
             self._compiled = None
@@ -149,7 +189,7 @@ class ShapeSpecialised:
             model = self._model_of()
             reshape_inputs(model, shapes)
             self._compiled, self._shapes = self._compiler.compile_derived(self._component, model), shapes
-        return self._compiled(inputs)
+        return self._compiled
 
     def __getattr__(self, name):
         if self._compiled is None:
@@ -162,6 +202,11 @@ class CompileOptions:
     plan: DevicePlan = field(default_factory=DevicePlan)
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no model cache
     precision: str | None = None  # "f32" forces full precision; None lets the device choose (bf16 on CPUs that have it)
+    # Calls that run at once (a pipeline and its clones, one per serving worker). Above 1 the models are compiled
+    # with OpenVINO's THROUGHPUT hint for that many requests: the device splits into streams that share the
+    # cores (on the CPU at most one per core, each with cores / streams threads) rather than every call taking
+    # all of them and the calls oversubscribing the cores.
+    concurrency: int = 1
 
 
 class ModelCompiler:
@@ -192,7 +237,9 @@ class ModelCompiler:
         self.core.set_property({"CACHE_DIR": str(cache_dir)})
 
     def _config(self, device: str) -> dict:
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        concurrency = self.options.concurrency
+        config = {"PERFORMANCE_HINT": "LATENCY"} if concurrency == 1 else \
+            {"PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": concurrency}
         if self.options.precision:
             config["INFERENCE_PRECISION_HINT"] = self.options.precision
         return config

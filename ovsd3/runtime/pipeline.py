@@ -10,7 +10,9 @@ previews; ``pipe(...)`` runs it to the end and decodes.
 
 from __future__ import annotations
 
+import copy
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,12 +20,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ovsd3 import __version__, layout
-from ovsd3.errors import InvalidRequest
+from ovsd3.errors import InvalidRequest, OvsdError
 from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.adapters import LoraAdapter
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
-from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler, OnUse, default_cache_dir
+from ovsd3.runtime.devices import (CompileOptions, DevicePlan, InferRequests, ModelCompiler, OnUse,
+                                   default_cache_dir)
 from ovsd3.runtime.guidance import SkipLayerGuidance
 from ovsd3.runtime.inpaint import MaskBlend, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
@@ -48,6 +51,7 @@ def offload_advised(folder: Path) -> bool:
     return bool(total) and layout.weight_bytes(folder) > OFFLOAD_SHARE * total
 
 
+MAX_CONCURRENCY = 64  # pipelines generating at once from one set of compiled models (ovsd3 serve's --workers bound)
 IMAGE_TO_IMAGE_STEPS = 50  # diffusers' default for its SD3 image-to-image and inpainting pipelines
 
 
@@ -123,12 +127,42 @@ class SD3Pipeline:
         self.has_t5 = model.has_t5
         self.defaults = model.record.defaults
         self._compiler, self._patch_size = compiler, model.patch_size
+        self._requests = InferRequests()  # this pipeline's own; a clone has others (see clone)
+        self._family = weakref.WeakSet([self])  # this pipeline and its clones, which share its compiled models
         self.adapters: tuple[LoraAdapter, ...] = ()
         self._use_adapters(adapters)
         self.offload = offload
         self._compile(compiler, model)
+        self._reset_call_state()
+
+    def _reset_call_state(self) -> None:
+        """What one pipeline object changes while it generates: timings and diffusers' views of the call."""
         self.infer_seconds = {"text": 0.0, "vae": 0.0}
         self._guidance_scale, self._clip_skip, self._num_timesteps, self._interrupt = None, None, 0, False
+
+    def clone(self) -> "SD3Pipeline":
+        """A pipeline that shares this one's compiled models (one copy of the weights), tokenizers, folder
+        record and LoRA adapters, with infer requests, timings and call state of its own: a pipeline and its
+        clones may generate at once in different threads (one pipeline object must not be used by two threads
+        at once). openvino.genai's ``Text2ImagePipeline.clone()``. Load with ``concurrency`` set to the number
+        of pipelines that will generate at once, so that their calls share the cores rather than oversubscribe
+        them. Not with model offload: it compiles each component per call, so there is nothing to share."""
+        if self.offload:
+            raise OvsdError("clone() shares compiled models, and with model offload nothing stays compiled: load "
+                            "another pipeline instead")
+        twin = copy.copy(self)
+        twin._requests = InferRequests()
+        twin.text = self.text.clone(twin._requests)
+        twin.transformer = self.transformer.clone(twin._requests)
+        twin._reset_call_state()
+        self._family.add(twin)
+        return twin
+
+    def _check_alone(self, action: str) -> None:
+        """Refuse what would change the compiled models (or the IR edits) that clones share."""
+        if len(self._family) > 1:
+            raise OvsdError(f"{action} would change the compiled models this pipeline shares with its "
+                            f"{len(self._family) - 1} clone(s) (or source): load a separate pipeline for it")
 
     def _compile(self, compiler: ModelCompiler, model: layout.ModelFolder) -> None:
         static = self.static
@@ -138,7 +172,7 @@ class SD3Pipeline:
         self.text = TextEncoders(compiler, self.joint_attention_dim, self.has_t5,
                                  static_batch=None if static is None else static.prompts or static.batch,
                                  max_sequence_length=256 if static is None else static.max_sequence_length,
-                                 compile_now=compile_now)
+                                 compile_now=compile_now, requests=self._requests)
         transformer_batch = None if static is None else static.batch * (2 if static.guidance else 1)
         self._transformer_shapes = None if static is None else {
             "hidden_states": [transformer_batch, self.latent_channels, *latent_size],
@@ -160,6 +194,7 @@ class SD3Pipeline:
         peak is the biggest component rather than all of them. Each generation compiles its components again
         (the model cache makes that fast). ``gpu_id`` and ``device`` are accepted for diffusers' callers; the
         device plan given at load still decides where each component runs."""
+        self._check_alone("enable_model_cpu_offload()")
         self.offload = True
         self._release(self.text, self.transformer, self.vae_decoder, self.vae_encoder)
         self.transformer.shape_specialised = self.static is None  # compiled per generation now: for its shapes
@@ -190,29 +225,37 @@ class SD3Pipeline:
         """diffusers' ``set_adapters``: replace the LoRA adapters. ``adapter_names``: a path or a list of them
         (``"path:weight"`` and ``(path, weight)`` too; ``[]`` for none); ``adapter_weights``: one number, or one
         per adapter (default 1). The transformer is recompiled from the IR read at the first adapter, not read
-        from the folder again."""
+        from the folder again. Not on a pipeline with clones: they share its compiled transformer."""
+        self._check_alone("set_adapters()")
         self._use_adapters(adapter_names, adapter_weights, "adapter_names")
         self.transformer = self._new_transformer()
 
     def _new_transformer(self) -> Transformer:
         # Offloading compiles the transformer when sampling starts, for that generation's shapes.
         return Transformer(self._compiler, self._patch_size, self.has_t5, self._transformer_shapes,
-                           compile_now=not self.offload, shape_specialised=self.offload and self.static is None)
+                           compile_now=not self.offload, shape_specialised=self.offload and self.static is None,
+                           requests=self._requests)
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "AUTO", static: StaticShape | None = None,
              cache_dir: Path | None | str = "default", precision: str | None = None,
-             adapters=None, offload: bool = False) -> "SD3Pipeline":
+             adapters=None, offload: bool = False, concurrency: int = 1) -> "SD3Pipeline":
         """``device``: an OpenVINO device for everything, or a plan such as ``transformer=GPU,text=CPU``.
         ``cache_dir``: OpenVINO's model cache (``None`` for none); a second start then skips compiling.
         ``precision``: ``"f32"`` to force full-precision execution. ``adapters``: LoRA adapters for the
         transformer, ``[(path, weight), ...]`` (files or PEFT folders; see :mod:`ovsd3.runtime.adapters`).
-        ``offload``: start with :meth:`enable_model_cpu_offload` on, compiling nothing until it is used."""
+        ``offload``: start with :meth:`enable_model_cpu_offload` on, compiling nothing until it is used.
+        ``concurrency``: how many pipelines (this one and its clones, see :meth:`clone`) will generate at
+        once; the models are compiled for that many parallel calls (see CompileOptions)."""
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) \
+                or not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise InvalidRequest(f"concurrency must be a whole number from 1 to {MAX_CONCURRENCY} "
+                                 f"(got {concurrency!r})")
         folder = Path(folder)
         options = CompileOptions(plan=DevicePlan.parse(device),
                                  cache_dir=default_cache_dir() if cache_dir == "default" else
                                  (Path(cache_dir) if cache_dir is not None else None),
-                                 precision=precision)
+                                 precision=precision, concurrency=concurrency)
         return cls(folder, ModelCompiler(folder, options), static, adapters, offload)
 
     from_pretrained = load  # diffusers' name: the folder (or a converted hub id's local copy) to load
@@ -411,7 +454,7 @@ class SD3Pipeline:
     def _infer(self, part: str, compiled, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One inference, its time counted under ``part`` (what is not counted is Python overhead)."""
         started = time.perf_counter()
-        out = compiled(inputs)[0]
+        out = self._requests(compiled, inputs)[0]
         self.infer_seconds[part] += time.perf_counter() - started
         return out
 

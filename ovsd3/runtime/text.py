@@ -8,13 +8,14 @@ zeros of the same shape when the folder has no T5).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 
 from ovsd3 import layout
 from ovsd3.errors import InvalidRequest, OvsdError
-from ovsd3.runtime.devices import OnUse
+from ovsd3.runtime.devices import InferRequests, OnUse
 
 CLIP_MAX_LENGTH = 77
 
@@ -43,8 +44,9 @@ class Tokenizer:
         # openvino-tokenizers records the special ids in the model's rt_info (the compiled model drops it).
         self.pad_id, self.eos_id = (special_id(model, key, name) for key in ("pad_token_id", "eos_token_id"))
 
-    def __call__(self, prompts: list[str], max_length: int) -> np.ndarray:
-        result = self.compiled(prompts)
+    def __call__(self, prompts: list[str], max_length: int, requests: InferRequests | None = None) -> np.ndarray:
+        """Token ids, (prompts, max_length); ``requests``: the caller's infer requests (None: the model's own)."""
+        result = self.compiled(prompts) if requests is None else requests(self.compiled, prompts)
         ids, mask = result["input_ids"], result["attention_mask"]
         out = np.full((len(prompts), max_length), self.pad_id, dtype=np.int64)
         for row, (row_ids, row_mask) in enumerate(zip(ids, mask)):
@@ -69,10 +71,10 @@ def special_id(model, key: str, name: str) -> int:
 
 
 class TextEncoders:
-    """The two CLIPs and T5 (if the folder has it), compiled."""
+    """The two CLIPs and T5 (if the folder has it), compiled, run on ``requests`` (the pipeline's own)."""
 
     def __init__(self, compiler, joint_attention_dim: int, has_t5: bool, static_batch: int | None = None,
-                 max_sequence_length: int = 256, compile_now: bool = True):
+                 max_sequence_length: int = 256, compile_now: bool = True, requests: InferRequests | None = None):
         def encoder(name: str, length: int) -> OnUse:
             shapes = None if static_batch is None else {"input_ids": [static_batch, length]}
             return OnUse(lambda: compiler.compile(name, shapes), compile_now)
@@ -84,7 +86,14 @@ class TextEncoders:
         t5_tokenizer = layout.TOKENIZER_OF[layout.T5]
         self.t5_tokenizer = Tokenizer(compiler.compile_tokenizer(t5_tokenizer), t5_tokenizer) if has_t5 else None
         self.t5_encoder = encoder(layout.T5, max_sequence_length) if has_t5 else None
+        self.requests = requests or InferRequests()
         self.infer_seconds = 0.0
+
+    def clone(self, requests: InferRequests) -> "TextEncoders":
+        """The same tokenizers and compiled encoders, run on ``requests``, with timings of its own."""
+        twin = copy.copy(self)
+        twin.requests, twin.infer_seconds = requests, 0.0
+        return twin
 
     def release(self) -> None:
         """Drop the compiled encoders (model offload); the tokenizers, small, stay."""
@@ -96,12 +105,13 @@ class TextEncoders:
         import time
 
         start = time.perf_counter()
-        result = compiled({"input_ids": input_ids})
+        result = self.requests(compiled, {"input_ids": input_ids})
         self.infer_seconds += time.perf_counter() - start
         return {name: result[port] for port in compiled.outputs for name in port.get_names()}
 
     def _clip(self, index: int, prompts: list[str], clip_skip: int | None) -> tuple[np.ndarray, np.ndarray]:
-        outputs = self._run(self.clip_encoders[index], self.clip_tokenizers[index](prompts, CLIP_MAX_LENGTH))
+        outputs = self._run(self.clip_encoders[index], self.clip_tokenizers[index](prompts, CLIP_MAX_LENGTH,
+                                                                                    self.requests))
         num_states = sum(name.startswith("hidden_states.") for name in outputs)
         layer = num_states - ((clip_skip or 0) + 2)  # hidden_states[-2], or [-(clip_skip + 2)]
         if layer < 0:  # diffusers fails with an IndexError here
@@ -116,7 +126,7 @@ class TextEncoders:
         clip_l, pooled_l = self._clip(0, prompts, clip_skip)
         clip_g, pooled_g = self._clip(1, prompts_2 or prompts, clip_skip)
         if self.t5_encoder is not None:
-            t5_ids = self.t5_tokenizer(prompts_3 or prompts, max_sequence_length)
+            t5_ids = self.t5_tokenizer(prompts_3 or prompts, max_sequence_length, self.requests)
             t5_embeds = self._run(self.t5_encoder, t5_ids)["last_hidden_state"]
         else:
             t5_embeds = np.zeros((len(prompts), max_sequence_length, self.joint_attention_dim), dtype=np.float32)

@@ -17,6 +17,8 @@ Observers always see the inputs as the pipeline made them (the full text sequenc
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from typing import Callable
 
@@ -25,7 +27,7 @@ import numpy as np
 from ovsd3 import layout
 from ovsd3.errors import OvsdError
 from ovsd3.ir.attention_bias import ATTENTION_BIAS, add_attention_bias
-from ovsd3.runtime.devices import ShapeSpecialised
+from ovsd3.runtime.devices import InferRequests, ShapeSpecialised
 from ovsd3.runtime.text_collapse import collapse_text
 
 INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
@@ -51,22 +53,34 @@ class SplitTransformer:
         self.rest_inputs = [next(name for name in sorted(port.get_names()) if name.startswith(f"{CUT_PREFIX}1:")
                                  or name in (*INPUT_NAMES, ATTENTION_BIAS)) for port in self.rest.inputs]
 
-    def run_head(self, inputs: dict) -> dict:
-        result = self.head(inputs)
+    def run_head(self, inputs: dict, requests: InferRequests) -> dict:
+        result = requests(self.head, inputs)
         return {name: result[port] for port in self.head.outputs for name in port.get_names()}
 
     def signal(self, head_outputs: dict) -> np.ndarray:
         return np.concatenate([head_outputs[name].ravel() for name in self.first_block_outputs])
 
-    def run_rest(self, inputs: dict, head_outputs: dict) -> np.ndarray:
+    def run_rest(self, inputs: dict, head_outputs: dict, requests: InferRequests) -> np.ndarray:
         feed = {name: head_outputs[name] if name in head_outputs else inputs[name] for name in self.rest_inputs}
-        return self.rest(feed)[0]
+        return requests(self.rest, feed)[0]
+
+
+class Variants:
+    """The transformer's compiled variants, shared by a pipeline and its clones: each is compiled once, by the
+    first clone that needs it, under ``lock`` (the others wait for it rather than compile it again)."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.compiled = self.biased = None
+        self.split: SplitTransformer | None = None
+        self.skipping: dict[tuple[int, ...], object] = {}  # skip-layer guidance variants, by skipped blocks
 
 
 class Transformer:
     def __init__(self, compiler, patch_size: int, has_t5: bool, static_shapes: dict | None = None,
-                 compile_now: bool = True, shape_specialised: bool = False):
+                 compile_now: bool = True, shape_specialised: bool = False, requests: InferRequests | None = None):
         self.compiler = compiler
+        self.requests = requests or InferRequests()  # this pipeline's own; the compiled variants are shared
         # Each variant compiled for each call's own shapes (ovsd3.runtime.devices.ShapeSpecialised): about
         # half the memory at 1024x1024, for a compilation whenever the shapes change. Model offload compiles
         # every generation anyway, and uses it.
@@ -83,15 +97,26 @@ class Transformer:
         if compile_now:
             self._compile()
 
+    def clone(self, requests: InferRequests) -> "Transformer":
+        """The same compiled variants (those compiled later too), run on ``requests``, with counts, timings
+        and observers of its own."""
+        twin = copy.copy(self)
+        twin.requests, twin.observers, twin.seconds, twin.calls = requests, [], 0.0, 0
+        return twin
+
     def _compile(self) -> None:
-        if self.collapses and not self.has_t5:  # every call qualifies unless given its own T5 embeddings
-            self._biased = self._variant(self._biased_model)
-        if self._biased is not None:
-            self._compiled = self._biased
-        elif self.shape_specialised:
-            self._compiled = self._variant(lambda: self.compiler.read(layout.TRANSFORMER))
-        else:
-            self._compiled = self.compiler.compile(layout.TRANSFORMER, self.static_shapes)
+        variants = self._variants
+        with variants.lock:
+            if variants.compiled is not None:  # another clone compiled it meanwhile
+                return
+            if self.collapses and not self.has_t5:  # every call qualifies unless given its own T5 embeddings
+                variants.biased = variants.biased or self._variant(self._biased_model)
+            if variants.biased is not None:
+                variants.compiled = variants.biased
+            elif self.shape_specialised:
+                variants.compiled = self._variant(lambda: self.compiler.read(layout.TRANSFORMER))
+            else:
+                variants.compiled = self.compiler.compile(layout.TRANSFORMER, self.static_shapes)
 
     def _variant(self, model_of: Callable[[], object]):
         """A compiled variant of the transformer (``model_of()`` makes its IR)."""
@@ -101,15 +126,18 @@ class Transformer:
 
     def release(self) -> None:
         """Drop every compiled variant (model offload: the next call compiles again); observers and counts stay."""
-        self._compiled = self._biased = None
-        self._split: SplitTransformer | None = None
-        self._skipping: dict[tuple[int, ...], object] = {}  # skip-layer guidance variants, by skipped blocks
+        self._variants = Variants()
+
+    @property
+    def _compiled(self):
+        """The main variant if it is compiled, else None (nothing compiles here)."""
+        return self._variants.compiled
 
     @property
     def compiled(self):
-        if self._compiled is None:
+        if self._variants.compiled is None:
             self._compile()
-        return self._compiled
+        return self._variants.compiled
 
     def _biased_model(self):
         try:
@@ -120,16 +148,19 @@ class Transformer:
     @property
     def biased(self):
         """The variant with an ``attention_bias`` input, compiled on first use."""
-        if self._biased is None:
-            self._biased = self._variant(self._biased_model)
-        return self._biased
+        variants = self._variants
+        if variants.biased is None:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if variants.biased is None:
+                    variants.biased = self._variant(self._biased_model)
+        return variants.biased
 
     def _feed(self, inputs: dict) -> tuple[object, dict]:
         """The compiled model to run and its inputs: the collapsed text where that is exact."""
         if not self.collapses:
             return self.compiled, inputs
         collapse = collapse_text(inputs, self.patch_size)
-        if collapse.collapsed or self.compiled is self._biased:
+        if collapse.collapsed or self.compiled is self._variants.biased:
             return self.biased, collapse.biased_inputs()
         return self.compiled, inputs
 
@@ -152,7 +183,7 @@ class Transformer:
         """One whole call: (hidden_states, timestep, encoder_hidden_states, pooled_projections) -> velocity."""
         self._check(inputs)
         compiled, feed = self._feed(inputs)
-        out = self._timed(lambda: compiled(feed)[0])
+        out = self._timed(lambda: self.requests(compiled, feed)[0])
         self._observe(inputs, out)
         return out
 
@@ -163,21 +194,24 @@ class Transformer:
 
     @property
     def split(self) -> SplitTransformer:
-        if self._split is None:
-            if self.static_shapes is not None:
-                raise OvsdError("first-block-cache is not available with static shapes (--static)")
-            self._split = SplitTransformer(self.compiler, self._biased_model())
-        return self._split
+        variants = self._variants
+        if variants.split is None:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if variants.split is None:
+                    if self.static_shapes is not None:
+                        raise OvsdError("first-block-cache is not available with static shapes (--static)")
+                    variants.split = SplitTransformer(self.compiler, self._biased_model())
+        return variants.split
 
     def probe(self, inputs: dict) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
         """Run up to the first block; returns its output and a function that finishes this call."""
         self._check(inputs)
         split = self.split
         feed = collapse_text(inputs, self.patch_size).biased_inputs()  # zero bias where it cannot collapse
-        head_outputs = self._timed(split.run_head, feed)
+        head_outputs = self._timed(split.run_head, feed, self.requests)
 
         def finish() -> np.ndarray:
-            out = self._timed(split.run_rest, feed, head_outputs)
+            out = self._timed(split.run_rest, feed, head_outputs, self.requests)
             self._observe(inputs, out)
             return out
 
@@ -185,26 +219,29 @@ class Transformer:
 
     def skipping(self, layers: tuple[int, ...], inputs: dict) -> np.ndarray:
         """One call with the blocks ``layers`` skipped (skip-layer guidance); the variant is compiled on first use."""
-        from ovsd3.ir.skip_blocks import skip_blocks
-        from ovsd3.ir.slicing import stages
-
         self._check(inputs)
         if self.static_shapes is not None:
             raise OvsdError("skip-layer guidance is not available with static shapes (--static)")
-        if layers not in self._skipping:
-            def skipping_model():
-                model = self._biased_model()
-                try:
-                    skip_blocks(model, list(layers), stages(model)[1])
-                except ValueError as error:
-                    raise OvsdError(f"cannot skip blocks {list(layers)} in this folder's transformer: "
-                                    f"{error}") from None
-                return model
-
-            self._skipping[layers] = self._variant(skipping_model)
+        variants = self._variants
+        if layers not in variants.skipping:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if layers not in variants.skipping:
+                    variants.skipping[layers] = self._variant(lambda: self._skipping_model(layers))
         feed = collapse_text(inputs, self.patch_size).biased_inputs()  # zero bias where it cannot collapse
-        return self._timed(lambda: self._skipping[layers](feed)[0])
+        return self._timed(lambda: self.requests(variants.skipping[layers], feed)[0])
+
+    def _skipping_model(self, layers: tuple[int, ...]):
+        """The biased transformer's IR with the blocks ``layers`` skipped."""
+        from ovsd3.ir.skip_blocks import skip_blocks
+        from ovsd3.ir.slicing import stages
+
+        model = self._biased_model()
+        try:
+            skip_blocks(model, list(layers), stages(model)[1])
+        except ValueError as error:
+            raise OvsdError(f"cannot skip blocks {list(layers)} in this folder's transformer: {error}") from None
+        return model
 
     @property
     def block_count(self) -> int:
-        return self.split.block_count if self._split is not None else 0
+        return self.split.block_count if self._variants.split is not None else 0

@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
                         help="a LoRA adapter applied to the transformer of every worker, as `ovsd3 run --lora`; "
                              "repeatable")
     parser.add_argument("--workers", type=int, default=1,
-                        help=f"pipelines generating at once, each compiled once (1 to {MAX_WORKERS}; default 1)")
+                        help=f"pipelines generating at once (1 to {MAX_WORKERS}; default 1); they share one "
+                             "compiled model per component, so one copy of the weights, and split the cores")
     parser.add_argument("--max-queue", type=int, default=16,
                         help=f"requests that may wait, 1 to {MAX_QUEUE} (default 16); more get 429")
     parser.add_argument("--cache", default=None, metavar="MODE",
@@ -84,7 +85,8 @@ def run(args) -> int:
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
     try:
-        pool = WorkerPool(load_pipeline(args.model_dir, args.device, args.lora), args.workers, args.max_queue)
+        pool = WorkerPool(load_pipeline(args.model_dir, args.device, args.lora, args.workers), args.workers,
+                          args.max_queue)
     except BaseException:
         listening.close()
         raise

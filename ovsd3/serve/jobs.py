@@ -1,7 +1,8 @@
 """Generation jobs and the workers that run them.
 
-Each worker is a thread holding its own compiled pipeline (OpenVINO releases the GIL while it infers, so
-workers overlap); jobs wait in one bounded queue. A job records its events (queued, step with preview,
+Each worker is a thread with its own pipeline, a clone of the first one: all share one compiled model per
+component (one copy of the weights) and each runs them on infer requests of its own (OpenVINO releases the
+GIL while it infers, so workers overlap); jobs wait in one bounded queue. A job records its events (queued, step with preview,
 done, error, cancelled) in order, so any number of readers can follow it from any point.
 """
 
@@ -33,8 +34,8 @@ class Cancelled(Exception):
     pass
 
 
-# Bounds of a pool, checked before anything starts: every worker compiles its own pipeline (SD3 Medium's holds
-# gigabytes), and every queued job holds its request, uploads included (up to 33 MB).
+# Bounds of a pool, checked before anything starts: every worker holds its own infer requests (their
+# activations: gigabytes at 1024x1024), and every queued job holds its request, uploads included (up to 33 MB).
 MAX_WORKERS = 64
 MAX_QUEUE = 1024
 KEEP_FINISHED = 256  # finished jobs kept for GET /v1/jobs/{id}
@@ -186,7 +187,8 @@ class Metrics:
 
 
 class WorkerPool:
-    """``workers`` threads, each with its own pipeline from ``load()``; a queue of at most ``max_queue``."""
+    """``workers`` threads, each with its own pipeline: ``load()``'s and its clones; a queue of at most
+    ``max_queue``."""
 
     def __init__(self, load: Callable[[], object], workers: int, max_queue: int):
         for name, value, most in (("--workers", workers, MAX_WORKERS), ("--max-queue", max_queue, MAX_QUEUE)):
@@ -198,7 +200,7 @@ class WorkerPool:
         self.busy = 0
         self.closing = False  # set on shutdown: new requests get 503
         self._lock = threading.Lock()
-        self.pipelines = [load() for _ in range(workers)]  # compiled before the server answers
+        self.pipelines = worker_pipelines(load, workers)  # compiled before the server answers
         self._threads = [threading.Thread(target=self._work, args=(pipe,), daemon=True, name=f"ovsd3-worker-{i}")
                          for i, pipe in enumerate(self.pipelines)]
         for thread in self._threads:
@@ -311,11 +313,25 @@ class WorkerPool:
             job.emit("error", message=f"internal error: {type(error).__name__}: {error}", type="server_error")
 
 
-def load_pipeline(folder: Path, device: str, adapters=()) -> Callable[[], object]:
+def worker_pipelines(load: Callable[[], object], workers: int) -> list:
+    """One pipeline per worker: ``load()``'s and ``workers - 1`` clones of it, which share its compiled models.
+    A pipeline with model offload compiles each component per call and keeps none, so there is nothing to
+    share: each worker then loads its own."""
+    first = load()
+    if workers > 1 and getattr(first, "offload", False):
+        return [first, *(load() for _ in range(workers - 1))]
+    return [first, *(first.clone() for _ in range(workers - 1))]
+
+
+def load_pipeline(folder: Path, device: str, adapters=(), workers: int = 1) -> Callable[[], object]:
+    """What loads the workers' pipeline, compiled for ``workers`` calls at once (SD3Pipeline.load's
+    concurrency); with model offload each call compiles its own, as if alone."""
     def load():
         from ovsd3.runtime import SD3Pipeline
         from ovsd3.runtime.pipeline import offload_advised
 
-        return SD3Pipeline.load(folder, device=device, adapters=list(adapters), offload=offload_advised(folder))
+        offload = offload_advised(folder)
+        return SD3Pipeline.load(folder, device=device, adapters=list(adapters), offload=offload,
+                                concurrency=1 if offload else workers)
 
     return load
