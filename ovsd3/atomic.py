@@ -9,7 +9,9 @@ ends interrupted, not with a folder made after the user said stop.
 
 Signals: :class:`Interrupts` makes SIGINT raise KeyboardInterrupt and SIGTERM/SIGHUP raise :class:`Terminated`
 (a KeyboardInterrupt too, so every cleanup that handles Ctrl-C handles them); the command line holds it from its
-first instruction on.
+first instruction on. A signal whose exception never got through (a library caught it, or Python swallowed it as
+"unraisable" in a weakref callback) is still recorded: :func:`interrupt_recorded` says so before anything is
+published.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -63,27 +66,36 @@ class Interrupts:
     :class:`Terminated`, in this (main) thread, and the signal is remembered (``received``): a library that
     swallows the exception or turns it into its own error does not hide that the user said stop. A signal that
     the process was started with ignored (``nohup``, ``cmd &``) stays ignored; the handlers found are put back
-    at the end."""
+    at the end. ``sys.unraisablehook`` goes in and back with the handlers (see :meth:`_unraisable`)."""
 
     def __init__(self):
         self.received: int | None = None
         self._owner_pid = os.getpid()
         self._previous: dict[int, object] = {}
+        self._outer: Interrupts | None = None  # the one whose handlers these replaced (main's, __main__'s)
+        self._replaced_hook = None
 
     def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():
             try:
+                self._replaced_hook = sys.unraisablehook
+                sys.unraisablehook = self._unraisable
                 for signum in TERMINATING_SIGNALS:
                     if signal.getsignal(signum) is not signal.SIG_IGN:
                         self._previous[signum] = signal.signal(signum, self._handle)
+                        self._outer = self._outer or _owner(self._previous[signum])
             except KeyboardInterrupt:  # a signal while they went in: `with` calls no __exit__, so put them back
                 self.__exit__(None, None, None)
                 raise
         return self
 
     def __exit__(self, *exc_info) -> None:
-        restore_handlers(self._previous)
-        self._previous.clear()
+        try:
+            restore_handlers(self._previous)
+        finally:  # the hook last: a signal raised as the handlers go back is still this one's to keep quiet
+            self._previous.clear()
+            if self._replaced_hook is not None:
+                sys.unraisablehook, self._replaced_hook = self._replaced_hook, None
 
     def _handle(self, signum, frame):
         if os.getpid() != self._owner_pid:  # a forked helper (OpenVINO's telemetry sender): leave quietly
@@ -91,9 +103,44 @@ class Interrupts:
         self.received = signum
         raise self.stop()
 
+    def _unraisable(self, unraisable) -> None:
+        """sys.unraisablehook. Python cannot raise on an exception that leaves a weakref callback or a __del__
+        (importlib's module-lock cleanup, while ovsd3 imports, is one): it prints "Exception ignored in ..." with
+        a traceback and goes on. A KeyboardInterrupt there is one that a handler recorded (:meth:`recorded`,
+        which stops the command before it publishes anything), so it is quiet: the command's one line says it.
+        Anything else is shown as before."""
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.recorded() is not None:
+            return
+        (self._replaced_hook or sys.__unraisablehook__)(unraisable)
+
     def stop(self) -> KeyboardInterrupt:
         """The exception for the signal received (KeyboardInterrupt for Ctrl-C)."""
         return KeyboardInterrupt() if self.received in (None, signal.SIGINT) else Terminated(self.received)
+
+    def recorded(self) -> KeyboardInterrupt | None:
+        """The exception for a signal that this Interrupts, or one it was entered within, received, whether or
+        not that exception got through (a library may have caught it, Python may have swallowed it); None if no
+        signal came."""
+        interrupts: Interrupts | None = self
+        while interrupts is not None and interrupts.received is None:
+            interrupts = interrupts._outer
+        return None if interrupts is None else interrupts.stop()
+
+
+def _owner(handler: object) -> Interrupts | None:
+    """The Interrupts whose handler ``handler`` is, if it is one."""
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, Interrupts) else None
+
+
+def interrupt_recorded() -> KeyboardInterrupt | None:
+    """:meth:`Interrupts.recorded` of the Interrupts that holds the handlers now, for code that has none at hand
+    (run's image writes); None if no signal came or ovsd3's handlers are not in place."""
+    for signum in TERMINATING_SIGNALS:
+        owner = _owner(signal.getsignal(signum))
+        if owner is not None:
+            return owner.recorded()
+    return None
 
 
 def restore_handlers(previous: dict[int, object]) -> None:
@@ -386,7 +433,9 @@ class AtomicOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None and self._interrupts.received is None:
+            # recorded(), not received: a signal swallowed before this output began (while the command loaded)
+            # stops it as much as one that came while it was written
+            if exc_type is None and self._interrupts.recorded() is None:
                 try:
                     return self._commit()
                 except BaseException as error:  # the folder replaced is back in place: say why, leave nothing
@@ -403,8 +452,9 @@ class AtomicOutput:
             disk_full = _disk_full(self.staging)  # before the staging folder frees its space
             shutil.rmtree(self.staging, ignore_errors=True)
             self._remove_created_parents()
-        if self._interrupts.received is not None and not isinstance(exc, KeyboardInterrupt):
-            raise self._interrupts.stop() from None  # swallowed, or turned into another error by a library
+        stop = self._interrupts.recorded()
+        if stop is not None and not isinstance(exc, KeyboardInterrupt):
+            raise stop from None  # swallowed, or turned into another error by a library
         if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
             raise OvsdError(f"cannot write {self.target}: {exc.strerror} (nothing was written)") from None
         if disk_full and isinstance(exc, Exception) and not isinstance(exc, OvsdError):

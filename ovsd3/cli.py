@@ -226,18 +226,23 @@ def _main(argv: list[str] | None, interrupts: Interrupts) -> int:
     try:
         args = _parse(argv)
         command = args.command
-        return args.handler(args)
+        code = args.handler(args)
     except KeyboardInterrupt as stop:
         return _report_interrupted(command, stop)
     except Exception as error:
-        if interrupts.received is not None:  # a library turned the interrupt into an error of its own
-            return _report_interrupted(command, interrupts.stop())
+        recorded = interrupts.recorded()
+        if recorded is not None:  # a library turned the interrupt into an error of its own
+            return _report_interrupted(command, recorded)
         if isinstance(error, OvsdError):
             print(f"ovsd3 {command}: error: {error}", file=sys.stderr)
             return EXIT_ERROR
         if os.environ.get("OVSD3_DEBUG"):  # a bug, or a library failing in a way not foreseen: still one line
             raise
         return _report_unexpected(command, error)
+    # A signal whose exception a library caught, or Python swallowed (see Interrupts._unraisable), and the command
+    # went on to its end: the user still said stop (AtomicOutput published nothing, seeing the same record)
+    recorded = interrupts.recorded()
+    return code if recorded is None else _report_interrupted(command, recorded)
 
 
 def _report_interrupted(command: str | None, stop: KeyboardInterrupt) -> int:

@@ -94,6 +94,7 @@ def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
     the name first), so concurrent runs into one folder keep every image and no half-written PNG appears."""
     import uuid
 
+    from ovsd3.atomic import interrupt_recorded
     from ovsd3.runtime.images import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,9 @@ def save_new_png(image, folder: Path, params: dict, suffix: str) -> Path:
             save_png(image, private, params)
         except OSError as error:  # a full disk: no file (the private one goes below), one line
             raise OvsdError(f"cannot write an image in {folder}: {error.strerror or error}") from None
+        stop = interrupt_recorded()
+        if stop is not None:  # a Ctrl-C that a library swallowed: no image appears after the user said stop
+            raise stop
         index = _next_index(folder)
         while True:
             target = folder / f"{index:05d}{suffix}.png"

@@ -130,6 +130,8 @@ def serve(app, pool, listening: socket.socket) -> None:
 
     import uvicorn
 
+    from ovsd3.atomic import restore_handlers
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if not self.should_exit:  # the first signal; a second one forces uvicorn's exit
@@ -137,14 +139,17 @@ def serve(app, pool, listening: socket.socket) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
-    # Once shut down, uvicorn raises the signal again with the handlers it found: SIGTERM then ends here too
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Once shut down, uvicorn raises the signal again with the handlers it found: SIGTERM then ends here too, and
+    # neither is recorded by ovsd3's Interrupts, for which a signal caught here would still stop the command (main
+    # would report `serve` interrupted instead of its normal end)
+    previous = {signum: signal.signal(signum, signal.default_int_handler)
+                for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         Server(config).run(sockets=[listening])
     except KeyboardInterrupt:
         pass  # Ctrl-C or SIGTERM, after the graceful shutdown: the normal end of `ovsd3 serve`
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_handlers(previous)
     print("ovsd3 serve: stopped", file=sys.stderr)
 
 
