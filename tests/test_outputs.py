@@ -408,22 +408,3 @@ def test_benchmark_children_end_with_it(ov_sd3, tmp_path, signum):
         assert process.returncode == EXIT_TERMINATED and "Traceback" not in err, err
         assert err.strip().splitlines()[-1] == "ovsd3 benchmark: terminated (SIGTERM); nothing was written"
     assert not (tmp_path / "b").exists()
-
-
-@pytest.mark.parametrize("signum, code, line", [
-    (signal.SIGINT, EXIT_INTERRUPTED, "ovsd3 quantize: interrupted; nothing was written"),
-    (signal.SIGTERM, EXIT_TERMINATED, "ovsd3 quantize: terminated (SIGTERM); nothing was written"),
-])
-def test_an_interrupt_a_library_turns_into_its_own_error_is_still_an_interrupt(monkeypatch, capsys, tmp_path,
-                                                                               signum, code, line):
-    def library_call(args):  # as pydantic did, building its schema when Ctrl-C came: "SchemaError"
-        try:
-            signal.raise_signal(signum)
-        except KeyboardInterrupt:
-            raise RuntimeError("SchemaError: Error building `model` serializer") from None
-
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr("ovsd3.cli._run_quantize", library_call)
-    assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out")]) == code
-    assert capsys.readouterr().err.strip().splitlines() == [line]
-    assert {number: signal.getsignal(number) for number in handlers} == handlers  # the caller's, as they were
