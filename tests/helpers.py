@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from ovsd3.cli import main
@@ -35,3 +38,19 @@ def last_line(capsys) -> str:
     """The last line a command wrote on stderr (its one-line error)."""
     lines = capsys.readouterr().err.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def at_a_terminal() -> None:
+    """preexec_fn: Ctrl-C's default action, as a foreground job at a terminal has it. A test run started in the
+    background of a script (``pytest &``) has SIGINT ignored, which its children would inherit, and a command
+    started that way rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Poll ``condition`` until it holds; fail if ``process`` ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.02)

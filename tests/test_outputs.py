@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ovsd3.atomic import AtomicOutput, scratch_folder
-from helpers import fingerprint, last_line
+from helpers import at_a_terminal, fingerprint, last_line, wait_for
 
 from ovsd3.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
 from ovsd3.errors import OvsdError
@@ -277,18 +277,6 @@ def _start(argv: list[str], **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, preexec_fn=at_a_terminal, **kwargs)
 
 
-def at_a_terminal() -> None:
-    """preexec_fn: Ctrl-C's default action, as a foreground job at a terminal has it (a test run started in the
-    background has SIGINT ignored, which children inherit and rightly keep ignoring)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "never got there"
-        time.sleep(0.02)
 
 
 @pytest.mark.skipif(not LINUX, reason="zombies are told apart through /proc")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fingerprint, last_line
+from helpers import at_a_terminal, fingerprint, last_line, wait_for
 
 from ovsd3.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
 
@@ -293,19 +293,6 @@ def cpu_hog():
             hog.wait()
 
 
-def at_a_terminal() -> None:
-    """preexec_fn: Ctrl-C's default action, as a foreground job at a terminal has it. A test run started in the
-    background of a script (``pytest &``) has SIGINT ignored, which its children would inherit, and a command
-    started that way rightly keeps ignoring it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "never got there"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("moment", ["loading", "tracing"])
