@@ -5,6 +5,7 @@ cached, and a quality gate that can refuse."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import openvino as ov
@@ -335,7 +336,7 @@ def test_ssim_matches_scikit_image():
     assert ssim(a, a) == 1.0
 
 
-def test_digits_demo_gate_scores_digits_and_can_refuse(ov_sd3, tmp_path, capsys):
+def test_digits_demo_gate_scores_digits_and_can_refuse(ov_sd3, tmp_path, capsys, monkeypatch):
     """A folder marked as the digits demo: calibration and gate use digit prompts, the gate scores the share of
     digits drawn as asked, and refuses when it falls more than --max-digit-drop."""
     import shutil
@@ -365,7 +366,10 @@ def test_digits_demo_gate_scores_digits_and_can_refuse(ov_sd3, tmp_path, capsys)
                              seed=seed + index).images[0]) for index, prompt in enumerate(prompts)]
     assert gate["digit_accuracy"]["reference"] == DigitScorer().score(drawn, prompts).accuracy
     capsys.readouterr()
-    assert quantize(demo, tmp_path / "q2", "--max-digit-drop", "-1") == EXIT_ERROR  # asks for +100 points
+    # a candidate drawing no digit where the original drew all: a drop of 100 points, past the default 15
+    shares = iter((1.0, 0.0))
+    monkeypatch.setattr(DigitScorer, "score", lambda self, images, prompts: SimpleNamespace(accuracy=next(shares)))
+    assert quantize(demo, tmp_path / "q2") == EXIT_ERROR
     err = capsys.readouterr().err
     assert "quality gate failed" in err and "digits matching" in err
     assert not (tmp_path / "q2").exists()
