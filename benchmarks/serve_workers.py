@@ -129,19 +129,12 @@ def pixels(b64_png: str):
 
 
 def wait_for_health(base: str, process: subprocess.Popen, timeout: float = 900.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"ovsd3 serve exited: {process.stdout.read().strip()}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"ovsd3 serve did not answer within {timeout:.0f} s")
-        time.sleep(0.2)
+    from ovsd3.serve.launch import wait_until_healthy
+
+    try:
+        wait_until_healthy(base, process, timeout)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
 
 
 def main() -> int:

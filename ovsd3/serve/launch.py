@@ -27,20 +27,26 @@ def serving(folder: Path, *options: str, start_timeout: float = 120.0) -> Iterat
                                 *map(str, options)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"ovsd3 serve exited: {process.stdout.read().strip()}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ovsd3 serve did not answer within {start_timeout:.0f} s")
-            time.sleep(0.2)
+        wait_until_healthy(base, process, start_timeout)
         yield base
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def wait_until_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
+    """Return once ``base``/health answers 200; RuntimeError if ``process`` (its stdout piped) exits first or
+    ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"ovsd3 serve exited: {process.stdout.read().strip()}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ovsd3 serve did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
