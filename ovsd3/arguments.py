@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from ovsd3.errors import OvsdError
+from ovsd3.layout import MAX_BLOCKS  # far above any SD3 transformer's; the folder's own count is checked later
 
 NAME_MAX = 255  # bytes in one path component, on every Linux filesystem ovsd3 writes to
 PATH_MAX = 4096  # bytes in a whole path (Linux)
-MAX_BLOCKS = 1000  # far above any SD3 transformer's (SD3.5 Large: 38); the folder's own count is checked later
 
 Rule = Callable[[str, object], None]  # (option as typed, its value) -> None, or OvsdError
 
