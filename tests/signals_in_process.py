@@ -120,12 +120,17 @@ runpy.run_module("ovsd3", run_name="__main__", alter_sys=True)
 """
 
 
-def test_python_m_ovsd3_exits_130_after_a_ctrl_c_caught_from_inside_exec(tmp_path):
-    (tmp_path / "ctrl_c_inside_exec.py").write_text(textwrap.dedent(CTRL_C_INSIDE_EXEC))
+def run_script(tmp_path: Path, name: str, script: str) -> subprocess.CompletedProcess:
+    """``script`` saved as module ``name`` in ``tmp_path`` and run as ``python -m name`` there, this ovsd3 on its path."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(script))
     source = Path(ovsd3.__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(source)]))
-    done = subprocess.run([sys.executable, "-m", "ctrl_c_inside_exec"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=120)
+    return subprocess.run([sys.executable, "-m", name], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+
+
+def test_python_m_ovsd3_exits_130_after_a_ctrl_c_caught_from_inside_exec(tmp_path):
+    done = run_script(tmp_path, "ctrl_c_inside_exec", CTRL_C_INSIDE_EXEC)
     assert (done.returncode, done.stderr) == (130, "ovsd3 report: interrupted; nothing was written\n")
 
 
@@ -289,11 +294,7 @@ runpy.run_module("ovsd3", run_name="__main__", alter_sys=True)
 
 
 def test_python_m_ovsd3_after_a_ctrl_c_in_a_weakref_callback_says_one_line_writes_nothing_and_exits_130(tmp_path):
-    (tmp_path / "ctrl_c_in_a_weakref_callback.py").write_text(textwrap.dedent(CTRL_C_IN_A_WEAKREF_CALLBACK))
-    source = Path(ovsd3.__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(source)]))
-    done = subprocess.run([sys.executable, "-m", "ctrl_c_in_a_weakref_callback"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    done = run_script(tmp_path, "ctrl_c_in_a_weakref_callback", CTRL_C_IN_A_WEAKREF_CALLBACK)
     assert (done.returncode, done.stderr) == (130, "ovsd3 report: interrupted; nothing was written\n")
     assert not (tmp_path / "out").exists()
 
