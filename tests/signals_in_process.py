@@ -121,7 +121,7 @@ runpy.run_module("ovsd3", run_name="__main__", alter_sys=True)
 
 
 def run_script(tmp_path: Path, name: str, script: str) -> subprocess.CompletedProcess:
-    """``script`` saved as module ``name`` in ``tmp_path`` and run as ``python -m name`` there, this ovsd3 on its path."""
+    """``script`` saved as module ``name`` in ``tmp_path``, run as ``python -m name`` there with this ovsd3."""
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(script))
     source = Path(ovsd3.__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(source)]))
