@@ -1,4 +1,6 @@
-"""Run by tests/test_signals.py in a pytest process of its own (see there). A signal at the moments a handler swap or Python itself makes awkward, made deterministic.
+"""Run by tests/test_signals.py in a pytest process of its own (see there).
+
+A signal at the moments a handler swap or Python itself makes awkward, made deterministic.
 
 CPython runs a pending signal's handler as ``signal.signal()`` starts, before it swaps; a patched ``signal.signal``
 that raises KeyboardInterrupt on a chosen call stands for a Ctrl-C that came just then. The process-level case
