@@ -26,31 +26,48 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ovsd3.serve.bodies import BadRequest, EditBody, GenerationBody, Limits, ServerSettings
-from ovsd3.serve.jobs import Job, QueueFull, ShuttingDown, WorkerPool
+from ovsd3.serve.bodies import BadRequest, EditBody, GenerationBody, Limits, ServerSettings, Unavailable
+from ovsd3.serve.jobs import QueueFull, ShuttingDown
 
 DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting image request checks that its client is still there
 
 
 @dataclasses.dataclass(frozen=True)
 class AppState:
-    pool: WorkerPool
-    settings: ServerSettings
-    model_name: str
+    """``backend``: where jobs run, a :class:`~ovsd3.serve.jobs.WorkerPool` in this process or a
+    :class:`~ovsd3.serve.broker.BrokerQueue` in front of ``ovsd3 worker``s; both offer submit, job, limits_for,
+    health, metric_families and closing."""
+
+    backend: object
+    limits: Limits
+    default_cache: str | None
+    default_noise: str
+    model_name: str | None
+
+    def settings(self, model: str | None) -> ServerSettings:
+        """How a body for ``model`` becomes a request (the model's own largest side and size multiple)."""
+        max_size, size_multiple = self.backend.limits_for(model)
+        limits = self.limits
+        if max_size:
+            limits = dataclasses.replace(limits, max_side=min(limits.max_side, max_size))
+        return ServerSettings(limits, size_multiple, self.default_cache, self.default_noise)
+
+    def submit(self, body, **extra):
+        """``body`` checked against its model's limits and queued; the job."""
+        request = body.to_request(self.settings(body.model), **extra)
+        return self.backend.submit(request, body.model)
 
 
-def create_app(pool: WorkerPool, *, limits: Limits = Limits(), model_name: str = "ovsd3",
+def create_app(backend, *, limits: Limits = Limits(), model_name: str | None = None,
                default_cache: str | None = None, default_noise: str = "torch") -> FastAPI:
-    """``default_cache``/``default_noise``: what a request gets when it names none (``ovsd3 serve`` options)."""
-    pipe = pool.pipelines[0]
-    if getattr(pipe, "max_size", None):
-        limits = dataclasses.replace(limits, max_side=min(limits.max_side, pipe.max_size))
+    """``default_cache``/``default_noise``: what a request gets when it names none (``ovsd3 serve`` options);
+    ``model_name``: what /health calls the one model of an embedded server."""
     app = FastAPI(title="ovsd3 serve", description="Stable Diffusion 3 on OpenVINO")
-    app.state.ovsd3 = AppState(pool, ServerSettings(limits, getattr(pipe, "size_multiple", 16), default_cache,
-                                                    default_noise), model_name)
+    app.state.ovsd3 = AppState(backend, limits, default_cache, default_noise, model_name)
     for status_type, handler in ((RequestValidationError, invalid_body), (StarletteHTTPException, http_error),
                                  (BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
-                                 (ClientDisconnect, client_gone), (Exception, internal_error)):
+                                 (ClientDisconnect, client_gone), (Unavailable, unavailable),
+                                 (Exception, internal_error)):
         app.add_exception_handler(status_type, handler)
     for method, path, endpoint in (("POST", "/v3/images/generations", generations),
                                    ("POST", "/v1/jobs", create_job),
@@ -111,7 +128,7 @@ ERROR_RESPONSES = {status: {"description": meaning, "content": {"application/jso
                                            (404, "no such job"), (409, "the job was cancelled"),
                                            (413, "request body or upload too large"),
                                            (429, "the queue is full (Retry-After)"),
-                                           (503, "the server is shutting down"))}
+                                           (503, "shutting down, or the broker cannot be reached (Retry-After)"))}
 
 
 def edit_form_schema() -> dict:
@@ -155,7 +172,12 @@ async def bad_request(request: Request, exc: BadRequest):
 
 async def queue_full(request: Request, exc: QueueFull):
     return error(429, "the queue is full; try again shortly", "rate_limit_error",
-                 headers={"Retry-After": str(state_of(request).settings.limits.retry_after_seconds)})
+                 headers={"Retry-After": str(state_of(request).limits.retry_after_seconds)})
+
+
+async def unavailable(request: Request, exc: Unavailable):
+    return error(503, str(exc), "server_error",
+                 headers={"Retry-After": str(state_of(request).limits.retry_after_seconds)})
 
 
 async def shutting_down(request: Request, exc: ShuttingDown):
@@ -172,7 +194,7 @@ async def internal_error(request: Request, exc: Exception):
 
 # -- the image API (OVMS, OpenAI) ---------------------------------------------------------------------
 
-async def finished(job: Job, request: Request) -> Job:
+async def finished(job, request: Request):
     """The job once it ends; cancelled if the client goes away first (nobody would receive its images)."""
     while not await asyncio.to_thread(job.wait, DISCONNECT_POLL_SECONDS):
         if await request.is_disconnected():
@@ -181,10 +203,10 @@ async def finished(job: Job, request: Request) -> Job:
     return job
 
 
-def images_response(job: Job, pool: WorkerPool):
+def images_response(job, backend):
     if job.status == "error":
         return error(400, job.error) if job.caller_error else error(500, job.error, "server_error")
-    if job.status == "cancelled" and pool.closing:
+    if job.status == "cancelled" and backend.closing:
         return error(503, "the server is shutting down; the job was cancelled", "server_error")
     if job.status == "cancelled":
         return error(409, "the job was cancelled")
@@ -193,13 +215,13 @@ def images_response(job: Job, pool: WorkerPool):
 
 async def generations(body: GenerationBody, request: Request):
     state = state_of(request)
-    job = state.pool.submit(body.to_request(state.settings, previews=False))
-    return images_response(await finished(job, request), state.pool)
+    job = await asyncio.to_thread(state.submit, body, previews=False)
+    return images_response(await finished(job, request), state.backend)
 
 
 async def edits(request: Request):
     state = state_of(request)
-    limits = state.settings.limits
+    limits = state.limits
     # two files (image, mask); fields each below max_field_bytes; BodyLimit caps the whole
     try:
         form = await request.form(max_files=2, max_fields=limits.max_form_fields,
@@ -216,9 +238,8 @@ async def edits(request: Request):
         body = EditBody.model_validate({key: value for key, value in fields.items() if value != ""})
     except ValidationError as invalid_form:
         raise BadRequest(_first_problem(invalid_form.errors())) from None
-    job = state.pool.submit(body.to_request(state.settings, previews=False, image=data, mask=mask,
-                                            strength=body.strength))
-    return images_response(await finished(job, request), state.pool)
+    job = await asyncio.to_thread(state.submit, body, previews=False, image=data, mask=mask, strength=body.strength)
+    return images_response(await finished(job, request), state.backend)
 
 
 async def _upload(form, limits: Limits) -> bytes:
@@ -256,13 +277,12 @@ async def _mask_upload(form, limits: Limits) -> bytes | None:
 # -- jobs with live previews ----------------------------------------------------------------------------
 
 async def create_job(body: GenerationBody, request: Request):
-    state = state_of(request)
-    job = state.pool.submit(body.to_request(state.settings))
+    job = await asyncio.to_thread(state_of(request).submit, body)
     return {"id": job.id, "status": job.status}
 
 
-def find(request: Request, job_id: str) -> Job:
-    job = state_of(request).pool.jobs.get(job_id)
+def find(request: Request, job_id: str):
+    job = state_of(request).backend.job(job_id)
     if job is None:
         shown = repr(job_id) if len(job_id) <= 40 else f"{job_id[:32]!r}..."  # said on one line, whatever it holds
         raise BadRequest(f"no job {shown}", status=404)
@@ -270,7 +290,7 @@ def find(request: Request, job_id: str) -> Job:
 
 
 async def job_status(job_id: str, request: Request):
-    job = find(request, job_id)
+    job = await asyncio.to_thread(find, request, job_id)
     answer = {"id": job.id, "status": job.status, "events": len(job.events)}
     if job.status == "done":
         answer["data"] = _image_data(job)
@@ -280,13 +300,13 @@ async def job_status(job_id: str, request: Request):
 
 
 async def cancel_job(job_id: str, request: Request):
-    job = find(request, job_id)
-    job.cancel()
+    job = await asyncio.to_thread(find, request, job_id)
+    await asyncio.to_thread(job.cancel)
     return {"id": job.id, "status": job.status if job.finished else "cancelled"}  # a running one stops next step
 
 
 async def job_events(job_id: str, request: Request):
-    job = find(request, job_id)
+    job = await asyncio.to_thread(find, request, job_id)
 
     async def stream():
         sent = 0
@@ -308,14 +328,17 @@ async def job_events(job_id: str, request: Request):
 
 async def health(request: Request):
     state = state_of(request)
-    return {"status": "ok", "model": state.model_name, "workers": len(state.pool.pipelines),
-            "busy": state.pool.busy, "queued": state.pool.queued}
+    answer = await asyncio.to_thread(state.backend.health)
+    if state.model_name is not None:
+        answer = {"status": answer.pop("status"), "model": state.model_name, **answer}
+    return JSONResponse(answer, status_code=200 if answer["status"] == "ok" else 503)
 
 
 async def metrics(request: Request):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Response(generate_latest(_registry(state_of(request).pool)), media_type=CONTENT_TYPE_LATEST)
+    registry = _registry(state_of(request).backend)
+    return Response(await asyncio.to_thread(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def page():
@@ -331,7 +354,7 @@ def _first_problem(errors: list[dict]) -> str:
     return f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
 
 
-def _image_data(job: Job) -> list[dict]:
+def _image_data(job) -> list[dict]:
     return [{"b64_json": image} for image in job.images]
 
 
@@ -350,24 +373,14 @@ def _check_image(data: bytes, max_pixels: int) -> None:
         raise BadRequest("image: not a PNG/JPEG/WebP image Pillow can read") from None
 
 
-def _registry(pool: WorkerPool):
-    """A registry per scrape, read from the pool (no module-level metric objects)."""
+def _registry(backend):
+    """A registry per scrape, read from the backend (no module-level metric objects)."""
     from prometheus_client import CollectorRegistry
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-    class PoolCollector:
+    class BackendCollector:
         def collect(self):
-            metrics = pool.metrics
-            yield GaugeMetricFamily("ovsd3_queue_length", "jobs waiting for a worker", value=pool.queued)
-            yield GaugeMetricFamily("ovsd3_workers_busy", "workers generating now", value=pool.busy)
-            yield CounterMetricFamily("ovsd3_images", "images generated", value=metrics.images)
-            yield CounterMetricFamily("ovsd3_requests", "jobs accepted", value=metrics.requests)
-            yield CounterMetricFamily("ovsd3_rejected", "requests refused with 429", value=metrics.rejected)
-            yield CounterMetricFamily("ovsd3_failed", "jobs that failed", value=metrics.failed)
-            steps = list(metrics.step_seconds)
-            yield SummaryMetricFamily("ovsd3_step_seconds", "sampling step latency (last 1000 steps)",
-                                      count_value=len(steps), sum_value=sum(steps))
+            yield from backend.metric_families()
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolCollector())
+    registry.register(BackendCollector())
     return registry

@@ -80,6 +80,10 @@ class BadRequest(Exception):
         self.status = status
 
 
+class Unavailable(Exception):
+    """The service cannot take work now (the broker cannot be reached): the caller answers 503."""
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """What a body needs to know about the server to become a request."""

@@ -9,6 +9,7 @@ done, error, cancelled) in order, so any number of readers can follow it from an
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import queue
 import threading
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ovsd3.errors import InvalidRequest, OvsdError
+from ovsd3.errors import OvsdError
+from ovsd3.serve.runner import run_job
 
 
 class QueueFull(Exception):
@@ -28,10 +30,6 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The server is stopping and takes no new work: the caller answers 503."""
-
-
-class Cancelled(Exception):
-    pass
 
 
 # Bounds of a pool, checked before anything starts: every worker holds its own infer requests (their
@@ -97,6 +95,22 @@ class GenerationRequest:
     def encode(self, image) -> str:
         """One image as base64, in the asked format."""
         return image_base64(image, self.output_format, self.output_compression)
+
+    def to_record(self) -> dict:
+        """As JSON takes it (uploads in base64), for the broker."""
+        record = dataclasses.asdict(self)
+        for name in ("image", "mask"):
+            if record[name] is not None:
+                record[name] = base64.b64encode(record[name]).decode("ascii")
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> GenerationRequest:
+        record = dict(record)
+        for name in ("image", "mask"):
+            if record.get(name) is not None:
+                record[name] = base64.b64decode(record[name])
+        return cls(**record)
 
 
 def image_base64(image, output_format: str = "png", compression: int | None = None) -> str:
@@ -190,10 +204,11 @@ class WorkerPool:
     """``workers`` threads, each with its own pipeline: ``load()``'s and its clones; a queue of at most
     ``max_queue``."""
 
-    def __init__(self, load: Callable[[], object], workers: int, max_queue: int):
+    def __init__(self, load: Callable[[], object], workers: int, max_queue: int, job_timeout: float | None = None):
         for name, value, most in (("--workers", workers, MAX_WORKERS), ("--max-queue", max_queue, MAX_QUEUE)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise OvsdError(f"{name} must be a whole number from 1 to {most} (got {value!r})")
+        self.job_timeout = job_timeout  # seconds a job may run (--job-timeout); None: no limit
         self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.jobs: dict[str, Job] = {}
         self.metrics = Metrics()
@@ -210,7 +225,34 @@ class WorkerPool:
     def queued(self) -> int:
         return self.pending.qsize()
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def job(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def limits_for(self, model: str | None) -> tuple[int | None, int]:
+        """(largest side, what sides must be multiples of) of the model a request names; one model here, so
+        its name is not checked (as before: any name, OVMS's client default included)."""
+        pipe = self.pipelines[0]
+        return getattr(pipe, "max_size", None), getattr(pipe, "size_multiple", 16)
+
+    def health(self) -> dict:
+        return {"status": "ok", "workers": len(self.pipelines), "busy": self.busy, "queued": self.queued}
+
+    def metric_families(self):
+        """What /metrics reports (prometheus_client's metric families)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+        metrics = self.metrics
+        yield GaugeMetricFamily("ovsd3_queue_length", "jobs waiting for a worker", value=self.queued)
+        yield GaugeMetricFamily("ovsd3_workers_busy", "workers generating now", value=self.busy)
+        yield CounterMetricFamily("ovsd3_images", "images generated", value=metrics.images)
+        yield CounterMetricFamily("ovsd3_requests", "jobs accepted", value=metrics.requests)
+        yield CounterMetricFamily("ovsd3_rejected", "requests refused with 429", value=metrics.rejected)
+        yield CounterMetricFamily("ovsd3_failed", "jobs that failed", value=metrics.failed)
+        steps = list(metrics.step_seconds)
+        yield SummaryMetricFamily("ovsd3_step_seconds", "sampling step latency (last 1000 steps)",
+                                  count_value=len(steps), sum_value=sum(steps))
+
+    def submit(self, request: GenerationRequest, model: str | None = None) -> Job:
         if self.closing:
             raise ShuttingDown
         job = Job(request)
@@ -274,43 +316,36 @@ class WorkerPool:
                     self.busy -= 1
 
     def _run(self, pipe, job: Job) -> None:
-        from ovsd3.runtime.preview import preview_images
-
         job.status = "running"
-        try:
-            settings = job.request.pipeline_settings()
-            if settings["num_inference_steps"] is None:  # OVMS's (openvino.genai's) default, edits included
-                settings["num_inference_steps"] = pipe.defaults.num_inference_steps
-            prepared = pipe.prepare(job.request.prompt, **settings)
-            job.emit("started", seed=prepared.params["seed"], steps=len(prepared.sigmas) - 1)
-            sampling = pipe.steps(prepared)
-            while True:
-                started = time.perf_counter()  # the step alone, not the previews and events around it
-                step = next(sampling, None)
-                if step is None:
-                    break
-                with self._lock:
-                    self.metrics.step_seconds.append(time.perf_counter() - started)
-                if job.cancel_requested:
-                    raise Cancelled
-                data = {"step": step.index + 1, "total": step.total}
-                every = job.request.preview_every
-                if every and ((step.index + 1) % every == 0 or step.index + 1 == step.total):
-                    data["previews"] = [image_base64(image) for image in preview_images(step.denoised)]
-                job.emit("step", **data)
-            images = pipe.decode(prepared.latents)
-            with self._lock:
-                self.metrics.images += len(images)
-            job.emit("done", seed=prepared.params["seed"], images=[job.request.encode(image) for image in images],
-                     cache={"mode": prepared.params["cache"], **prepared.cache_stats.as_dict()})
-        except Cancelled:
-            job.emit("cancelled")
-        except InvalidRequest as error:
-            job.emit("error", message=str(error), type="invalid_request_error")
-        except Exception as error:  # inside ovsd3, not the caller's doing; it must not take its worker down
-            with self._lock:
-                self.metrics.failed += 1
-            job.emit("error", message=f"internal error: {type(error).__name__}: {error}", type="server_error")
+        run_job(pipe, job.request, PoolEvents(self, job), self.job_timeout)
+
+
+@dataclass
+class PoolEvents:
+    """A running job's events, kept in the job (see runner.JobEvents)."""
+
+    pool: WorkerPool
+    job: Job
+    passes_through = ()
+
+    def emit(self, event: str, **data) -> None:
+        self.job.emit(event, **data)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.job.cancel_requested
+
+    def step_timed(self, seconds: float) -> None:
+        with self.pool._lock:
+            self.pool.metrics.step_seconds.append(seconds)
+
+    def images_made(self, count: int) -> None:
+        with self.pool._lock:
+            self.pool.metrics.images += count
+
+    def failed(self) -> None:
+        with self.pool._lock:
+            self.pool.metrics.failed += 1
 
 
 def worker_pipelines(load: Callable[[], object], workers: int) -> list:
