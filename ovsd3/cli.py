@@ -178,8 +178,10 @@ def _add_report(subparsers) -> None:
 
 def _add_serve(subparsers) -> None:
     from ovsd3.serve.cli import add_parser
+    from ovsd3.serve.cluster import add_parsers
 
     add_parser(subparsers)
+    add_parsers(subparsers)  # ovsd3 worker, ovsd3 cluster status
 
 
 def build_parser() -> argparse.ArgumentParser:

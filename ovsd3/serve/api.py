@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ovsd3.serve.access import BearerKey
 from ovsd3.serve.bodies import BadRequest, EditBody, GenerationBody, Limits, ServerSettings, Unavailable
 from ovsd3.serve.jobs import QueueFull, ShuttingDown
 
@@ -43,6 +45,7 @@ class AppState:
     default_cache: str | None
     default_noise: str
     model_name: str | None
+    log_requests: bool = False
 
     def settings(self, model: str | None) -> ServerSettings:
         """How a body for ``model`` becomes a request (the model's own largest side and size multiple)."""
@@ -55,15 +58,21 @@ class AppState:
     def submit(self, body, **extra):
         """``body`` checked against its model's limits and queued; the job."""
         request = body.to_request(self.settings(body.model), **extra)
-        return self.backend.submit(request, body.model)
+        job = self.backend.submit(request, body.model)
+        if self.log_requests:
+            print(f"ovsd3 serve: job {job.id} model={body.model!r} {request.width}x{request.height} n={request.n} "
+                  f"steps={request.num_inference_steps} prompt={request.prompt!r}", file=sys.stderr, flush=True)
+        return job
 
 
 def create_app(backend, *, limits: Limits = Limits(), model_name: str | None = None,
-               default_cache: str | None = None, default_noise: str = "torch") -> FastAPI:
+               default_cache: str | None = None, default_noise: str = "torch", api_keys: list[str] = (),
+               log_requests: bool = False) -> FastAPI:
     """``default_cache``/``default_noise``: what a request gets when it names none (``ovsd3 serve`` options);
-    ``model_name``: what /health calls the one model of an embedded server."""
+    ``model_name``: what /health calls the one model of an embedded server; ``api_keys``: if any, requests
+    must bear one; ``log_requests``: each job's prompt and size to stderr."""
     app = FastAPI(title="ovsd3 serve", description="Stable Diffusion 3 on OpenVINO")
-    app.state.ovsd3 = AppState(backend, limits, default_cache, default_noise, model_name)
+    app.state.ovsd3 = AppState(backend, limits, default_cache, default_noise, model_name, log_requests)
     for status_type, handler in ((RequestValidationError, invalid_body), (StarletteHTTPException, http_error),
                                  (BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
                                  (ClientDisconnect, client_gone), (Unavailable, unavailable),
@@ -83,6 +92,8 @@ def create_app(backend, *, limits: Limits = Limits(), model_name: str | None = N
                           "multipart/form-data": {"schema": edit_form_schema()}}}})
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
     app.add_middleware(BodyLimit, caps={"/v3/images/edits": limits.max_form_bytes}, default=limits.max_json_bytes)
+    if api_keys:
+        app.add_middleware(BearerKey, keys=list(api_keys))  # added last: it runs first, before a body is read
     return app
 
 
