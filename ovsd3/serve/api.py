@@ -14,6 +14,8 @@ with Retry-After; a failure inside ovsd3 gets 500 with the same shape.
 # No `from __future__ import annotations`: FastAPI reads the request models from the endpoints' annotations.
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
@@ -71,7 +73,7 @@ def create_app(backend, *, limits: Limits = Limits(), model_name: str | None = N
     """``default_cache``/``default_noise``: what a request gets when it names none (``ovsd3 serve`` options);
     ``model_name``: what /health calls the one model of an embedded server; ``api_keys``: if any, requests
     must bear one; ``log_requests``: each job's prompt and size to stderr."""
-    app = FastAPI(title="ovsd3 serve", description="Stable Diffusion 3 on OpenVINO")
+    app = FastAPI(title="ovsd3 serve", description="Stable Diffusion 3 on OpenVINO", lifespan=waiting_threads)
     app.state.ovsd3 = AppState(backend, limits, default_cache, default_noise, model_name, log_requests)
     for status_type, handler in ((RequestValidationError, invalid_body), (StarletteHTTPException, http_error),
                                  (BadRequest, bad_request), (QueueFull, queue_full), (ShuttingDown, shutting_down),
@@ -95,6 +97,19 @@ def create_app(backend, *, limits: Limits = Limits(), model_name: str | None = N
     if api_keys:
         app.add_middleware(BearerKey, keys=list(api_keys))  # added last: it runs first, before a body is read
     return app
+
+
+WAITING_THREADS = 512  # requests that wait for their job at once, each polling in a thread (asyncio's default: 6)
+
+
+@contextlib.asynccontextmanager
+async def waiting_threads(app):
+    """A request waiting for its images polls its job in a thread; with asyncio's default pool (cores + 4) a
+    few dozen waiting requests would hold every thread and new requests would queue behind them."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=WAITING_THREADS, thread_name_prefix="ovsd3-http")
+    asyncio.get_running_loop().set_default_executor(executor)
+    yield
+    executor.shutdown(wait=False, cancel_futures=True)
 
 
 class BodyTooLarge(StarletteHTTPException):

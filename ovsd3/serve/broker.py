@@ -28,6 +28,7 @@ TASK = "ovsd3.generate"
 WORKERS = "ovsd3:workers"  # sorted set: worker name -> time of its last heartbeat
 STATS = "ovsd3:stats"  # hash of counters: requests, rejected, images, failed, cancelled, redelivered, steps
 FINAL = ("done", "error", "cancelled")
+MIN_REQUEUE_AFTER = 6
 UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery tag -> when it was delivered
 
 
@@ -57,13 +58,17 @@ class BrokerSettings:
 
     url: str
     requeue_after: float = 60.0
-    heartbeat: float = 5.0
     keep_finished: int = 3600  # seconds a finished job stays readable (GET /v1/jobs/{id})
 
     def __post_init__(self):
-        if not 3 * self.heartbeat <= self.requeue_after <= 86400:
-            raise OvsdError(f"--requeue-after must be from {3 * self.heartbeat:g} to 86400 seconds "
+        if not MIN_REQUEUE_AFTER <= self.requeue_after <= 86400:
+            raise OvsdError(f"--requeue-after must be from {MIN_REQUEUE_AFTER} to 86400 seconds "
                             f"(got {self.requeue_after:g})")
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between a worker's heartbeats: a dozen within ``requeue_after``, at most 5 s apart."""
+        return min(5.0, self.requeue_after / 12)
 
     @property
     def visibility_timeout(self) -> float:

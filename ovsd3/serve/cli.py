@@ -14,7 +14,7 @@ from ovsd3.serve.jobs import MAX_QUEUE, MAX_WORKERS
 # Checked before anything opens or starts
 RULES = {"model_dir": path_fits, "write_ovms_config": path_fits, "lora": path_fits, "port": integer(1, 65535),
          "workers": integer(1, MAX_WORKERS), "max_queue": integer(1, MAX_QUEUE), "api_key_file": path_fits,
-         "job_timeout": number(1, 7 * 86400), "requeue_after": number(15, 86400)}
+         "job_timeout": number(1, 7 * 86400), "requeue_after": number(6, 86400)}
 
 
 def add_parser(subparsers) -> None:

@@ -8,6 +8,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from ovsd3.arguments import check_options, integer, number, path_fits
@@ -16,7 +17,7 @@ from ovsd3.serve import broker
 from ovsd3.serve.jobs import MAX_WORKERS
 
 WORKER_RULES = {"model_dir": path_fits, "concurrency": integer(1, MAX_WORKERS),
-                "requeue_after": number(15, 86400)}
+                "requeue_after": number(6, 86400)}
 MAX_NAME = 128
 
 
@@ -38,7 +39,7 @@ def add_parsers(subparsers) -> None:
                         "`model` field; default: the folder's name)")
     worker.add_argument("--requeue-after", type=float, default=60.0, metavar="SECONDS",
                         help="a dead worker's job goes to another within this many seconds of its last "
-                             "heartbeat (15 to 86400, default 60; heartbeats every 5 s)")
+                             "heartbeat (6 to 86400, default 60; a heartbeat every twelfth of it, at most 5 s)")
     worker.set_defaults(handler=run_worker)
     cluster = subparsers.add_parser(
         "cluster", help="what an `ovsd3 serve --broker` service's workers and queues are doing",
@@ -77,6 +78,8 @@ def run_worker(args) -> int:
     threading.Thread(target=worker.beat, args=(stop,), daemon=True, name="ovsd3-heartbeat").start()
     print(f"ovsd3 worker {name}: {model} on {args.device} ({args.concurrency} at once), taking jobs from "
           f"{settings.shown_url}", flush=True)
+    # Celery warns against root because of pickle; ovsd3's Celery takes JSON only (containers often run as root)
+    warnings.filterwarnings("ignore", message=".*superuser privileges.*")
     try:
         celery_worker = app.Worker(pool_cls="threads", concurrency=args.concurrency, hostname=name,
                                    queues=[broker.queue_name(model)], loglevel="WARNING", without_gossip=True,

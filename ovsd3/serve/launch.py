@@ -50,3 +50,93 @@ def wait_until_healthy(base: str, process: subprocess.Popen, timeout: float) -> 
         if time.monotonic() > deadline:
             raise RuntimeError(f"ovsd3 serve did not answer within {timeout:.0f} s")
         time.sleep(0.2)
+
+
+class RedisServer:
+    """Debian's redis-server on a free loopback port, append-only with an fsync per write (what
+    deploy/redis.conf asks for), in ``folder``; ``kill()`` and ``start()`` again keep what it held."""
+
+    def __init__(self, folder: Path, password: str | None = None):
+        self.folder, self.password, self.port = Path(folder), password, free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.1)
+        return self
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: what survives is what the append-only file holds."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def ovsd3_process(*arguments: str, **options) -> subprocess.Popen:
+    """``ovsd3 ARGUMENTS`` in a child process, its output piped (text)."""
+    return subprocess.Popen([sys.executable, "-m", "ovsd3.cli", *map(str, arguments)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **options)
+
+
+def start_worker(folder: Path, broker_url: str, name: str, *options: str, timeout: float = 180.0) -> subprocess.Popen:
+    """``ovsd3 worker FOLDER``, returned once its first heartbeat is in the broker."""
+    import redis
+
+    process = ovsd3_process("worker", folder, "--broker", broker_url, "--name", name, *options)
+    client = redis.Redis.from_url(broker_url)
+    deadline = time.monotonic() + timeout
+    while client.zscore("ovsd3:workers", name) is None:
+        if process.poll() is not None:
+            raise RuntimeError(f"ovsd3 worker exited: {process.stdout.read().strip()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ovsd3 worker {name} did not announce itself within {timeout:.0f} s")
+        time.sleep(0.2)
+    return process
+
+
+def start_api(broker_url: str, *options: str, port: int | None = None, timeout: float = 60.0):
+    """``ovsd3 serve --broker URL`` on ``port`` (a free one if None): (process, base URL) once /health answers
+    (200: it needs a worker alive)."""
+    port = port or free_port()
+    process = ovsd3_process("serve", "--broker", broker_url, "--port", port, *options)
+    base = f"http://127.0.0.1:{port}"
+    wait_until_healthy(base, process, timeout)
+    return process, base
+
+
+def stop(process: subprocess.Popen, timeout: float = 90.0) -> str:
+    """SIGTERM, then the output it wrote."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.stdout.read() if process.stdout else ""

@@ -110,6 +110,7 @@ class Worker:
             with self.lock:
                 self.running.pop(job_id, None)
             self.pipelines.put(pipe)
+            self.heartbeat_quietly()  # busy as it is now, for status and routing
 
     def heartbeat_quietly(self) -> None:
         import redis
