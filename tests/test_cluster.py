@@ -6,6 +6,8 @@ Every test starts from an empty Redis and stops what it started. Kills are real 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import signal
 import subprocess
@@ -217,6 +219,44 @@ def test_a_live_workers_long_job_is_not_handed_on(cluster, ov_sd3):
         assert "requeued" not in [event["event"] for event in job_events(cluster.client, job["id"])]
         assert record[b"attempt"] == b"1"
     assert cluster.client.hget("ovsd3:stats", "redelivered") is None
+
+
+def test_waiting_jobs_of_one_kind_are_drawn_in_one_batch(cluster, ov_sd3):
+    """--max-batch: jobs that waited together are drawn in one call, each with its own seed and prompt, each
+    the picture it gets alone; a job of another size waits for its own call."""
+    import numpy as np
+    from PIL import Image
+
+    cluster.worker(ov_sd3, "w1", "--max-batch", 4)
+    base = cluster.api()
+    post(base, "/v1/jobs", {"prompt": "busy", "preview_every": 0, **LONG})  # holds the one pipeline
+    bodies = [{"prompt": f"a cat number {seed}", "size": SIZE, "rng_seed": seed, "num_inference_steps": 4,
+               "n": 1 + seed % 2} for seed in range(3)] + [{"prompt": "other size", "size": "128x128",
+                                                            "num_inference_steps": 4}]
+    ids = [post(base, "/v1/jobs", body)[1]["id"] for body in bodies]
+    for job_id in ids:
+        wait_for(lambda: cluster.client.hget(f"ovsd3:job:{job_id}", "status") == b"done", 300)
+    streams = {job_id: cluster.client.xrange(f"ovsd3:job:{job_id}:events") for job_id in ids}
+
+    def when(job_id: str, name: str) -> list[str]:
+        return [entry_id.decode() for entry_id, fields in streams[job_id] if fields[b"event"] == name.encode()]
+
+    first_step = min(min(when(job_id, "step"), key=stream_time) for job_id in ids[:3])
+    assert all(stream_time(when(job_id, "started")[0]) <= stream_time(first_step) for job_id in ids[:3])
+    assert stream_time(when(ids[3], "started")[0]) > stream_time(max(when(ids[0], "step"), key=stream_time))
+    for job_id, body in zip(ids[:3], bodies):
+        batched = get(base, f"/v1/jobs/{job_id}")[1]["data"]
+        alone = post(base, "/v3/images/generations", body)[1]["data"]
+        assert len(batched) == len(alone) == body["n"]
+        for one, other in zip(batched, alone):
+            pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=np.int16)
+                      for item in (one, other)]
+            assert np.abs(pixels[0] - pixels[1]).max() <= 2  # a larger batch may round a level differently
+
+
+def stream_time(entry_id: str) -> tuple[int, int]:
+    milliseconds, sequence = entry_id.split("-")
+    return int(milliseconds), int(sequence)
 
 
 def test_job_timeout_ends_a_job_with_an_error(cluster, ov_sd3):

@@ -97,6 +97,40 @@ class Job:
     blend: MaskBlend | None = None  # inpainting
     skip_layer_guidance: SkipLayerGuidance | None = None
 
+    @property
+    def rows(self) -> int:
+        """Images the job draws (its latents' batch)."""
+        return len(self.latents)
+
+    @staticmethod
+    def together(jobs: list[Job]) -> Job:
+        """Prepared text-to-image jobs of one size, schedule, guidance and cache as one batched job: each keeps
+        its own embeddings, starting latents and noise stream, so each draws what it would alone (up to the
+        rounding of a larger batch). Its latents are the jobs' in order (``split`` hands them back)."""
+        if len(jobs) == 1:
+            return jobs[0]
+        first = jobs[0]
+        if any(job.blend is not None or job.skip_layer_guidance is not None for job in jobs):
+            raise ValueError("inpainting and skip-layer guidance jobs are drawn alone")
+        guided = first.guidance_scale > 1.0
+        halves = [np.split(job.embeds.prompt_embeds, 2) if guided else [job.embeds.prompt_embeds] for job in jobs]
+        pooled = [np.split(job.embeds.pooled_embeds, 2) if guided else [job.embeds.pooled_embeds] for job in jobs]
+        embeds = PromptEmbeddings(np.concatenate([part[half] for half in range(len(halves[0])) for part in halves]),
+                                  np.concatenate([part[half] for half in range(len(pooled[0])) for part in pooled]))
+
+        def rows_of(noises: list[Callable]) -> Callable[[tuple], np.ndarray]:
+            return lambda shape: np.concatenate([noise((job.rows, *shape[1:])) for noise, job in zip(noises, jobs)])
+
+        step_noises = [job.step_noise or job.noise for job in jobs]
+        return replace(first, prompts=[prompt for job in jobs for prompt in job.prompts], embeds=embeds,
+                       latents=np.concatenate([job.latents for job in jobs]), noise=rows_of([j.noise for j in jobs]),
+                       step_noise=rows_of(step_noises) if any(job.step_noise for job in jobs) else None)
+
+    @staticmethod
+    def split(rows: np.ndarray, jobs: list[Job]) -> list[np.ndarray]:
+        """A batched job's rows (latents, denoised, images) back per job."""
+        return np.split(rows, np.cumsum([job.rows for job in jobs])[:-1]) if len(jobs) > 1 else [rows]
+
 
 @dataclass
 class GenerationResult:

@@ -16,7 +16,8 @@ from ovsd3.errors import OvsdError
 from ovsd3.serve import broker
 from ovsd3.serve.jobs import MAX_WORKERS
 
-WORKER_RULES = {"model_dir": path_fits, "concurrency": integer(1, MAX_WORKERS),
+MAX_BATCH = 16  # as AIME's API server batches at most
+WORKER_RULES = {"model_dir": path_fits, "concurrency": integer(1, MAX_WORKERS), "max_batch": integer(1, MAX_BATCH),
                 "requeue_after": number(6, 86400)}
 MAX_NAME = 128
 
@@ -37,6 +38,10 @@ def add_parsers(subparsers) -> None:
                         "ovsd3-PID@HOST); two live workers cannot share one")
     worker.add_argument("--model", default=None, help="the model name requests use for this folder (their "
                         "`model` field; default: the folder's name)")
+    worker.add_argument("--max-batch", type=int, default=1,
+                        help=f"draw up to this many waiting jobs of one size, steps, guidance and cache mode in one "
+                             f"batched call (1 to {MAX_BATCH}; default 1: one job per call); the worker then holds "
+                             f"up to concurrency x max-batch jobs")
     worker.add_argument("--requeue-after", type=float, default=60.0, metavar="SECONDS",
                         help="a dead worker's job goes to another within this many seconds of its last "
                              "heartbeat (6 to 86400, default 60; a heartbeat every twelfth of it, at most 5 s)")
@@ -54,7 +59,7 @@ def add_parsers(subparsers) -> None:
 
 def run_worker(args) -> int:
     from ovsd3.layout import ModelFolder
-    from ovsd3.serve.worker import Identity, Worker, check_name_free, default_name, register_task
+    from ovsd3.serve.worker import Batcher, Identity, Worker, check_name_free, default_name, register_task
 
     check_options(args, WORKER_RULES)
     name = args.name or default_name()
@@ -67,21 +72,22 @@ def run_worker(args) -> int:
     ModelFolder.open(args.model_dir)  # damaged: one line, exit 2
     check_name_free(client, name, settings.requeue_after)
     pipelines = _load(args)
-    first = pipelines.queue[0]
-    identity = Identity(name, model, args.device, args.concurrency, getattr(first, "max_size", 0) or 0,
+    first = pipelines.queue[0]  # not drawing yet: no other thread touches the queue
+    identity = Identity(name, model, args.device, args.concurrency, args.max_batch, getattr(first, "max_size", 0) or 0,
                         getattr(first, "size_multiple", 16))
-    worker = Worker(settings, identity, client, pipelines)
+    worker = Worker(settings, identity, client, Batcher(pipelines, args.max_batch))
     app = broker.celery_app(settings)
     register_task(app, worker)
     worker.heartbeat()
     stop = threading.Event()
     threading.Thread(target=worker.beat, args=(stop,), daemon=True, name="ovsd3-heartbeat").start()
-    print(f"ovsd3 worker {name}: {model} on {args.device} ({args.concurrency} at once), taking jobs from "
+    print(f"ovsd3 worker {name}: {model} on {args.device} ({args.concurrency} at once, batches of up to "
+          f"{args.max_batch}), taking jobs from "
           f"{settings.shown_url}", flush=True)
     # Celery warns against root because of pickle; ovsd3's Celery takes JSON only (containers often run as root)
     warnings.filterwarnings("ignore", message=".*superuser privileges.*")
     try:
-        celery_worker = app.Worker(pool_cls="threads", concurrency=args.concurrency, hostname=name,
+        celery_worker = app.Worker(pool_cls="threads", concurrency=args.concurrency * args.max_batch, hostname=name,
                                    queues=[broker.queue_name(model)], loglevel="WARNING", without_gossip=True,
                                    without_mingle=True, without_heartbeat=True, optimization="fair", quiet=True)
         celery_worker.start()

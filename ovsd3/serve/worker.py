@@ -1,7 +1,8 @@
 """``ovsd3 worker MODEL_DIR --broker URL``: a Celery worker that draws the jobs of one model.
 
-It holds one compiled pipeline and ``--concurrency`` clones of it (sharing its weights), one per Celery thread,
-and runs each job with the runner ``ovsd3 serve`` uses (:func:`ovsd3.serve.runner.run_job`), writing the job's
+It holds one compiled pipeline and ``--concurrency`` clones of it (sharing its weights); its Celery threads
+(concurrency x ``--max-batch``) each claim a job and hand it to the :class:`Batcher`, which draws waiting jobs on
+free pipelines with the runner ``ovsd3 serve`` uses (:func:`ovsd3.serve.runner.run_jobs`), writing each job's
 events to the broker. A heartbeat thread announces the worker and keeps its running jobs' messages from being
 handed on (see :mod:`ovsd3.serve.broker`).
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from ovsd3.errors import OvsdError
 from ovsd3.serve import broker
 from ovsd3.serve.jobs import GenerationRequest
-from ovsd3.serve.runner import run_job
+from ovsd3.serve.runner import batch_key, run_jobs
 
 
 @dataclass
@@ -32,11 +33,13 @@ class Identity:
     model: str
     device: str
     concurrency: int
+    max_batch: int
     max_size: int
     size_multiple: int
 
     def record(self, busy: int, steps_per_second: float) -> dict:
         return {"name": self.name, "model": self.model, "device": self.device, "concurrency": self.concurrency,
+                "max_batch": self.max_batch,
                 "max_size": self.max_size, "size_multiple": self.size_multiple, "busy": busy,
                 "steps_per_second": round(steps_per_second, 4), "host": socket.gethostname(),
                 "pid": os.getpid(), "heartbeat": time.time()}
@@ -53,7 +56,7 @@ class Worker:
     settings: broker.BrokerSettings
     identity: Identity
     client: object  # redis.Redis
-    pipelines: queue.Queue  # free pipelines: one per Celery thread
+    batcher: Batcher
     running: dict = field(default_factory=dict)  # job id -> its message's delivery tag
     step_times: deque = field(default_factory=lambda: deque(maxlen=200))  # (when, seconds) of recent steps
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -99,17 +102,15 @@ class Worker:
 
     @contextmanager
     def holding(self, job_id: str, tag: str | None):
-        """A free pipeline for the job, and the job counted as running (busy, its message kept young)."""
-        pipe = self.pipelines.get()
+        """The job counted as this worker's (busy; its message kept young) while it waits and draws."""
         with self.lock:
             self.running[job_id] = tag
         try:
             self.heartbeat_quietly()
-            yield pipe
+            yield
         finally:
             with self.lock:
                 self.running.pop(job_id, None)
-            self.pipelines.put(pipe)
             self.heartbeat_quietly()  # busy as it is now, for status and routing
 
     def heartbeat_quietly(self) -> None:
@@ -210,8 +211,8 @@ def run_task(worker: Worker, scripts: dict, job_id: str, delivery_tag: str | Non
     record = json.loads(client.hget(broker.job_key(job_id), "request"))
     request = GenerationRequest.from_record(record["request"])
     events = RemoteEvents(worker, job_id, model, int(attempt), scripts["EMIT"])
-    with worker.holding(job_id, delivery_tag) as pipe:
-        return run_job(pipe, request, events, record.get("timeout"))
+    with worker.holding(job_id, delivery_tag):
+        return worker.batcher.draw(request, events, record.get("timeout"))
 
 
 def register_task(app, worker: Worker) -> None:
@@ -228,3 +229,72 @@ def check_name_free(client, name: str, within: float) -> None:
     if last is not None and last > time.time() - within:
         raise OvsdError(f"--name {name}: a worker of that name is alive (heartbeat {time.time() - last:.0f} s "
                         f"ago); give another name")
+
+
+@dataclass
+class Waiting:
+    """A job a Celery thread holds until a pipeline draws it (alone or in a batch)."""
+
+    request: GenerationRequest
+    events: RemoteEvents
+    timeout: float | None
+    key: tuple | None
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Batcher:
+    """Hands free pipelines to waiting jobs: whoever gets a pipeline draws the oldest waiting job and up to
+    ``max_batch - 1`` others that share its batch key (runner.batch_key) in one call. Batches form from the
+    backlog only: an idle worker starts a lone job at once."""
+
+    pipelines: queue.Queue
+    max_batch: int = 1
+    waiting: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def draw(self, request: GenerationRequest, events: RemoteEvents, timeout: float | None) -> str:
+        entry = Waiting(request, events, timeout, batch_key(request) if self.max_batch > 1 else None)
+        with self.lock:
+            self.waiting.append(entry)
+        while not entry.done.is_set():
+            try:
+                pipe = self.pipelines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                self._run(pipe, self._take())
+            finally:
+                self.pipelines.put(pipe)
+        if entry.error is not None:
+            raise entry.error
+        return entry.outcome
+
+    def _take(self) -> list[Waiting]:
+        with self.lock:
+            if not self.waiting:
+                return []
+            first = self.waiting[0]
+            batch = [first] + ([other for other in self.waiting[1:] if other.key == first.key]
+                               [:self.max_batch - 1] if first.key is not None else [])
+            for entry in batch:
+                self.waiting.remove(entry)
+        return batch
+
+    def _run(self, pipe, batch: list[Waiting]) -> None:
+        if not batch:
+            return
+        try:
+            timeouts = [entry.timeout for entry in batch if entry.timeout is not None]
+            outcomes = run_jobs(pipe, [(entry.request, entry.events) for entry in batch],
+                                min(timeouts) if timeouts else None)
+            for entry, outcome in zip(batch, outcomes):
+                entry.outcome = outcome
+        except BaseException as error:  # the broker gone: each job's task fails unacknowledged (redelivered)
+            for entry in batch:
+                entry.error = error
+        finally:
+            for entry in batch:
+                entry.done.set()
