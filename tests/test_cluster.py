@@ -152,6 +152,8 @@ def test_a_worker_draws_what_serve_draws(cluster, ov_sd3):
         finished = json.load(answer)
     assert finished["status"] == "done" and finished["events"] == 6
     assert [item["b64_json"] for item in finished["data"]] == [image.b64_json for image in local.data]
+    logs = launch.stop(cluster.processes[1]) + launch.stop(cluster.processes[0])
+    assert "red square" not in logs and "k-broker" not in logs  # prompts and keys are not logged unless asked
 
 
 def test_requests_go_to_the_workers_of_their_model(cluster, ov_sd3, ov_sd35, tmp_path):
@@ -197,9 +199,17 @@ def test_cancel_stops_a_running_job_within_a_step(cluster, ov_sd3):
     at_cancel = steps_done(cluster.client, job_id)
     wait_for(lambda: get(base, f"/v1/jobs/{job_id}")[1]["status"] == "cancelled", 60)
     assert steps_done(cluster.client, job_id) <= at_cancel + 1
+
+    # a client that leaves /v3/images/generations cancels its job on whichever worker holds it
+    before = set(cluster.client.scan_iter("ovsd3:job:*:events"))
+    with pytest.raises(OSError):  # the client's read timeout: it hangs up
+        post(base, "/v3/images/generations", {"prompt": "left", **LONG}, timeout=3)
+    left = [key.decode().split(":")[2] for key in set(cluster.client.scan_iter("ovsd3:job:*:events")) - before]
+    assert len(left) == 1
+    wait_for(lambda: cluster.client.hget(f"ovsd3:job:{left[0]}", "status") == b"cancelled", 60)
     status, answer, _ = post(base, "/v3/images/generations", {"prompt": "next", "size": SIZE, "num_inference_steps": 2})
     assert status == 200 and len(answer["data"]) == 1  # the worker is free again
-    assert int(cluster.client.hget("ovsd3:stats", "cancelled")) == 1
+    assert int(cluster.client.hget("ovsd3:stats", "cancelled")) == 2  # the DELETE and the client that left
 
 
 def test_a_live_workers_long_job_is_not_handed_on(cluster, ov_sd3):
@@ -261,10 +271,11 @@ def stream_time(entry_id: str) -> tuple[int, int]:
 
 def test_job_timeout_ends_a_job_with_an_error(cluster, ov_sd3):
     cluster.worker(ov_sd3, "w1")
-    base = cluster.api("--job-timeout", "1")
-    status, answer, _ = post(base, "/v3/images/generations", {"prompt": "a cat", **LONG})
+    base = cluster.api("--job-timeout", "1", "--log-requests")
+    status, answer, _ = post(base, "/v3/images/generations", {"prompt": "a slow cat", **LONG})
     assert status == 500 and "time limit of 1 s" in answer["error"]["message"]
     assert answer["error"]["type"] == "server_error"
+    assert "prompt='a slow cat'" in launch.stop(cluster.processes[1])  # --log-requests: asked for
 
 
 def test_max_queue_holds_across_api_servers(cluster, ov_sd3):
@@ -313,6 +324,44 @@ def test_broker_gone_gives_503_then_recovers(cluster, ov_sd3):
     status, answer, _ = post(base, "/v3/images/generations", {"prompt": "a cat", "size": SIZE,
                                                               "num_inference_steps": 2})
     assert status == 200 and len(answer["data"]) == 1
+
+
+def certificates(folder) -> tuple:
+    """A CA and a server certificate for 127.0.0.1 it signed (openssl), as a TLS Redis needs."""
+    def openssl(*arguments):
+        subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True, timeout=120)
+
+    ca_key, ca, key, request, certificate = (folder / name for name in ("ca.key", "ca.crt", "redis.key",
+                                                                        "redis.csr", "redis.crt"))
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=ovsd3 test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1")
+    extensions = folder / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", certificate,
+            "-days", "2", "-extfile", extensions)
+    return certificate, key, ca
+
+
+def test_a_tls_broker_with_a_password(ov_sd3, tmp_path):
+    """rediss:// with a password: workers, API servers and `cluster status` speak TLS to Redis."""
+    server = launch.RedisServer(tmp_path / "redis", password="tls-pw", tls=certificates(tmp_path)).start()
+    processes = []
+    try:
+        processes.append(launch.start_worker(ov_sd3, server.url, "tls-worker"))
+        api, base = launch.start_api(server.url)
+        processes.append(api)
+        status, answer, _ = post(base, "/v3/images/generations", {"prompt": "a cat", "size": SIZE,
+                                                                  "num_inference_steps": 2})
+        assert status == 200 and len(answer["data"]) == 1
+        plain = server.url.replace("rediss://", "redis://").split("?")[0]
+        refused = subprocess.run([sys.executable, "-m", "ovsd3.cli", "cluster", "status", "--broker", plain],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "tls-pw" not in refused.stderr and ":***@" in refused.stderr
+    finally:
+        for process in processes:
+            launch.stop(process)
+        server.stop()
 
 
 # -- nothing lost ---------------------------------------------------------------------------------------

@@ -168,3 +168,19 @@ def test_two_workers_draw_what_one_draws(ov_sd3):
         other_seed = served_pixels(base, seed=6)
     assert np.abs(one - two).max() <= 1 and np.mean(one == two) > 0.999
     assert np.abs(one - other_seed).max() > 16  # a picture that differs is seen to
+
+
+def test_job_timeout_ends_a_running_job_with_an_error(ov_sd3):
+    """`ovsd3 serve --job-timeout`: the embedded pool's jobs end with an error past their time, never silently
+    (the same runner as `ovsd3 worker`'s, tested there through a broker)."""
+    from ovsd3.serve.jobs import GenerationRequest, WorkerPool, load_pipeline
+
+    pool = WorkerPool(load_pipeline(ov_sd3, "CPU"), 1, 4, job_timeout=1e-6)
+    try:
+        job = pool.submit(GenerationRequest(prompt="a cat", width=64, height=64, num_inference_steps=5))
+        assert job.wait(120)
+        assert job.status == "error" and "time limit" in job.error and not job.caller_error
+        assert sum(event["event"] == "step" for event in job.events) == 0  # stopped at its first step's end
+        assert pool.metrics.failed == 1
+    finally:
+        pool.close()

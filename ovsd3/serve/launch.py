@@ -56,13 +56,17 @@ class RedisServer:
     """Debian's redis-server on a free loopback port, append-only with an fsync per write (what
     deploy/redis.conf asks for), in ``folder``; ``kill()`` and ``start()`` again keep what it held."""
 
-    def __init__(self, folder: Path, password: str | None = None):
-        self.folder, self.password, self.port = Path(folder), password, free_port()
+    def __init__(self, folder: Path, password: str | None = None, tls: tuple[Path, Path, Path] | None = None):
+        """``tls``: (certificate, key, CA certificate): TLS only, as rediss://."""
+        self.folder, self.password, self.tls, self.port = Path(folder), password, tls, free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
+        secret = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{secret}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.tls[2]}"
+        return f"redis://{secret}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 30.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +74,11 @@ class RedisServer:
                    "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
         if self.password:
             command += ["--requirepass", self.password]
+        if self.tls:
+            certificate, key, authority = self.tls
+            command[1:3] = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(certificate),
+                            "--tls-key-file", str(key), "--tls-ca-cert-file", str(authority),
+                            "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not self._answers():
