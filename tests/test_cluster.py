@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -172,6 +173,8 @@ def test_requests_go_to_the_workers_of_their_model(cluster, ov_sd3, ov_sd35, tmp
         assert status == 202
         wait_for(lambda: cluster.client.hget(f"ovsd3:job:{created['id']}", "status") == b"done", 120)
         assert holder(cluster.client, created["id"]) == worker
+    for other_key in (f"{created['id']}:events", "*", "x" * 500):  # an id names a job, never another key
+        assert get(base, f"/v1/jobs/{urllib.parse.quote(other_key, safe='')}")[0] == 404
     shown = subprocess.run([sys.executable, "-m", "ovsd3.cli", "cluster", "status", "--broker",
                             cluster.server.url, "--json"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr

@@ -21,6 +21,7 @@ from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from ovsd3.serve import launch
 from ovsd3.serve.launch import serving
 
 EXAMPLES = 20  # per operation and mode
@@ -31,10 +32,20 @@ OPERATIONS = [("POST", "/v3/images/generations"), ("POST", "/v3/images/edits"), 
               ("GET", "/health"), ("GET", "/metrics")]
 
 
-@pytest.fixture(scope="module")
-def service(ov_sd3):
-    with serving(ov_sd3, "--device", "CPU", "--max-queue", "4") as base:
+@pytest.fixture(scope="module", params=["embedded", "broker"])
+def service(request, ov_sd3, tmp_path_factory):
+    """`ovsd3 serve FOLDER`, and `ovsd3 serve --broker` in front of one `ovsd3 worker` (a real Redis)."""
+    if request.param == "embedded":
+        with serving(ov_sd3, "--device", "CPU", "--max-queue", "4") as base:
+            yield base, schemathesis.openapi.from_url(f"{base}/openapi.json")
+        return
+    redis = launch.RedisServer(tmp_path_factory.mktemp("fuzz-redis")).start()
+    worker = launch.start_worker(ov_sd3, redis.url, "fuzz")
+    api, base = launch.start_api(redis.url, "--max-queue", "4")
+    try:
         yield base, schemathesis.openapi.from_url(f"{base}/openapi.json")
+    finally:
+        launch.stop(api), launch.stop(worker), redis.stop()
 
 
 def small_png() -> bytes:

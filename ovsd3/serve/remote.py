@@ -4,6 +4,7 @@ followed through their event streams. Nothing lives here that a restart would lo
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from ovsd3.serve import broker
@@ -11,6 +12,7 @@ from ovsd3.serve.bodies import BadRequest, Unavailable
 from ovsd3.serve.jobs import QueueFull, ShuttingDown
 
 BROKER_DOWN = "the broker cannot be reached; try again shortly"
+JOB_ID = re.compile("[0-9a-f]{32}")
 
 
 class BrokerQueue:
@@ -63,10 +65,28 @@ class BrokerQueue:
                                               args=[job_id, model, json.dumps(record), created, self.max_queue])
             if not position:
                 raise QueueFull
-            self.celery.send_task(broker.TASK, args=[job_id], task_id=job_id, queue=broker.queue_name(model))
+            try:
+                self.celery.send_task(broker.TASK, args=[job_id], task_id=job_id, queue=broker.queue_name(model))
+            except BaseException:
+                self._unqueue(job_id, model)
+                raise
         return RemoteJob(self, job_id, model, created, "queued")
 
+    def _unqueue(self, job_id: str, model: str) -> None:
+        """A job whose task could not be sent ends at once (else it would wait, and hold a queue place, forever)."""
+        import redis
+
+        emit = self.client.register_script(broker.EMIT)
+        message = json.dumps({"message": BROKER_DOWN, "type": "server_error"})
+        try:  # attempt 0: not taken by any worker
+            emit(keys=broker.job_keys(job_id, model),
+                 args=[job_id, 0, "error", message, 1, time.time(), self.settings.keep_finished, "failed"])
+        except redis.RedisError:
+            pass  # the broker is gone too: the job stays queued without a task (see the issue's notes)
+
     def job(self, job_id: str) -> RemoteJob | None:
+        if not JOB_ID.fullmatch(job_id):  # ids are uuid4 hex; anything else would name another key
+            return None
         with reachable():
             record = self.client.hmget(broker.job_key(job_id), "model", "created", "status")
         if record[0] is None:
