@@ -26,6 +26,7 @@ from ovsd3.errors import OvsdError
 
 TASK = "ovsd3.generate"
 WORKERS = "ovsd3:workers"  # sorted set: worker name -> time of its last heartbeat
+INSTANCES = "ovsd3:instances"  # sorted set: worker process (a uuid each start) -> time of its last heartbeat
 STATS = "ovsd3:stats"  # hash of counters: requests, rejected, images, failed, cancelled, redelivered, steps
 FINAL = ("done", "error", "cancelled")
 MIN_REQUEUE_AFTER = 6
@@ -69,6 +70,12 @@ class BrokerSettings:
     def heartbeat(self) -> float:
         """Seconds between a worker's heartbeats: a dozen within ``requeue_after``, at most 5 s apart."""
         return min(5.0, self.requeue_after / 12)
+
+    @property
+    def dead_after(self) -> float:
+        """A worker silent this long is dead (its running job may be taken over); well before kombu hands
+        its message on (``visibility_timeout``), so that the taking over is not refused."""
+        return 3 * self.heartbeat
 
     @property
     def visibility_timeout(self) -> float:
@@ -121,7 +128,11 @@ def celery_app(settings: BrokerSettings):
     from celery import Celery
 
     app = Celery("ovsd3", broker=settings.url, backend=settings.url, set_as_current=False)
-    transport = {"visibility_timeout": settings.visibility_timeout,
+    # kombu sweeps unacknowledged messages every heartbeat, under a lock in Redis that outlives a holder killed
+    # mid-sweep (or a Redis killed then) by its expiry: 300 s by default, which would hold every redelivery up
+    # for five minutes. A sweep takes milliseconds, and one message restored twice is impossible anyway (each
+    # restore is a transaction on the message), so the lock expires after a heartbeat.
+    transport = {"visibility_timeout": settings.visibility_timeout, "unacked_mutex_expire": settings.heartbeat,
                  "unacked_restore_interval": settings.heartbeat, "unacked_restore_throttle": 1}
     app.conf.update(
         task_acks_late=True, task_reject_on_worker_lost=True,
@@ -140,14 +151,16 @@ def celery_app(settings: BrokerSettings):
 
 # -- the job's record: each change one script ------------------------------------------------------------
 
-# KEYS: job, events, queued, stats. ARGV: job id, model, request JSON, created, max queue
+# KEYS: job, events, queued, stats. ARGV: job id, model, request JSON, created, max queue.
+# Returns the job's place in its queue; 0: the queue is full; -1: the job exists (a retried submission)
 SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
   redis.call('HINCRBY', KEYS[4], 'rejected', 1)
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'model', ARGV[2], 'request', ARGV[3], 'created', ARGV[4],
-           'attempt', 0)
+           'attempt', 0, 'sent', 0)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 local position = redis.call('ZCARD', KEYS[3])
 redis.call('XADD', KEYS[2], '*', 'event', 'queued', 'index', 0, 'data', cjson.encode({position = position}))
@@ -197,8 +210,10 @@ end
 return 1
 """
 
-# KEYS: job, events, queued, stats, workers. ARGV: job id, worker, now, ttl.
-# Returns {attempt, previous worker}; attempt 0: nothing to run (over, cancelled or unknown)
+# KEYS: job, events, queued, stats, workers, instances. ARGV: job id, worker, now, ttl, worker instance,
+# seconds without a heartbeat after which a worker counts as dead.
+# Returns {attempt, previous worker}; attempt 0: nothing to run (over, cancelled, unknown, or running on a live
+# worker: a second message for one job, which a re-sent task or a late redelivery can make)
 CLAIM = FINISH + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or final(status) then return {0, ''} end
@@ -207,11 +222,14 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   return {0, ''}
 end
 local previous = redis.call('HGET', KEYS[1], 'worker') or ''
+local last = redis.call('ZSCORE', KEYS[6], redis.call('HGET', KEYS[1], 'instance') or '')
+if status == 'running' and last and tonumber(ARGV[3]) - tonumber(last) < tonumber(ARGV[6]) then
+  return {0, previous}
+end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started', ARGV[3], 'instance', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if status == 'running' then
-  local last = redis.call('ZSCORE', KEYS[5], previous)
   local silent = last and (tonumber(ARGV[3]) - tonumber(last)) or -1
   redis.call('XADD', KEYS[2], '*', 'event', 'requeued', 'index', redis.call('XLEN', KEYS[2]), 'data',
              cjson.encode({from_worker = previous, to_worker = ARGV[2], attempt = attempt,

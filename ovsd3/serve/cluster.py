@@ -70,7 +70,7 @@ def run_worker(args) -> int:
     settings = broker.BrokerSettings(broker.check_url(args.broker), requeue_after=args.requeue_after)
     client = broker.connect(settings)  # unreachable: one line, exit 2, before minutes of compiling
     ModelFolder.open(args.model_dir)  # damaged: one line, exit 2
-    check_name_free(client, name, settings.requeue_after)
+    check_name_free(client, name, settings.dead_after)
     pipelines = _load(args)
     first = pipelines.queue[0]  # not drawing yet: no other thread touches the queue
     identity = Identity(name, model, args.device, args.concurrency, args.max_batch, getattr(first, "max_size", 0) or 0,

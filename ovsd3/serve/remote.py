@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 from ovsd3.serve import broker
@@ -12,6 +13,7 @@ from ovsd3.serve.bodies import BadRequest, Unavailable
 from ovsd3.serve.jobs import QueueFull, ShuttingDown
 
 BROKER_DOWN = "the broker cannot be reached; try again shortly"
+SUBMIT_PATIENCE = 5.0  # seconds a submission waits for the broker to come back before its 503
 JOB_ID = re.compile("[0-9a-f]{32}")
 
 
@@ -27,6 +29,8 @@ class BrokerQueue:
         self.scripts = {name: self.client.register_script(getattr(broker, name))
                         for name in ("SUBMIT", "CANCEL")}
         self.closing = False
+        self._stop = threading.Event()
+        threading.Thread(target=self.tend, args=(self._stop,), daemon=True, name="ovsd3-resend").start()
 
     def _workers(self) -> list[dict]:
         return broker.alive_workers(self.client, self.settings.requeue_after)
@@ -54,35 +58,61 @@ class BrokerQueue:
         return int(worker["max_size"]) or None, int(worker["size_multiple"])
 
     def submit(self, request, model: str | None = None) -> RemoteJob:
+        """The job recorded, then its task sent; while the broker is away, tried again for a few seconds (one
+        job id throughout: a retry never makes a second job), then 503."""
         if self.closing:
             raise ShuttingDown
-        job_id = broker.new_job_id()
-        with reachable():
-            model, _ = self._served(model)
-            record = {"request": request.to_record(), "timeout": self.job_timeout}
-            created = time.time()
-            position = self.scripts["SUBMIT"](keys=broker.job_keys(job_id, model),
-                                              args=[job_id, model, json.dumps(record), created, self.max_queue])
-            if not position:
-                raise QueueFull
+        job_id, created = broker.new_job_id(), time.time()
+        deadline = time.monotonic() + SUBMIT_PATIENCE
+        while True:
             try:
-                self.celery.send_task(broker.TASK, args=[job_id], task_id=job_id, queue=broker.queue_name(model))
-            except BaseException:
-                self._unqueue(job_id, model)
-                raise
-        return RemoteJob(self, job_id, model, created, "queued")
+                with reachable():
+                    model = self._queue(job_id, model, request, created)
+                return RemoteJob(self, job_id, model, created, "queued")
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
-    def _unqueue(self, job_id: str, model: str) -> None:
-        """A job whose task could not be sent ends at once (else it would wait, and hold a queue place, forever)."""
+    def _queue(self, job_id: str, model: str | None, request, created: float) -> str:
+        model, _ = self._served(model)
+        record = {"request": request.to_record(), "timeout": self.job_timeout}
+        position = self.scripts["SUBMIT"](keys=broker.job_keys(job_id, model),
+                                          args=[job_id, model, json.dumps(record), created, self.max_queue])
+        if position == 0:
+            raise QueueFull
+        self._send(job_id, model)
+        return model
+
+    def _send(self, job_id: str, model: str) -> None:
+        """The job's Celery task; a job recorded whose task was not sent is sent by :meth:`resend_unsent`."""
+        self.celery.send_task(broker.TASK, args=[job_id], task_id=job_id, queue=broker.queue_name(model))
+        self.client.hset(broker.job_key(job_id), "sent", 1)
+
+    def resend_unsent(self, older_than: float = 10.0) -> int:
+        """Send the task of every queued job recorded more than ``older_than`` seconds ago without one (its
+        API server stopped, or lost the broker, between the two); a second message for a job that had one
+        is dropped by the worker (broker.CLAIM). Returns how many were sent."""
+        sent = 0
+        for key in self.client.scan_iter("ovsd3:queued:*"):
+            model = key.decode().split(":", 2)[2]
+            for raw in self.client.zrangebyscore(key, "-inf", time.time() - older_than):
+                job_id = raw.decode()
+                if self.client.hget(broker.job_key(job_id), "sent") == b"0":
+                    self._send(job_id, model)
+                    sent += 1
+        return sent
+
+    def tend(self, stop: threading.Event, every: float = 10.0) -> None:
+        """Until ``stop``: resend_unsent every ``every`` seconds (in a thread of the API server)."""
+        import kombu.exceptions
         import redis
 
-        emit = self.client.register_script(broker.EMIT)
-        message = json.dumps({"message": BROKER_DOWN, "type": "server_error"})
-        try:  # attempt 0: not taken by any worker
-            emit(keys=broker.job_keys(job_id, model),
-                 args=[job_id, 0, "error", message, 1, time.time(), self.settings.keep_finished, "failed"])
-        except redis.RedisError:
-            pass  # the broker is gone too: the job stays queued without a task (see the issue's notes)
+        while not stop.wait(every):
+            try:
+                self.resend_unsent()
+            except (redis.RedisError, kombu.exceptions.OperationalError):
+                pass  # the broker is away: next time
 
     def job(self, job_id: str) -> RemoteJob | None:
         if not JOB_ID.fullmatch(job_id):  # ids are uuid4 hex; anything else would name another key
@@ -127,6 +157,7 @@ class BrokerQueue:
 
     def close(self, timeout: float = 0.0) -> bool:
         self.closing = True
+        self._stop.set()
         self.client.close()
         return True
 

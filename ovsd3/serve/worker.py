@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Identity:
     max_batch: int
     max_size: int
     size_multiple: int
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # this process, whatever its name
 
     def record(self, busy: int, steps_per_second: float) -> dict:
         return {"name": self.name, "model": self.model, "device": self.device, "concurrency": self.concurrency,
@@ -75,6 +77,7 @@ class Worker:
             busy = len(self.running)
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(broker.WORKERS, {self.identity.name: now})
+        pipe.zadd(broker.INSTANCES, {self.identity.instance: now})
         pipe.hset(broker.worker_key(self.identity.name),
                   mapping={key: str(value) for key, value in self.identity.record(busy, self.steps_per_second()).items()})
         pipe.expire(broker.worker_key(self.identity.name), int(self.settings.requeue_after * 10))
@@ -96,6 +99,7 @@ class Worker:
 
         try:
             self.client.zrem(broker.WORKERS, self.identity.name)
+            self.client.zrem(broker.INSTANCES, self.identity.instance)
             self.client.delete(broker.worker_key(self.identity.name))
         except redis.RedisError:
             pass
@@ -203,9 +207,10 @@ def run_task(worker: Worker, scripts: dict, job_id: str, delivery_tag: str | Non
     """The body of one Celery task: claim the job, run it, say how it ended."""
     client = worker.client
     model = worker.identity.model
-    attempt, previous = scripts["CLAIM"](keys=[*broker.job_keys(job_id, model), broker.WORKERS],
+    attempt, previous = scripts["CLAIM"](keys=[*broker.job_keys(job_id, model), broker.WORKERS, broker.INSTANCES],
                                          args=[job_id, worker.identity.name, time.time(),
-                                               worker.settings.keep_finished])
+                                               worker.settings.keep_finished, worker.identity.instance,
+                                               worker.settings.dead_after])
     if not attempt:
         return "skipped"  # over, cancelled, expired, or taken by another attempt
     record = json.loads(client.hget(broker.job_key(job_id), "request"))
@@ -226,7 +231,7 @@ def register_task(app, worker: Worker) -> None:
 
 def check_name_free(client, name: str, within: float) -> None:
     last = client.zscore(broker.WORKERS, name)
-    if last is not None and last > time.time() - within:
+    if last is not None and last > time.time() - within:  # alive (a just-killed one is silent past ``within``)
         raise OvsdError(f"--name {name}: a worker of that name is alive (heartbeat {time.time() - last:.0f} s "
                         f"ago); give another name")
 
