@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -127,6 +128,13 @@ def test_the_wheel_runs_the_demo_without_torch(demo_conversion, fresh_venv, tmp_
 def test_version_flag():
     done = checked_run([sys.executable, "-m", "ovsd3", "--version"], timeout=60, cwd=REPO)
     assert __version__ == "0.2.0" and done.stdout == "ovsd3 0.2.0\n"
+
+
+def test_the_changelog_starts_at_this_version():
+    """A version bump comes with its entry in CHANGELOG.md: the newest heading is this version's, dated."""
+    headings = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (REPO / "CHANGELOG.md").read_text(),
+                          re.MULTILINE)
+    assert headings[0] == __version__ and headings[-1] == "0.1.0", headings
 
 
 def test_the_wheel_installs_only_ovsd3(wheel):
