@@ -1,24 +1,7 @@
-"""The project's own prompt sets for calibration and for the quantization quality gate.
+"""The repository's prompt-set folder: ``make_prompts.py`` writes the sets into ``ovsd3/calibration/``, where
+the package (and its wheel) carries them. This module only lets code run from a checkout keep importing them as
+``calibration``; the wheel does not install it."""
 
-``prompts.txt``: 400 descriptive captions of the kind conceptual_captions holds (calibration).
-``heldout_prompts.txt``: 24 more, disjoint from those (the quality gate's prompts).
-Both are written by ``make_prompts.py`` in this folder.
-"""
+from ovsd3.calibration import calibration_prompts, heldout_prompts
 
-from __future__ import annotations
-
-from pathlib import Path
-
-HERE = Path(__file__).parent
-
-
-def _read(name: str) -> list[str]:
-    return [line.strip() for line in (HERE / name).read_text().splitlines() if line.strip()]
-
-
-def calibration_prompts() -> list[str]:
-    return _read("prompts.txt")
-
-
-def heldout_prompts() -> list[str]:
-    return _read("heldout_prompts.txt")
+__all__ = ["calibration_prompts", "heldout_prompts"]

@@ -1,4 +1,5 @@
-"""Writes calibration/prompts.txt and calibration/heldout_prompts.txt (the project's own prompt sets).
+"""Writes ovsd3/calibration/prompts.txt and ovsd3/calibration/heldout_prompts.txt (the project's own prompt sets,
+shipped inside the package).
 
 Descriptive captions of the kind conceptual_captions holds (people, animals, places, objects, events,
 illustrations), composed from hand-written parts with a fixed seed so the files are reproducible:
@@ -61,11 +62,11 @@ def make(count: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
 
 
 def main() -> None:
-    here = Path(__file__).parent
+    sets = Path(__file__).resolve().parents[1] / "ovsd3" / "calibration"  # package data, in the wheel
     calibration = make(400, seed=0)
     heldout = make(24, seed=1, exclude=set(calibration))
-    (here / "prompts.txt").write_text("\n".join(calibration) + "\n")
-    (here / "heldout_prompts.txt").write_text("\n".join(heldout) + "\n")
+    (sets / "prompts.txt").write_text("\n".join(calibration) + "\n")
+    (sets / "heldout_prompts.txt").write_text("\n".join(heldout) + "\n")
     print(f"wrote {len(calibration)} calibration and {len(heldout)} held-out prompts")
 
 

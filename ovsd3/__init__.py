@@ -1,3 +1,3 @@
 """ovsd3: Stable Diffusion 3 on OpenVINO (convert, quantize, run)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

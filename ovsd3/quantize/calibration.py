@@ -34,7 +34,7 @@ DECODER_INPUT = "latent_sample"  # the VAE decoder IR's input: final latents / s
 
 
 def builtin_prompts() -> list[str]:
-    from calibration import calibration_prompts
+    from ovsd3.calibration import calibration_prompts
 
     return calibration_prompts()
 
@@ -52,7 +52,7 @@ def load_prompts(dataset: str, count: int, log: Callable[[str], None] = print) -
         except Exception as error:  # no `datasets`, no network, hub refusing: all the same to the user
             reason = reason_of(error)
             log(f"note: cannot stream {CONCEPTUAL_CAPTIONS_REPO} ({reason[:120]}); using ovsd3's built-in prompt "
-                f"set instead (calibration/prompts.txt, 400 captions of the same kind)")
+                f"set instead (ovsd3/calibration/prompts.txt, 400 captions of the same kind)")
             prompts = builtin_prompts()
     else:
         from ovsd3.prompt_file import read_prompt_file

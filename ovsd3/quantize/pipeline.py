@@ -91,12 +91,12 @@ def _quiet_nncf() -> None:
 
 def _gate_prompts(digits_demo: bool, count: int | None) -> list[str]:
     """Held-out prompts: the digits demo draws digit prompts (which its scorer can check); other models
-    draw calibration/heldout_prompts.txt, disjoint from the calibration set. ``count`` None: the default."""
+    draw ovsd3/calibration/heldout_prompts.txt, disjoint from the calibration set. ``count`` None: the default."""
     if digits_demo:
         from ovsd3.demo.digits import evaluation_prompts
 
         return evaluation_prompts(count or DIGITS_GATE_PROMPTS)
-    from calibration import heldout_prompts
+    from ovsd3.calibration import heldout_prompts
 
     return heldout_prompts()[:count or GATE_PROMPTS]
 

@@ -38,7 +38,7 @@ class ReportRequest:
     folders: list[Path]
     out: Path
     prompts: int = 3
-    prompt_file: Path | None = None  # default: the held-out prompts of calibration/
+    prompt_file: Path | None = None  # default: the held-out prompts of ovsd3/calibration/
     seed: int = 0  # prompt i is drawn with seed + i
     steps: int | None = None  # default: the first folder's
     guidance_scale: float | None = None
@@ -96,7 +96,7 @@ def _prompts(request: ReportRequest, digits: bool) -> list[str]:
     if request.prompt_file is None and digits:
         return evaluation_prompts(request.prompts)
     if request.prompt_file is None:
-        from calibration import heldout_prompts
+        from ovsd3.calibration import heldout_prompts
 
         prompts = heldout_prompts()
     else:
