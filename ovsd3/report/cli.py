@@ -32,7 +32,8 @@ def add_parsers(subparsers) -> None:
         "report", help="compare folders: size, speed, quality (report.md/json, image grid, chart)",
         description="Generate the same prompts with the same seeds, steps and size from two or more folders "
                     "(typically FP16 and quantized) and compare size, speed and image quality against the first. "
-                    "Example: ovsd3 report sd3-ov sd3-int8 --prompts 5 --width 1024 --height 576 --out report/")
+                    "Example: ovsd3 report sd3-medium-ov sd3-medium-int8 --prompts 5 --width 1024 --height 576 "
+                    "--out report/")
     report.add_argument("folders", nargs="+", type=Path, metavar="FOLDER", help="the first is the reference")
     report.add_argument("--out", type=Path, required=True, help="report folder (created atomically)")
     report.add_argument("--prompts", type=int, default=3, help="number of prompts (default 3)")
@@ -63,7 +64,7 @@ def add_parsers(subparsers) -> None:
         "benchmark", help="images per second across batch sizes, optionally against openvino.genai and diffusers",
         description="Time generation at several batch sizes; with --peers also openvino.genai (step caching "
                     "off and on) on the same folder and diffusers on its PyTorch model (fp32 and bf16). "
-                    "Example: ovsd3 benchmark sd3-int8 --batch 1,2,4 --width 1024 --height 576 --peers genai")
+                    "Example: ovsd3 benchmark sd3-medium-int8 --batch 1,2,4 --width 1024 --height 576 --peers genai")
     benchmark.add_argument("folder", type=Path, metavar="MODEL_DIR")
     benchmark.add_argument("--batch", default="1,2,4", help="batch sizes, comma-separated (default 1,2,4)")
     benchmark.add_argument("--steps", type=int, default=None, help="default: the folder's")
