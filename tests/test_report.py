@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -460,6 +460,12 @@ SIDES = st.one_of(st.none(), st.integers(-64, 1000), st.sampled_from([0, 16, 60,
 
 @settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 @given(command=st.sampled_from(["report", "benchmark"]), size=SIDES, width=SIDES, height=SIDES)
+@example(command="benchmark", size=400, width=None, height=None)  # each bound once for sure, then generated
+@example(command="report", size=None, width=64, height=400)
+@example(command="benchmark", size=None, width=2**40, height=None)
+@example(command="report", size=None, width=60, height=None)
+@example(command="benchmark", size=None, width=None, height=0)
+@example(command="benchmark", size=64, width=None, height=64)
 def test_image_size_options_end_in_one_line(command, size, width, height, ov_sd3, tmp_path_factory, capsys):
     """Every bad --size/--width/--height mix is refused in one line naming the option, before any work."""
     from hypothesis import assume
@@ -476,3 +482,22 @@ def test_image_size_options_end_in_one_line(command, size, width, height, ov_sd3
     assert error.startswith(f"ovsd3 {command}: error: ") and "\n" not in error
     assert expected in error
     assert not out.exists()
+
+
+def test_image_size_in_the_python_api(ov_sd3):
+    """ReportRequest and BenchmarkRequest take diffusers' width and height: whole numbers (numpy's too), the
+    missing side the model's native one; a float or a string is refused in one line, not passed to the children."""
+    from ovsd3.errors import OvsdError
+    from ovsd3.report.settings import image_size
+
+    model = layout.ModelFolder.open(ov_sd3)
+    assert image_size(None, None, None, model) == (128, 128)
+    assert image_size(64, None, None, model) == (64, 64)
+    sides = image_size(None, np.int64(64), None, model)
+    assert sides == (64, 128) and all(type(side) is int for side in sides)  # JSON for the children
+    for bad, expected in (((None, 64.0, None), "--width must be a whole number"),
+                          ((None, None, "64"), "--height must be a whole number"),
+                          ((True, None, None), "--size must be a whole number"),
+                          ((64, None, 64), "--size is the square shorthand")):
+        with pytest.raises(OvsdError, match=expected):
+            image_size(*bad, model)

@@ -3,6 +3,8 @@ as --steps 1000000000 or --batch 100000 would otherwise run for days or fill mem
 
 from __future__ import annotations
 
+import numbers
+
 from ovsd3.errors import OvsdError
 from ovsd3.layout import ModelFolder
 from ovsd3.runtime.request import MAX_GUIDANCE, MAX_IMAGES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS
@@ -17,20 +19,26 @@ def image_size(size: int | None, width: int | None, height: int | None, model: M
     if size is not None and (width is not None or height is not None):
         raise OvsdError("--size is the square shorthand for --width and --height: give --size, or --width and/or "
                         "--height, not both")
-    sides = {"--size": size} if size is not None else {"--width": width, "--height": height}
+    named = {"--size": size} if size is not None else {"--width": width, "--height": height}
+    sides = {name: _side(name, value, model) for name, value in named.items() if value is not None}
+    if "--size" in sides:
+        return sides["--size"], sides["--size"]
+    native = model.native_size
+    return sides.get("--width", native), sides.get("--height", native)
+
+
+def _side(name: str, value, model: ModelFolder) -> int:
+    """``value`` of option ``name`` as the runtime would check it: a multiple of what the model needs, in reach."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # the Python API's 64.0 or "64"
+        raise OvsdError(f"{name} must be a whole number (got {value!r})")
+    value = int(value)
     multiple = model.vae_scale_factor * model.patch_size  # a latent pixel per VAE factor, a patch per patch_size
     most = model.max_size or MAX_SIDE  # the position embedding's reach; MAX_SIDE when the config does not say
-    for name, value in sides.items():
-        if value is None:
-            continue
-        if value <= 0 or value % multiple:
-            raise OvsdError(f"{name} must be a positive multiple of {multiple} (got {value})")
-        if value > most:
-            raise OvsdError(f"{name} {value} is more than {model.path} draws ({most})")
-    if size is not None:
-        return size, size
-    native = model.native_size
-    return (native if width is None else width), (native if height is None else height)
+    if value <= 0 or value % multiple:
+        raise OvsdError(f"{name} must be a positive multiple of {multiple} (got {value})")
+    if value > most:
+        raise OvsdError(f"{name} {value} is more than {model.path} draws ({most})")
+    return value
 
 
 def check_settings(settings: dict) -> None:
