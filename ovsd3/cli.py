@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def _add_convert(subparsers) -> None:
         usage="ovsd3 convert [-h] [--flash-lora [ADAPTER]] [--no-t5] [--weight-format {fp16,fp32}] [--overwrite] "
               "[--min-psnr MIN_PSNR] [MODEL] OUT",
         description="Convert a Stable Diffusion 3 pipeline to OpenVINO IR in the layout optimum-intel writes "
-                    "(loads in openvino.genai, optimum-intel and OpenVINO Model Server).")
+                    "(loads in openvino.genai, optimum-intel and OpenVINO Model Server). "
+                    f"Example: ovsd3 convert {DEFAULT_MODEL_ID} sd3-medium-ov")
     # One positional list, so that options may come between MODEL and OUT (argparse alone cannot split an
     # optional positional from a required one once an option separates them); main() adds what follows.
     parser.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
@@ -92,7 +94,8 @@ def _add_quantize(subparsers) -> None:
         "quantize", help="INT8 transformer and VAE decoder, INT4 weights elsewhere, behind a quality gate",
         description="Quantize an OpenVINO SD3 folder: the transformer and the VAE decoder to INT8 (NNCF, "
                     "calibrated on their own inputs, recorded while the folder draws), text encoders and VAE "
-                    "encoder to INT4 weights; refuse the result if it draws too differently from the original.")
+                    "encoder to INT4 weights; refuse the result if it draws too differently from the original. "
+                    "Example: ovsd3 quantize sd3-medium-ov sd3-medium-int8 --calib 200")
     parser.add_argument("source", type=Path, metavar="IN", help="folder from `ovsd3 convert` or optimum-intel")
     parser.add_argument("output", type=Path, metavar="OUT")
     parser.add_argument("--calib", type=int, default=200, help="transformer-input samples (default 200)")
@@ -184,10 +187,32 @@ def _add_serve(subparsers) -> None:
     add_parsers(subparsers)  # ovsd3 worker, ovsd3 cluster status
 
 
+class ExampleHelpFormatter(argparse.HelpFormatter):
+    """argparse's formatting, but a description's closing ``Example: ovsd3 ...`` (or ``Examples:``) keeps a line of
+    its own, unwrapped: argparse would break it at any space or hyphen, and a command is copied whole."""
+
+    EXAMPLE = re.compile(r"(?s)(.*?)\s*(Examples?: ovsd3 .*)")
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        found = self.EXAMPLE.fullmatch(text)
+        if found is None:
+            return super()._fill_text(text, width, indent)
+        prose, example = found.groups()
+        example = indent + " ".join(example.split())
+        return f"{super()._fill_text(prose, width, indent)}\n\n{example}" if prose.strip() else example
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Each command's parser (and its own commands'), with :class:`ExampleHelpFormatter`."""
+
+    def __init__(self, *args, formatter_class=ExampleHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsd3", description="Stable Diffusion 3 on OpenVINO")
     parser.add_argument("--version", action="version", version=f"ovsd3 {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     _add_convert(subparsers)
     _add_run(subparsers)
     _add_quantize(subparsers)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from ovsd3 import layout
@@ -203,7 +205,7 @@ def test_chart_and_markdown(report, report_dir):
 
 
 @pytest.mark.parametrize("case", ["one folder", "missing folder", "not SD3", "bad clip", "zero prompts",
-                                  "zero steps"])
+                                  "zero steps", "size with width"])
 def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
     out = tmp_path / "report"
     args = {"one folder": [str(ov_sd3)],
@@ -211,13 +213,15 @@ def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
             "not SD3": [str(ov_sd3), str(tiny_sd3)],
             "bad clip": [str(ov_sd3), str(ov_sd3), "--clip", str(tmp_path / "no-clip")],
             "zero prompts": [str(ov_sd3), str(ov_sd3), "--prompts", "0"],
-            "zero steps": [str(ov_sd3), str(ov_sd3), "--steps", "0"]}[case]  # the later --steps wins
+            "zero steps": [str(ov_sd3), str(ov_sd3), "--steps", "0"],  # the later --steps wins
+            "size with width": [str(ov_sd3), str(ov_sd3), "--width", "64"]}[case]
     assert main(["report", "--out", str(out), "--size", "64", "--steps", "1", *args]) == EXIT_ERROR
     error = capsys.readouterr().err.strip()
     assert error.startswith("ovsd3 report: error: ") and "\n" not in error
     expected = {"one folder": "two or more", "missing folder": "does not exist", "not SD3": "PyTorch (diffusers) model, not OpenVINO IR",
                 "bad clip": "cannot load CLIP model", "zero prompts": "--prompts",
-                "zero steps": "--steps must be between 1 and 1000"}[case]
+                "zero steps": "--steps must be between 1 and 1000",
+                "size with width": "--size is the square shorthand for --width and --height"}[case]
     assert expected in error
     assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
 
@@ -387,3 +391,113 @@ def test_report_genai_columns_draw_the_same_prompts(tmp_path, ov_sd3):
     text = (out / "report.md").read_text()
     assert f"| genai {ov_sd3.name} | genai {ov_sd3.name} taylorseer |" in text
     assert " | - | - |" in text  # genai's first start from a model cache is not measured
+
+
+# -- non-square images: --width/--height, as `ovsd3 run` takes them ------------------------------------------------
+
+WIDE, TALL = (128, 64), (64, 128)  # (width, height); the tiny model draws multiples of 16 up to 384
+
+
+def test_report_draws_width_by_height(tmp_path, ov_sd3):
+    """Every column, openvino.genai's too, draws WIDTHxHEIGHT pictures, and the report says so."""
+    width, height = WIDE
+    out = tmp_path / "wide-report"
+    assert main(["report", str(ov_sd3), "--genai", "--prompts", "1", "--steps", "1", "--width", str(width),
+                 "--height", str(height), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["settings"]["width"], report["settings"]["height"]) == WIDE
+    assert [folder["runner"] for folder in report["folders"]] == ["ovsd3", "genai", "genai"]
+    for folder in report["folders"]:
+        assert [Image.open(out / path).size for path in folder["images"]] == [WIDE]
+    assert report["folders"][1]["quality"]["mean_psnr_db"] > 30.0  # genai drew the same wide picture
+    assert report["grid"]["cell_width"] == 2 * report["grid"]["cell_height"]
+    assert f"{width}x{height}" in (out / "report.md").read_text()
+
+
+def test_benchmark_draws_width_by_height_in_every_runner(tmp_path, ov_sd3, tiny_sd3):
+    """ovsd3 and each peer (genai, diffusers) are given width and height: each one's picture is WIDTHxHEIGHT and
+    genai's and diffusers' fp32 one is ovsd3's."""
+    width, height = TALL
+    out = tmp_path / "tall-benchmark"
+    assert main(["benchmark", str(ov_sd3), "--batch", "1", "--steps", "2", "--repeats", "1", "--width", str(width),
+                 "--height", str(height), "--peers", "--torch-model", str(tiny_sd3), "--out", str(out)]) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    assert (result["settings"]["width"], result["settings"]["height"]) == TALL
+    runners = result["runners"]
+    assert set(runners) == {"ovsd3", "genai", "genai+taylorseer", "diffusers-fp32", "diffusers-bf16"}
+    for runner in runners.values():
+        assert Image.open(out / runner["image"]).size == TALL
+    assert runners["genai"]["image_psnr_db"] > 30.0 and runners["diffusers-fp32"]["image_psnr_db"] > 30.0
+    assert f"{width}x{height}" in (out / "benchmark.md").read_text()
+
+
+def test_width_alone_keeps_the_native_height(tmp_path, ov_sd3):
+    """As `ovsd3 run`: the side not given is the model's native one (128 for the tiny model)."""
+    out = tmp_path / "wide-alone"
+    assert main(["benchmark", str(ov_sd3), "--batch", "1", "--steps", "1", "--repeats", "1", "--width", "64",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    assert (result["settings"]["width"], result["settings"]["height"]) == (64, 128)
+    assert Image.open(out / result["runners"]["ovsd3"]["image"]).size == (64, 128)
+    assert "64x128" in (out / "benchmark.md").read_text()
+
+
+def _size_error(size, width, height) -> str | None:
+    """What the command must say of these options on the tiny model (multiples of 16 up to 384), or None."""
+    if size is not None and (width is not None or height is not None):
+        return "--size is the square shorthand for --width and --height"
+    given = {"--size": size} if size is not None else {"--width": width, "--height": height}
+    for name, value in given.items():
+        if value is not None and (value <= 0 or value % 16):
+            return f"{name} must be a positive multiple of 16 (got {value})"
+        if value is not None and value > 384:
+            return f"{name} {value} is more than"
+    return None
+
+
+SIDES = st.one_of(st.none(), st.integers(-64, 1000), st.sampled_from([0, 16, 60, 384, 385, 400, 2**40]))
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(command=st.sampled_from(["report", "benchmark"]), size=SIDES, width=SIDES, height=SIDES)
+@example(command="benchmark", size=400, width=None, height=None)  # each bound once for sure, then generated
+@example(command="report", size=None, width=64, height=400)
+@example(command="benchmark", size=None, width=2**40, height=None)
+@example(command="report", size=None, width=60, height=None)
+@example(command="benchmark", size=None, width=None, height=0)
+@example(command="benchmark", size=64, width=None, height=64)
+def test_image_size_options_end_in_one_line(command, size, width, height, ov_sd3, tmp_path_factory, capsys):
+    """Every bad --size/--width/--height mix is refused in one line naming the option, before any work."""
+    from hypothesis import assume
+
+    expected = _size_error(size, width, height)
+    assume(expected is not None)  # a good size would run the whole command
+    out = tmp_path_factory.mktemp("sizes") / "out"
+    options = [f"--{name}={value}" for name, value in (("size", size), ("width", width), ("height", height))
+               if value is not None]
+    folders = [str(ov_sd3)] * (2 if command == "report" else 1)
+    capsys.readouterr()
+    assert main([command, *folders, "--steps", "1", *options, "--out", str(out)]) == EXIT_ERROR
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"ovsd3 {command}: error: ") and "\n" not in error
+    assert expected in error
+    assert not out.exists()
+
+
+def test_image_size_in_the_python_api(ov_sd3):
+    """ReportRequest and BenchmarkRequest take diffusers' width and height: whole numbers (numpy's too), the
+    missing side the model's native one; a float or a string is refused in one line, not passed to the children."""
+    from ovsd3.errors import OvsdError
+    from ovsd3.report.settings import image_size
+
+    model = layout.ModelFolder.open(ov_sd3)
+    assert image_size(None, None, None, model) == (128, 128)
+    assert image_size(64, None, None, model) == (64, 64)
+    sides = image_size(None, np.int64(64), None, model)
+    assert sides == (64, 128) and all(type(side) is int for side in sides)  # JSON for the children
+    for bad, expected in (((None, 64.0, None), "--width must be a whole number"),
+                          ((None, None, "64"), "--height must be a whole number"),
+                          ((True, None, None), "--size must be a whole number"),
+                          ((64, None, 64), "--size is the square shorthand")):
+        with pytest.raises(OvsdError, match=expected):
+            image_size(*bad, model)

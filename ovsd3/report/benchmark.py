@@ -1,6 +1,7 @@
 """`ovsd3 benchmark`: images per second across batch sizes, and against openvino.genai and diffusers.
 
     ovsd3 benchmark sd3-ov --batch 1,2,4 --steps 4 --size 512 --peers --torch-model ./sd3-medium
+    ovsd3 benchmark sd3-ov --batch 1,2 --width 1024 --height 576      (--size N: NxN)
 
 Every runner (ovsd3, each peer) runs in its own child process, one after another, so only one pipeline is in
 memory at a time and each one's peak memory is its own. Each also draws one picture of the prompt with seed 0
@@ -25,7 +26,7 @@ from ovsd3.errors import OvsdError
 from ovsd3.metrics import psnr
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
-from ovsd3.report.settings import MAX_REPEATS, check_batches, check_count, check_settings
+from ovsd3.report.settings import MAX_REPEATS, check_batches, check_count, check_settings, image_size
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.cache import CacheConfig
 
@@ -42,7 +43,9 @@ class BenchmarkRequest:
     batches: list[int] = field(default_factory=lambda: [1, 2, 4])
     steps: int | None = None  # default: the folder's
     guidance_scale: float | None = None
-    size: int | None = None  # None: the model's native size
+    size: int | None = None  # square images, the shorthand for width = height = size (not with them)
+    width: int | None = None  # default: the model's native size, as diffusers
+    height: int | None = None
     repeats: int = 3
     device: str = "AUTO"
     peers: tuple[str, ...] = ()  # of PEER_FAMILIES
@@ -117,7 +120,7 @@ def _run(tasks: dict[str, dict], request: BenchmarkRequest, settings: dict, imag
     runners = {}
     for index, (runner, task) in enumerate(tasks.items()):
         log(f"{runner}: batches {','.join(map(str, request.batches))}, {settings['steps']} steps, guidance "
-            f"{settings['guidance_scale']}, {request.size}x{request.size}, median of {request.repeats}")
+            f"{settings['guidance_scale']}, {settings['width']}x{settings['height']}, median of {request.repeats}")
         picture = f"{index:02d}-{runner.replace(' ', '_')}.png"
         result = run_child({**task, "image_path": str(image_dir / picture)})
         batches = {}
@@ -148,16 +151,15 @@ def _picture_psnr(runners: dict[str, dict], reference: str, image_dir: Path) -> 
 def run_benchmark(request: BenchmarkRequest, log: Callable[[str], None] = print) -> dict:
     model = layout.ModelFolder.open(request.folder)
     record = model.record
-    if request.size is None:  # the model's own size, as `ovsd3 report` does
-        request.size = model.native_size
+    width, height = image_size(request.size, request.width, request.height, model)
     check_count("--repeats", request.repeats, MAX_REPEATS)
     check_batches(request.batches)
     settings = {"steps": record.defaults.num_inference_steps if request.steps is None else request.steps,
                 "guidance_scale": (record.defaults.guidance_scale if request.guidance_scale is None
                                    else request.guidance_scale),
-                "width": request.size, "height": request.size,
+                "width": width, "height": height,
                 "max_sequence_length": request.max_sequence_length}
-    check_settings(settings, model)
+    check_settings(settings)
     request.caches = tuple(dict.fromkeys(str(CacheConfig.parse(spec)) for spec in request.caches)) or ("off",)
     output = AtomicOutput(request.out, command="benchmark", overwrite=request.overwrite,
                           inputs=(request.folder, request.torch_model))
@@ -195,7 +197,7 @@ def _write(request: BenchmarkRequest, runners: dict, reference: str, settings: d
                                         for batch, values in runner["batches"].items()}
                                  for name, runner in runners.items()}, staging / "benchmark.png",
                                 f"{request.folder.resolve().name}: {settings['steps']} steps, "
-                                f"{request.size}x{request.size}, {report['machine']['processor']}")
+                                f"{settings['width']}x{settings['height']}, {report['machine']['processor']}")
         text = markdown(report)
         (staging / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "benchmark.md").write_text(text)

@@ -18,11 +18,22 @@ def _add_max_sequence_length(parser) -> None:
                              "feeds a no-T5 transformer a shorter sequence: 77 comes close to it")
 
 
+def _add_image_size(parser) -> None:
+    """--width/--height as `ovsd3 run` takes them; --size N the square shorthand (not with them)."""
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width, a multiple of 16 for SD3 (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="square images: --size N is --width N --height N (not with them)")
+
+
 def add_parsers(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="compare folders: size, speed, quality (report.md/json, image grid, chart)",
         description="Generate the same prompts with the same seeds, steps and size from two or more folders "
-                    "(typically FP16 and quantized) and compare size, speed and image quality against the first.")
+                    "(typically FP16 and quantized) and compare size, speed and image quality against the first. "
+                    "Example: ovsd3 report sd3-medium-ov sd3-medium-int8 --prompts 5 --width 1024 --height 576 "
+                    "--out report/")
     report.add_argument("folders", nargs="+", type=Path, metavar="FOLDER", help="the first is the reference")
     report.add_argument("--out", type=Path, required=True, help="report folder (created atomically)")
     report.add_argument("--prompts", type=int, default=3, help="number of prompts (default 3)")
@@ -31,7 +42,7 @@ def add_parsers(subparsers) -> None:
     report.add_argument("--seed", type=int, default=0, help="prompt i is drawn with seed + i")
     report.add_argument("--steps", type=int, default=None, help="default: the first folder's")
     report.add_argument("--guidance", type=float, default=None, help="default: the first folder's")
-    report.add_argument("--size", type=int, default=None, help="square image size (default: the model's)")
+    _add_image_size(report)
     report.add_argument("--device", default="AUTO")
     report.add_argument("--clip", default=None, metavar="MODEL",
                         help="CLIP model (hub id or local folder) for CLIP scores; needs the convert extras")
@@ -52,12 +63,13 @@ def add_parsers(subparsers) -> None:
     benchmark = subparsers.add_parser(
         "benchmark", help="images per second across batch sizes, optionally against openvino.genai and diffusers",
         description="Time generation at several batch sizes; with --peers also openvino.genai (step caching "
-                    "off and on) on the same folder and diffusers on its PyTorch model (fp32 and bf16).")
+                    "off and on) on the same folder and diffusers on its PyTorch model (fp32 and bf16). "
+                    "Example: ovsd3 benchmark sd3-medium-int8 --batch 1,2,4 --width 1024 --height 576 --peers genai")
     benchmark.add_argument("folder", type=Path, metavar="MODEL_DIR")
     benchmark.add_argument("--batch", default="1,2,4", help="batch sizes, comma-separated (default 1,2,4)")
     benchmark.add_argument("--steps", type=int, default=None, help="default: the folder's")
     benchmark.add_argument("--guidance", type=float, default=None, help="default: the folder's")
-    benchmark.add_argument("--size", type=int, default=None, help="square image size (default: the model's)")
+    _add_image_size(benchmark)
     benchmark.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (default 3)")
     benchmark.add_argument("--device", default="AUTO")
     _add_max_sequence_length(benchmark)
@@ -91,7 +103,8 @@ def _run_report(args) -> int:
 
     make_report(ReportRequest(folders=args.folders, out=args.out, prompts=args.prompts, prompt_file=args.prompt_file,
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance, size=args.size,
-                              device=args.device, clip=args.clip, max_sequence_length=args.max_sequence_length,
+                              width=args.width, height=args.height, device=args.device, clip=args.clip,
+                              max_sequence_length=args.max_sequence_length,
                               labels=args.label, caches=args.cache or ["off"], digits=args.digits,
                               genai=args.genai, overwrite=args.overwrite))
     return 0
@@ -104,7 +117,8 @@ def _run_benchmark(args) -> int:
 
     out = args.out or Path(f"benchmark-{args.folder.resolve().name}")
     run_benchmark(BenchmarkRequest(folder=args.folder, out=out, batches=parse_batches(args.batch), steps=args.steps,
-                                   guidance_scale=args.guidance, size=args.size, repeats=args.repeats,
+                                   guidance_scale=args.guidance, size=args.size, width=args.width,
+                                   height=args.height, repeats=args.repeats,
                                    max_sequence_length=args.max_sequence_length, device=args.device,
                                    peers=parse_peers(args.peers) if args.peers else (), torch_model=args.torch_model,
                                    caches=tuple(args.cache or ("off",)), overwrite=args.overwrite))

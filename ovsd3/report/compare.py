@@ -3,6 +3,7 @@
     ovsd3 report sd3-ov sd3-int8 --prompts 5 --out report/
     ovsd3 report sd3-ov --cache off --cache taylorseer --out report/    (a step-caching mode is a column too)
     ovsd3 report sd3-ov sd3-int8 --genai --out report/     (openvino.genai on the first folder, cache off and on)
+    ovsd3 report sd3-ov sd3-int8 --width 1024 --height 576 --out report/    (--size 512: 512x512)
 
 A column is a folder with a step-caching mode; every folder runs with every ``--cache`` mode (default: off).
 With ``--genai``, openvino.genai's Text2ImagePipeline draws the same prompts and seeds from the first folder,
@@ -26,7 +27,7 @@ from ovsd3.demo.digits import DigitScorer, evaluation_prompts
 from ovsd3.errors import OvsdError
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
-from ovsd3.report.settings import MAX_PROMPTS, check_count, check_settings
+from ovsd3.report.settings import MAX_PROMPTS, check_count, check_settings, image_size
 from ovsd3.report.quality import ClipScorer, image_agreement
 from ovsd3.report.stats import Spread
 from ovsd3.runtime.cache import CacheConfig
@@ -42,7 +43,9 @@ class ReportRequest:
     seed: int = 0  # prompt i is drawn with seed + i
     steps: int | None = None  # default: the first folder's
     guidance_scale: float | None = None
-    size: int | None = None  # square images; default: the first folder's native size
+    size: int | None = None  # square images, the shorthand for width = height = size (not with them)
+    width: int | None = None  # default: the first folder's native size, as diffusers
+    height: int | None = None
     device: str = "AUTO"
     clip: str | None = None  # CLIP model (hub id or folder) for CLIP scores
     max_sequence_length: int = 256  # T5 tokens (zeros without T5), as diffusers' default
@@ -111,11 +114,11 @@ def _prompts(request: ReportRequest, digits: bool) -> list[str]:
 def _settings(request: ReportRequest) -> dict:
     first = request.folders[0]
     model = layout.ModelFolder.open(first)
-    defaults, native = model.record.defaults, model.native_size
-    size = request.size or native
+    defaults = model.record.defaults
+    width, height = image_size(request.size, request.width, request.height, model)
     return {"steps": defaults.num_inference_steps if request.steps is None else request.steps,
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-            "width": size, "height": size, "max_sequence_length": request.max_sequence_length}
+            "width": width, "height": height, "max_sequence_length": request.max_sequence_length}
 
 
 def _first_start(measured: dict) -> dict:
@@ -201,7 +204,7 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
         raise OvsdError(f"--seed must be between 0 and 2**64 - 1 - prompts (got {request.seed})")
     seeds = [request.seed + index for index in range(len(prompts))]
     settings = _settings(request)
-    check_settings(settings, models[0])
+    check_settings(settings)
     scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
     output = AtomicOutput(request.out, command="report", overwrite=request.overwrite,
                           inputs=(*request.folders, request.prompt_file, request.clip))

@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="generate images from an OpenVINO SD3 folder",
         description="Generate images with the numpy runtime (openvino, openvino-tokenizers, numpy, Pillow). "
-                    "Steps and guidance default to the folder's (Flash folders: 4 steps, no guidance).")
+                    "Steps and guidance default to the folder's (Flash folders: 4 steps, no guidance). "
+                    "Example: ovsd3 run sd3-medium-ov --prompt 'a lighthouse on a rocky coast' --width 1024 "
+                    "--height 576 --seed 42")
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="folder from `ovsd3 convert` or optimum-intel")
     parser.add_argument("--prompt", required=True, action="append",
                         help="text prompt (repeat for several prompts in one batch)")
