@@ -87,7 +87,8 @@ def _pyplot():
 
 def report_chart(labels: list[str], step_seconds: list[dict], sizes_mb: list[dict[str, float]], out: Path,
                  title: str) -> None:
-    """Left: median seconds per transformer step (whiskers: min-max); right: size per component, stacked."""
+    """Left: median seconds per transformer step (whiskers: min-max); right: size per component, stacked.
+    ``title`` states the size drawn (a step's time is only meaningful at its size)."""
     plt = _pyplot()
     figure, (speed, size) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     medians = [spread["median"] for spread in step_seconds]
@@ -95,7 +96,7 @@ def report_chart(labels: list[str], step_seconds: list[dict], sizes_mb: list[dic
               [spread["max"] - m for m, spread in zip(medians, step_seconds)]]
     speed.bar(labels, medians, yerr=errors, capsize=4, color=COMPONENT_COLOURS[0])
     speed.set_ylabel("seconds per transformer step")
-    speed.set_title("speed (median, min-max)")
+    speed.set_title("time per step (median, min-max): taller is slower")  # whichever folder that is
     components = list(dict.fromkeys(name for folder in sizes_mb for name in folder))
     bottoms = [0.0] * len(labels)
     for index, component in enumerate(components):
