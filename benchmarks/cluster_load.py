@@ -442,7 +442,8 @@ def main() -> int:
                       f"{row['kill_to_start']:.1f} s (last heartbeat to start {row['heartbeat_to_start']:.1f} s); "
                       f"'requeued' in its events: {row['requeued_event']}", flush=True)
     if "chaos" in parts:
-        figures["chaos"] = chaos(folder, args.workdir, args.chaos_jobs, dict(request, size=args.chaos_size))
+        figures["chaos"] = dict(size=args.chaos_size, steps=args.steps,
+                                **chaos(folder, args.workdir, args.chaos_jobs, dict(request, size=args.chaos_size)))
         print(f"chaos: {json.dumps(figures['chaos'])}", flush=True)
     print_table(figures)
     if args.out:
@@ -476,7 +477,8 @@ def print_table(figures: dict) -> None:
               f"its events: {all(row['requeued_event'] for row in rows)} |")
     if "chaos" in figures:
         chaos_row = figures["chaos"]
-        print(f"| jobs lost in the chaos run | {chaos_row['jobs']} jobs, {'; '.join(chaos_row['events'])} | "
+        print(f"| jobs lost in the chaos run | {chaos_row['jobs']} jobs ({chaos_row['size']}, {chaos_row['steps']} "
+              f"steps), {'; '.join(chaos_row['events'])} | "
               f"{chaos_row['lost']} ({chaos_row['done_once']} of {chaos_row['jobs_in_redis']} jobs in Redis ended "
               f"done once; {chaos_row['client_retries']} client retries) |")
 
