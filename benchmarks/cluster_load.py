@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -313,6 +312,8 @@ def requeue(folder: Path, workdir: Path, requeue_after: float, request: dict, ru
 # -- 4. chaos ---------------------------------------------------------------------------------------------
 
 def chaos(folder: Path, workdir: Path, jobs: int, request: dict, requeue_after: float = 15) -> dict:
+    from ovsd3.serve import launch
+
     cluster = Processes(workdir, "chaos")
     try:
         setting = ("--requeue-after", requeue_after)
@@ -320,7 +321,7 @@ def chaos(folder: Path, workdir: Path, jobs: int, request: dict, requeue_after: 
         ports = [free_port_number(), free_port_number()]
         bases = [cluster.api(f"api{index}", port, *setting, "--max-queue", 64) for index, port in enumerate(ports)]
         outcomes: dict = {}
-        threads = send_with_openai(bases, jobs, request, outcomes)
+        threads = launch.send_with_openai(bases, jobs, request, outcomes, MODEL)
         running = wait_until(lambda: running_job(cluster.client), 900, "a running job")
         job_id, victim = running
         wait_until(lambda: "step" in event_names(cluster.client, job_id), 900, "the victim job's first step")
@@ -350,36 +351,6 @@ def running_job(client):
     return None
 
 
-def send_with_openai(bases: list[str], count: int, request: dict, outcomes: dict) -> list[threading.Thread]:
-    """One client per job (the openai client); on a broken connection or a 5xx it asks the other API server,
-    as a balancer would. ``outcomes[seed]``: the image lists each client received."""
-    import openai
-
-    extra = {key: value for key, value in request.items() if key not in ("prompt", "size", "n")}
-
-    def one(seed: int) -> None:
-        for attempt in range(60):
-            client = openai.OpenAI(base_url=f"{bases[(seed + attempt) % len(bases)]}/v3", api_key="unused",
-                                   max_retries=0, timeout=3600)
-            try:
-                answer = client.images.generate(model=MODEL, prompt=f"job {seed}", size=request["size"],
-                                                n=request.get("n", 1), extra_body=dict(extra, rng_seed=seed))
-            except (openai.APIConnectionError, openai.InternalServerError):
-                outcomes["retries"] = outcomes.get("retries", 0) + 1
-                time.sleep(1)
-                continue
-            except Exception as error:  # a client error: the job is lost for this client
-                outcomes.setdefault("failed", []).append(f"{seed}: {type(error).__name__}: {error}"[:300])
-                return
-            outcomes.setdefault(seed, []).append([image.b64_json for image in answer.data])
-            return
-
-    threads = [threading.Thread(target=one, args=(seed,), daemon=True) for seed in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
 def count_lost(client, jobs: int, outcomes: dict, victim_job: str) -> dict:
     received = [seed for seed in range(jobs) if len(outcomes.get(seed, [])) == 1 and all(outcomes[seed][0])]
     job_ids = [key.decode().split(":")[2] for key in client.scan_iter("ovsd3:job:*:events")]
@@ -388,7 +359,7 @@ def count_lost(client, jobs: int, outcomes: dict, victim_job: str) -> dict:
     victim_events = event_names(client, victim_job)
     return dict(received_once=len(received), lost=jobs - len(received), jobs_in_redis=len(job_ids),
                 done_once=len(ended_done_once), failed=outcomes.get("failed", []),
-                client_retries=outcomes.get("retries", 0), victim_requeued="requeued" in victim_events,
+                client_retries=len(outcomes.get("retried", [])), victim_requeued="requeued" in victim_events,
                 redelivered=int(client.hget("ovsd3:stats", "redelivered") or 0))
 
 

@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -391,34 +390,6 @@ def test_a_tls_broker_with_a_password(ov_sd3, tmp_path):
 
 # -- nothing lost ---------------------------------------------------------------------------------------
 
-def send_jobs(bases: list[str], count: int, outcomes: dict, size: str = "192x192") -> list[threading.Thread]:
-    """``count`` clients, each one request with the openai client; on a broken connection it asks the other
-    API server, as a balancer would. ``outcomes[seed]``: the list of images each client received."""
-    import openai
-
-    def one(seed: int) -> None:
-        for attempt in range(30):
-            base = bases[(seed + attempt) % len(bases)]
-            client = openai.OpenAI(base_url=f"{base}/v3", api_key="unused", max_retries=0, timeout=600)
-            try:
-                answer = client.images.generate(model="ov-sd3", prompt=f"job {seed}", size=size, n=2,
-                                                extra_body={"rng_seed": seed, "num_inference_steps": 12})
-            except (openai.APIConnectionError, openai.InternalServerError) as error:  # 503s included
-                outcomes.setdefault("retried", []).append(f"{seed}: {type(error).__name__}: {error}"[:200])
-                time.sleep(1)
-                continue
-            except Exception as error:
-                outcomes.setdefault("failed", []).append(f"{seed}: {type(error).__name__}: {error}"[:300])
-                return
-            outcomes.setdefault(seed, []).append([image.b64_json for image in answer.data])
-            return
-
-    threads = [threading.Thread(target=one, args=(seed,), daemon=True) for seed in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
 def test_chaos_loses_nothing(cluster, ov_sd3):
     """50 jobs, two API servers, three workers; a busy worker SIGKILLed mid-job, an API server restarted and
     Redis killed and restarted: every job ends done once, every client gets its images once, the dead worker's
@@ -427,7 +398,8 @@ def test_chaos_loses_nothing(cluster, ov_sd3):
     ports = [launch.free_port(), launch.free_port()]
     bases = [cluster.api("--max-queue", 64, port=ports[0]), cluster.api("--max-queue", 64, port=ports[1])]
     outcomes: dict[int, list] = {}
-    threads = send_jobs(bases, 50, outcomes)
+    threads = launch.send_with_openai(bases, 50, {"size": "192x192", "n": 2, "num_inference_steps": 12}, outcomes,
+                                      model="ov-sd3", attempts=30)
 
     running = wait_for(lambda: running_jobs(cluster.client), 120)
     victim_job, victim = running[0]

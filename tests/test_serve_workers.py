@@ -99,8 +99,33 @@ def test_clones_share_the_compiled_models_and_not_the_infer_requests(pipe):
 def test_concurrency_splits_the_cores_into_streams(ov_sd3, pipe):
     alone = SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None)
     assert alone.transformer.compiled.get_property("NUM_STREAMS") == 1
+    pipe("a cat", seed=1, **CALL)  # compiled at its first call, for its shapes
     streams = pipe.transformer.compiled.get_property("NUM_STREAMS")
     assert streams == min(2, os.cpu_count())  # each stream with cores / streams threads
+
+
+def test_concurrent_pipelines_compile_the_transformer_per_call_shape(ov_sd3):
+    """Compiled for several calls at once, the transformer is compiled for each call's shapes (with dynamic
+    shapes every CPU stream builds its own memory), the last few kept and shared with the clones: a size seen
+    again does not compile again; a lone pipeline keeps dynamic shapes."""
+    from ovsd3.runtime.devices import ShapeSpecialised
+    from ovsd3.runtime.pipeline import SHAPES_KEPT
+
+    serving = SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None, concurrency=2)
+    twin = serving.clone()
+    specialised = serving.transformer.compiled
+    assert isinstance(specialised, ShapeSpecialised) and twin.transformer.compiled is specialised
+    assert not isinstance(SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None).transformer.compiled,
+                          ShapeSpecialised)
+    serving("a cat", seed=1, **CALL)
+    first = specialised._compiled
+    twin("a cat", seed=1, **dict(CALL, width=128))
+    assert specialised._compiled is not first and len(specialised._by_shapes) == 2
+    serving("a cat", seed=2, **CALL)
+    assert specialised._compiled is first  # the 64x64 compilation, kept
+    for width in (96, 112, 128, 144):
+        twin("a cat", seed=1, **dict(CALL, width=width))
+    assert len(specialised._by_shapes) == SHAPES_KEPT
 
 
 def test_what_would_change_shared_models_is_refused(ov_sd3, pipe):

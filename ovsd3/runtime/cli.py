@@ -49,6 +49,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a LoRA adapter for the transformer (PEFT folder, diffusers or kohya safetensors), "
                              "applied when the folder loads, with its weight (default 1); repeatable")
+    _add_guidance_options(parser)
+    _add_compile_options(parser)
+    parser.add_argument("--preview-every", type=int, default=0, metavar="N",
+                        help="write OUTPUT/preview.png every N steps (a cheap linear preview)")
+    parser.add_argument("--output", type=Path, default=Path("outputs"), help="folder for the PNGs (default outputs/)")
+    parser.set_defaults(handler=run)
+
+
+def _add_guidance_options(parser) -> None:
+    """Skip-layer guidance and the text length: diffusers' keywords for the sampling call."""
     parser.add_argument("--skip-layers", type=block_list, default=None, metavar="7,8,9",
                         help="skip-layer guidance (diffusers' skip_guidance_layers): an extra conditional pass with these "
                              "blocks skipped on the early steps; default: the folder's (SD3.5 Medium: 7,8,9, as "
@@ -59,6 +69,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--skip-layer-stop", type=float, default=0.2,
                         help="skip_layer_guidance_stop (default 0.2)")
     parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+
+
+def _add_compile_options(parser) -> None:
+    """Where and how the models run: device, shapes, offload, precision, the model cache and step caching."""
     parser.add_argument("--device", default="AUTO",
                         help="OpenVINO device (AUTO, CPU, GPU, NPU) or a plan like transformer=GPU,text=CPU,vae=GPU")
     parser.add_argument("--static", action="store_true",
@@ -78,11 +92,6 @@ def add_parser(subparsers) -> None:
                              "combined with + (e.g. taylorseer:interval=4+guidance-interval:low=0.1); the README "
                              "lists settings and what each costs on the demo model. Not the model cache: "
                              "see --cache-dir")
-    parser.add_argument("--preview-every", type=int, default=0, metavar="N",
-                        help="write OUTPUT/preview.png every N steps (a cheap linear preview)")
-    parser.add_argument("--output", type=Path, default=Path("outputs"), help="folder for the PNGs (default outputs/)")
-    parser.set_defaults(handler=run)
-
 
 
 def _next_index(folder: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,29 +168,39 @@ class OnUse:
 
 
 class ShapeSpecialised:
-    """A model compiled for the exact shapes of the inputs it is called with, again whenever they change (the
-    previous compilation released first). OpenVINO's CPU plugin plans activation memory ahead only for static
-    shapes: SD3.5 Medium's transformer at 1024x1024, batch 2, holds 9.2 GiB compiled with dynamic shapes and
-    4.7 GiB (its weights) compiled for the call's own, and its first call is 30% faster. Worth it where the
-    model is compiled per generation anyway (model offload)."""
+    """A model compiled for the exact shapes of the inputs it is called with, again when they are new.
+    OpenVINO's CPU plugin plans activation memory ahead only for static shapes: SD3.5 Medium's transformer at
+    1024x1024, batch 2, holds 9.2 GiB compiled with dynamic shapes and 4.7 GiB (its weights) compiled for the
+    call's own, and its first call is 30% faster; and with dynamic shapes each CPU stream builds its own share
+    (SD3 Medium INT8, two streams: 14.4 GiB dynamic, 4.7 GiB static; benchmarks/stream_memory.py). Used by model
+    offload (compiled per generation anyway) and by pipelines that serve several calls at once; shared by the
+    clones of a pipeline, so it is thread-safe, and it keeps the last ``keep`` shapes' compilations (a server's
+    few sizes do not recompile in turn; an older one is released first)."""
 
-    def __init__(self, compiler: "ModelCompiler", component: str, model_of: Callable[[], object]):
-        self._compiler, self._component, self._model_of = compiler, component, model_of
-        self._compiled, self._shapes = None, None
+    def __init__(self, compiler: "ModelCompiler", component: str, model_of: Callable[[], object], keep: int = 1):
+        self._compiler, self._component, self._model_of, self._keep = compiler, component, model_of, keep
+        self._by_shapes: dict[str, object] = {}  # oldest first
+        self._compiled = None  # the newest
+        self._lock = threading.Lock()
 
     def __call__(self, inputs: dict):
         return self.for_shapes(inputs)(inputs)
 
     def for_shapes(self, inputs: dict):
-        """The model compiled for ``inputs``' shapes (compiled now if they changed)."""
-        shapes = {name: list(value.shape) for name, value in inputs.items()}
-        if shapes != self._shapes:
-            self._compiled = None
-            release_freed()
-            model = self._model_of()
-            reshape_inputs(model, shapes)
-            self._compiled, self._shapes = self._compiler.compile_derived(self._component, model), shapes
-        return self._compiled
+        """The model compiled for ``inputs``' shapes (compiled now if they are new)."""
+        key = repr(sorted((name, list(value.shape)) for name, value in inputs.items()))
+        with self._lock:  # one compilation at a time, and none twice
+            compiled = self._by_shapes.pop(key, None)
+            if compiled is None:
+                while len(self._by_shapes) >= self._keep:  # a caller drawing at an older shape keeps its own
+                    self._by_shapes.pop(next(iter(self._by_shapes)))
+                self._compiled = None
+                release_freed()
+                model = self._model_of()
+                reshape_inputs(model, {name: list(value.shape) for name, value in inputs.items()})
+                compiled = self._compiler.compile_derived(self._component, model)
+            self._by_shapes[key] = self._compiled = compiled
+            return compiled
 
     def __getattr__(self, name):
         if self._compiled is None:

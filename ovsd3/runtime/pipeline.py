@@ -52,6 +52,7 @@ def offload_advised(folder: Path) -> bool:
 
 
 MAX_CONCURRENCY = 64  # pipelines generating at once from one set of compiled models (ovsd3 serve's --workers bound)
+SHAPES_KEPT = 3  # transformer compilations a concurrent pipeline keeps, one per recent call shape
 IMAGE_TO_IMAGE_STEPS = 50  # diffusers' default for its SD3 image-to-image and inpainting pipelines
 
 
@@ -231,7 +232,7 @@ class SD3Pipeline:
         self._check_alone("enable_model_cpu_offload()")
         self.offload = True
         self._release(self.text, self.transformer, self.vae_decoder, self.vae_encoder)
-        self.transformer.shape_specialised = self.static is None  # compiled per generation now: for its shapes
+        self.transformer.shape_specialised = 1 if self.static is None else 0  # compiled per generation now
 
     def _release(self, *components) -> None:
         """With model offload, drop these components' compiled models and return their memory."""
@@ -265,9 +266,13 @@ class SD3Pipeline:
         self.transformer = self._new_transformer()
 
     def _new_transformer(self) -> Transformer:
-        # Offloading compiles the transformer when sampling starts, for that generation's shapes.
+        # Offloading compiles the transformer when sampling starts, for that generation's shapes; a pipeline
+        # compiled for several calls at once (serving) compiles it per call shape too, keeping a few: with
+        # dynamic shapes every CPU stream would build gigabytes of its own (ShapeSpecialised).
+        kept = 0 if self.static is not None else 1 if self.offload else \
+            SHAPES_KEPT if self._compiler.options.concurrency > 1 else 0
         return Transformer(self._compiler, self._patch_size, self.has_t5, self._transformer_shapes,
-                           compile_now=not self.offload, shape_specialised=self.offload and self.static is None,
+                           compile_now=not self.offload, shape_specialised=kept,
                            requests=self._requests)
 
     @classmethod

@@ -78,12 +78,13 @@ class Variants:
 
 class Transformer:
     def __init__(self, compiler, patch_size: int, has_t5: bool, static_shapes: dict | None = None,
-                 compile_now: bool = True, shape_specialised: bool = False, requests: InferRequests | None = None):
+                 compile_now: bool = True, shape_specialised: int = 0, requests: InferRequests | None = None):
         self.compiler = compiler
         self.requests = requests or InferRequests()  # this pipeline's own; the compiled variants are shared
-        # Each variant compiled for each call's own shapes (ovsd3.runtime.devices.ShapeSpecialised): about
-        # half the memory at 1024x1024, for a compilation whenever the shapes change. Model offload compiles
-        # every generation anyway, and uses it.
+        # Each variant compiled for each call's own shapes (ovsd3.runtime.devices.ShapeSpecialised), keeping
+        # the last ``shape_specialised`` shapes' (0: dynamic shapes): about half the memory at 1024x1024, and
+        # far less per stream, for a compilation at each new shape. Model offload compiles every generation
+        # anyway, and uses it; so do pipelines compiled for several calls at once (serving).
         self.shape_specialised = shape_specialised
         self.patch_size = patch_size
         self.static_shapes = static_shapes
@@ -121,7 +122,7 @@ class Transformer:
     def _variant(self, model_of: Callable[[], object]):
         """A compiled variant of the transformer (``model_of()`` makes its IR)."""
         if self.shape_specialised:
-            return ShapeSpecialised(self.compiler, layout.TRANSFORMER, model_of)
+            return ShapeSpecialised(self.compiler, layout.TRANSFORMER, model_of, keep=self.shape_specialised)
         return self.compiler.compile_derived(layout.TRANSFORMER, model_of())
 
     def release(self) -> None:

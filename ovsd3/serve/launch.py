@@ -149,3 +149,38 @@ def stop(process: subprocess.Popen, timeout: float = 90.0) -> str:
             process.kill()
             process.wait()
     return process.stdout.read() if process.stdout else ""
+
+
+def send_with_openai(bases: list[str], count: int, request: dict, outcomes: dict, model: str,
+                     attempts: int = 60) -> list:
+    """``count`` clients in threads, each one ``images.generate`` with the openai client (seed = its number, the
+    prompt "job SEED"; ``request``: size, n and extra body fields); on a broken connection or a 5xx it asks the
+    next API server, as a balancer would. ``outcomes[seed]``: the image lists each client received;
+    ``outcomes["retried"]``, ``outcomes["failed"]``: what went wrong on the way (one line each)."""
+    import threading
+
+    import openai
+
+    extra = {key: value for key, value in request.items() if key not in ("prompt", "size", "n")}
+
+    def one(seed: int) -> None:
+        for attempt in range(attempts):
+            client = openai.OpenAI(base_url=f"{bases[(seed + attempt) % len(bases)]}/v3", api_key="unused",
+                                   max_retries=0, timeout=3600)
+            try:
+                answer = client.images.generate(model=model, prompt=f"job {seed}", size=request["size"],
+                                                n=request.get("n", 1), extra_body=dict(extra, rng_seed=seed))
+            except (openai.APIConnectionError, openai.InternalServerError) as error:  # 503s included
+                outcomes.setdefault("retried", []).append(f"{seed}: {type(error).__name__}: {error}"[:200])
+                time.sleep(1)
+                continue
+            except Exception as error:  # a client error: the job is lost for this client
+                outcomes.setdefault("failed", []).append(f"{seed}: {type(error).__name__}: {error}"[:300])
+                return
+            outcomes.setdefault(seed, []).append([image.b64_json for image in answer.data])
+            return
+
+    threads = [threading.Thread(target=one, args=(seed,), daemon=True) for seed in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
