@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -66,9 +67,16 @@ def converted_demo(demo_conversion) -> Path:
 
 @pytest.fixture(scope="session")
 def dist(tmp_path_factory) -> Path:
-    """The sdist and the wheel, the wheel built from the sdist (build's default), as a release would be."""
-    out = tmp_path_factory.mktemp("dist")
-    checked_run([sys.executable, "-m", "build", "--outdir", str(out), str(REPO)], timeout=600)
+    """The sdist and the wheel, the wheel built from the sdist (build's default), as a release would be: from
+    the tracked files alone (a working checkout's stale ovsd3.egg-info/SOURCES.txt would add to the sdist the
+    files an older configuration packaged; setuptools reads it back)."""
+    out, tree = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("tracked")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
+    checked_run([sys.executable, "-m", "build", "--outdir", str(out), str(tree)], timeout=600)
     return out
 
 
