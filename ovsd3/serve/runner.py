@@ -12,10 +12,6 @@ from typing import Protocol
 from ovsd3.errors import InvalidRequest
 
 
-class Cancelled(Exception):
-    """The job's cancel was asked for; raised between two steps."""
-
-
 class TimedOut(Exception):
     """The job ran past its time limit (``--job-timeout``)."""
 
@@ -81,9 +77,6 @@ def _guarded(events, timeout: float | None, work) -> str | None:
     try:
         work()
         return None
-    except Cancelled:
-        events.emit("cancelled")
-        return "cancelled"
     except TimedOut:
         events.failed()
         events.emit("error", message=f"the job ran past its time limit of {timeout:g} s (--job-timeout) and "
@@ -157,20 +150,15 @@ class _Batch:
             for index in self.open:
                 events = self.events[index]
                 events.step_timed(seconds)
-                if events.cancel_requested:
-                    self._end(index, Cancelled())
+                if events.cancel_requested:  # this job ends here; the batch draws on for the others
+                    events.emit("cancelled")
+                    self.outcomes[index] = "cancelled"
                     continue
                 data = {"step": step.index + 1, "total": step.total}
                 every = self.requests[index].preview_every
                 if every and ((step.index + 1) % every == 0 or step.index + 1 == step.total):
                     data["previews"] = [image_base64(image) for image in preview_images(denoised[index])]
                 events.emit("step", **data)
-
-    def _end(self, index: int, reason: Exception) -> None:
-        def fail():
-            raise reason
-
-        self.outcomes[index] = _guarded(self.events[index], None, fail)
 
 
 class _Everyone:

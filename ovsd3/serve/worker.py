@@ -86,13 +86,8 @@ class Worker:
         pipe.execute()
 
     def beat(self, stop: threading.Event) -> None:
-        import redis
-
         while not stop.wait(self.settings.heartbeat):
-            try:
-                self.heartbeat()
-            except redis.RedisError:
-                pass  # the broker is away; the next beat tries again (Celery reconnects on its own)
+            self.heartbeat_quietly()  # the broker away: the next beat tries again (Celery reconnects on its own)
 
     def leave(self) -> None:
         import redis
