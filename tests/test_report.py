@@ -204,8 +204,37 @@ def test_chart_and_markdown(report, report_dir):
         assert expected in text
 
 
+def test_small_images_say_what_int8_is_for(report_dir):
+    """A quantized folder timed at 64x64 gets the note that this is not where INT8 gains."""
+    text = (report_dir / "report.md").read_text()
+    assert "At 64x64 a transformer block has next to no arithmetic" in text
+    assert "--full-size sd3-medium" in text
+
+
+def test_full_size_estimate_in_the_report(tmp_path, ov_sd3, q_sd3):
+    """--full-size PRESET: the preset's transformer cut to 3 blocks, FP16 and INT8 timed; the full call is
+    the cut call plus the missing blocks at the measured per-block time (here the 4-block demo preset)."""
+    out = tmp_path / "report"
+    assert main(["report", str(ov_sd3), str(q_sd3), "--out", str(out), "--prompts", "1", "--size", "64",
+                 "--steps", "1", "--full-size", "digits"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    estimate = report["full_size"]
+    assert (estimate["preset"], estimate["blocks"], estimate["num_layers"]) == ("digits", 3, 4)
+    assert list(estimate["sizes"]) == ["128"]  # the largest the demo's position embedding allows
+    row = estimate["sizes"]["128"]
+    for label in ("FP16", "INT8"):
+        part = row[label]
+        assert part["cut_seconds"] > 0 and part["block_seconds"] >= 0
+        assert part["full_seconds"] == pytest.approx(part["cut_seconds"] + part["block_seconds"])
+        assert part["rest_seconds"] == pytest.approx(part["cut_seconds"] - 3 * part["block_seconds"])
+    assert row["speedup"] == pytest.approx(row["FP16"]["full_seconds"] / row["INT8"]["full_seconds"])
+    text = (out / "report.md").read_text()
+    assert "## What INT8 gains at full size on this CPU (digits, estimated)" in text
+    assert f"| 128x128 | {row['FP16']['cut_seconds']:.2f} |" in text and "see the full-size estimate below" in text
+
+
 @pytest.mark.parametrize("case", ["one folder", "missing folder", "not SD3", "bad clip", "zero prompts",
-                                  "zero steps", "size with width"])
+                                  "zero steps", "size with width", "full size of SD3.5 Medium"])
 def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
     out = tmp_path / "report"
     args = {"one folder": [str(ov_sd3)],
@@ -214,14 +243,16 @@ def test_report_errors_are_one_line(case, tmp_path, capsys, ov_sd3, tiny_sd3):
             "bad clip": [str(ov_sd3), str(ov_sd3), "--clip", str(tmp_path / "no-clip")],
             "zero prompts": [str(ov_sd3), str(ov_sd3), "--prompts", "0"],
             "zero steps": [str(ov_sd3), str(ov_sd3), "--steps", "0"],  # the later --steps wins
-            "size with width": [str(ov_sd3), str(ov_sd3), "--width", "64"]}[case]
+            "size with width": [str(ov_sd3), str(ov_sd3), "--width", "64"],
+            "full size of SD3.5 Medium": [str(ov_sd3), str(ov_sd3), "--full-size", "sd3.5-medium"]}[case]
     assert main(["report", "--out", str(out), "--size", "64", "--steps", "1", *args]) == EXIT_ERROR
     error = capsys.readouterr().err.strip()
     assert error.startswith("ovsd3 report: error: ") and "\n" not in error
     expected = {"one folder": "two or more", "missing folder": "does not exist", "not SD3": "PyTorch (diffusers) model, not OpenVINO IR",
                 "bad clip": "cannot load CLIP model", "zero prompts": "--prompts",
                 "zero steps": "--steps must be between 1 and 1000",
-                "size with width": "--size is the square shorthand for --width and --height"}[case]
+                "size with width": "--size is the square shorthand for --width and --height",
+                "full size of SD3.5 Medium": "--full-size must be one of sd3-medium, sd3.5-large"}[case]
     assert expected in error
     assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
 

@@ -113,6 +113,11 @@ def _transformer_job(source: ModelSource, options: ExportOptions, lora_folder: P
         from ovsd3.convert.lora import merge_lora
 
         module = merge_lora(module, lora_folder)
+    return transformer_job(module, options)
+
+
+def transformer_job(module, options: ExportOptions) -> ComponentExport:
+    """Exporting an SD3Transformer2DModel in memory (a source's, or one built from a preset's shapes)."""
     # The attributes optimum-intel's SD3 export sets before building the transformer's export config.
     module.config.text_encoder_projection_dim = module.config.joint_attention_dim
     module.config.requires_aesthetics_score = False

@@ -57,6 +57,11 @@ def add_parsers(subparsers) -> None:
     report.add_argument("--genai", action="store_true",
                         help="also draw the prompts with openvino.genai's Text2ImagePipeline from the first folder, "
                              "its TaylorSeer step caching off and on (its default): two more columns")
+    report.add_argument("--full-size", nargs="?", const="sd3-medium", default=None, metavar="PRESET",
+                        help="also estimate what INT8 gains at full size on this CPU: a few blocks of PRESET's "
+                             "transformer (sd3-medium, the default, or sd3.5-large) at full width with random "
+                             "weights, FP16 against INT8 at 512x512 and 1024x1024 (about 3 minutes on 2 cores; "
+                             "needs the convert extras)")
     report.add_argument("--overwrite", action="store_true")
     report.set_defaults(handler=_run_report)
 
@@ -106,7 +111,8 @@ def _run_report(args) -> int:
                               width=args.width, height=args.height, device=args.device, clip=args.clip,
                               max_sequence_length=args.max_sequence_length,
                               labels=args.label, caches=args.cache or ["off"], digits=args.digits,
-                              genai=args.genai, overwrite=args.overwrite))
+                              genai=args.genai, full_size=args.full_size,
+                              overwrite=args.overwrite))
     return 0
 
 

@@ -53,6 +53,7 @@ class ReportRequest:
     caches: list[str] = field(default_factory=lambda: ["off"])  # step-caching modes: each folder runs each
     digits: bool | None = None  # score digits and colours (the demo model); None: when the first folder is the demo
     genai: bool = False  # also openvino.genai on the first folder, TaylorSeer caching off and on
+    full_size: str | None = None  # a preset whose INT8 gain at full size is estimated (ovsd3.report.full_size)
     overwrite: bool = False
 
 
@@ -206,6 +207,7 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     settings = _settings(request)
     check_settings(settings)
     scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
+    estimate_request = _estimate_request(request)
     output = AtomicOutput(request.out, command="report", overwrite=request.overwrite,
                           inputs=(*request.folders, request.prompt_file, request.clip))
     output.check()
@@ -227,6 +229,8 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
             "folders": folders,
             "files": {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"},
         }
+        if estimate_request is not None:
+            report["full_size"] = _full_size_estimate(estimate_request, log)
         for folder in folders:
             folder.pop("machine")
         grid = figures.image_grid([[str(staging / folder["images"][row]) for folder in folders]
@@ -243,6 +247,29 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     log(text)
     log(f"wrote {request.out}")
     return report
+
+
+def _estimate_request(request: ReportRequest):
+    """The full-size estimate's settings, checked (and its PyTorch need) before any slow work."""
+    if request.full_size is None:
+        return None
+    from ovsd3.report.full_size import EstimateRequest
+
+    estimate_request = EstimateRequest(preset=request.full_size)
+    estimate_request.check()
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        raise OvsdError("--full-size builds full-width blocks in PyTorch: pip install 'ovsd3[convert]'") from None
+    return estimate_request
+
+
+def _full_size_estimate(estimate_request, log: Callable[[str], None]) -> dict:
+    from ovsd3.report.full_size import estimate
+
+    with scratch_folder("ovsd3-full-size") as scratch:
+        return estimate(estimate_request, scratch, log)
 
 
 def _measure_columns(columns: list[Column], prompts: list[str], seeds: list[int], settings: dict, device: str,
@@ -319,5 +346,29 @@ def markdown(report: dict) -> str:
     if settings["clip_model"]:
         lines.append(f"| CLIP score ({settings['clip_model']}) | " + " | ".join(
             f"{folder['quality']['mean_clip_score']:.2f}" for folder in folders) + " |")
-    lines += ["", "![images](grid.png)", "", "![speed and size](chart.png)", ""]
-    return "\n".join(lines)
+    lines += ["", "![images](grid.png)", "", "![speed and size](chart.png)"]
+    return "\n".join(lines + _small_images_note(report) + _full_size_lines(report) + [""])
+
+
+# Below this many pixels a transformer block has so little arithmetic that INT8's quantize/dequantize
+# overhead outweighs what its kernels save (the demo's 64x64: 16 image tokens).
+SMALL_IMAGE_PIXELS = 256 * 256
+
+
+def _small_images_note(report: dict) -> list[str]:
+    settings = report["settings"]
+    if settings["width"] * settings["height"] > SMALL_IMAGE_PIXELS or not any(
+            folder["quantized"] for folder in report["folders"]):
+        return []
+    return ["", f"At {settings['width']}x{settings['height']} a transformer block has next to no arithmetic, so "
+                "the quantized folder's speed here is its quantize/dequantize overhead, not what INT8 gains on "
+                "full-size images" + (": see the full-size estimate below." if "full_size" in report else
+                                      " (`ovsd3 report ... --full-size sd3-medium` estimates that on this CPU).")]
+
+
+def _full_size_lines(report: dict) -> list[str]:
+    if "full_size" not in report:
+        return []
+    from ovsd3.report.full_size import markdown as full_size_markdown
+
+    return full_size_markdown(report["full_size"])
