@@ -35,7 +35,7 @@ def _add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help="SD3 / SD3.5 (PyTorch, diffusers layout) to an OpenVINO model folder",
         usage="ovsd3 convert [-h] [--flash-lora [ADAPTER]] [--no-t5] [--weight-format {fp16,fp32}] [--overwrite] "
-              "[--min-psnr MIN_PSNR] [MODEL] OUT",
+              "[--min-psnr MIN_PSNR] [--controlnet PATH_OR_HUB_ID] [MODEL] OUT",
         description="Convert a Stable Diffusion 3 pipeline to OpenVINO IR in the layout optimum-intel writes "
                     "(loads in openvino.genai, optimum-intel and OpenVINO Model Server). "
                     f"Example: ovsd3 convert {DEFAULT_MODEL_ID} sd3-medium-ov")
@@ -51,6 +51,9 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--weight-format", choices=("fp16", "fp32"), default="fp16",
                         help="weight precision of the IR (default fp16)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="PATH_OR_HUB_ID",
+                        help="an SD3 ControlNet (diffusers' SD3ControlNetModel folder or hub id) to convert beside "
+                             "the transformer, into controlnet/, controlnet_1/, ...; repeatable")
     parser.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR,
                         help=f"fail if any component agrees with PyTorch worse than this (default "
                              f"{DEFAULT_MIN_PSNR:.0f} dB)")
@@ -79,6 +82,7 @@ def _run_convert(args) -> int:
     convert_model(ConvertRequest(
         model=model, output=Path(output), flash_lora=args.flash_lora, with_t5=not args.no_t5,
         weight_format=args.weight_format, overwrite=args.overwrite, min_psnr=args.min_psnr,
+        controlnets=tuple(args.controlnet),
     ))
     return 0
 

@@ -27,6 +27,11 @@ CLIP_L, CLIP_G, T5 = "text_encoder", "text_encoder_2", "text_encoder_3"
 TEXT_ENCODERS = (CLIP_L, CLIP_G, T5)
 TOKENIZER_OF = {CLIP_L: "tokenizer", CLIP_G: "tokenizer_2", T5: "tokenizer_3"}
 MODEL_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, T5, VAE_DECODER, VAE_ENCODER)
+# SD3 ControlNets (diffusers' SD3ControlNetModel), beside the transformer: controlnet/, controlnet_1/, ... in the
+# order `ovsd3 convert --controlnet` was given them. model_index.json does not list them, so optimum-intel and
+# openvino.genai, which load the components it lists, read such a folder as the plain pipeline.
+CONTROLNET = "controlnet"
+MAX_CONTROLNETS = 8
 
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 FLASH_LORA_ID = "jasperai/flash-sd3"
@@ -181,6 +186,7 @@ class FolderRecord:
     ovsd3_version: str = ""
     quantization: dict | None = None  # what `ovsd3 quantize` did, with its size table and quality gate
     demo: str | None = None  # "digits" for the shipped demo model: reports and the gate can score its pictures
+    controlnets: dict[str, str] | None = None  # ControlNet folder -> the source it was converted from
 
     def save(self, folder: Path) -> None:
         (Path(folder) / OVSD3_RECORD).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -209,7 +215,8 @@ RECORD_FIELDS = (
     Field("source", "text", required=True), Field("weight_format", "text", required=True),
     Field("has_t5", "bool", required=True), Field("flash_lora", "text", nullable=True),
     Field("defaults", "object"), Field("parity", "object"), Field("ovsd3_version", "text"),
-    Field("quantization", "object", nullable=True), Field("demo", "text", nullable=True))
+    Field("quantization", "object", nullable=True), Field("demo", "text", nullable=True),
+    Field("controlnets", "object", nullable=True))
 
 
 def source_name(folder: Path) -> str:
@@ -218,6 +225,19 @@ def source_name(folder: Path) -> str:
     index = Path(folder) / MODEL_INDEX
     name = read_json(index).get("_name_or_path") if index.exists() else None
     return name if isinstance(name, str) and name else Path(folder).name
+
+
+def controlnet_component(index: int) -> str:
+    """The folder of the ``index``-th ControlNet (0-based): controlnet, controlnet_1, controlnet_2, ..."""
+    return CONTROLNET if index == 0 else f"{CONTROLNET}_{index}"
+
+
+def controlnet_components(folder: Path) -> tuple[str, ...]:
+    """The ControlNet folders a model folder holds, in order (counting stops at the first one missing)."""
+    found = []
+    while len(found) < MAX_CONTROLNETS and (Path(folder) / controlnet_component(len(found))).is_dir():
+        found.append(controlnet_component(len(found)))
+    return tuple(found)
 
 
 def model_xml(folder: Path, component: str) -> Path:
@@ -232,7 +252,7 @@ def ir_bytes(folder: Path, component: str) -> int:
 
 def weight_bytes(folder: Path) -> int:
     """Bytes of every model IR in the folder: what loading all of it costs, about, once compiled."""
-    return sum(ir_bytes(folder, component) for component in MODEL_COMPONENTS)
+    return sum(ir_bytes(folder, component) for component in (*MODEL_COMPONENTS, *controlnet_components(folder)))
 
 
 REQUIRED_COMPONENTS = (TRANSFORMER, CLIP_L, CLIP_G, VAE_DECODER)
@@ -250,6 +270,15 @@ TRANSFORMER_FIELDS = (
     Field("pos_embed_max_size", "int", 1, MAX_LATENT_SIDE, nullable=True),
     Field("num_layers", "int", 1, MAX_BLOCKS), Field("dual_attention_layers", "ints", 0, MAX_BLOCKS - 1, nullable=True),
     Field("qk_norm", "text", nullable=True))
+CONTROLNET_FIELDS = (
+    Field("_class_name", "text", choices=("SD3ControlNetModel",), required=True),
+    Field("in_channels", "int", 1, 1024), Field("patch_size", "int", 1, 64),
+    Field("num_layers", "int", 1, MAX_BLOCKS, required=True),
+    Field("num_attention_heads", "int", 1, 1024, required=True), Field("attention_head_dim", "int", 1, 4096, required=True),
+    Field("joint_attention_dim", "int", 1, MAX_WIDTH, nullable=True),
+    Field("pooled_projection_dim", "int", 1, MAX_WIDTH, required=True),
+    Field("extra_conditioning_channels", "int", 0, 1024), Field("use_pos_embed", "bool"),
+    Field("force_zeros_for_pooled_projection", "bool"))
 VAE_FIELDS = (
     Field("block_out_channels", "ints", 1, MAX_WIDTH),
     # decoding divides by the scaling factor: zero, NaN or a huge one makes NaN or black images
@@ -266,6 +295,24 @@ def read_config(path: Path, fields: tuple[Field, ...]) -> dict:
     """A component's config.json with the fields the runtime reads checked."""
     config = read_json(path)
     check_fields(path, config, fields)
+    return config
+
+
+def read_controlnet_config(folder: Path, component: str, transformer_config: dict) -> dict:
+    """A ControlNet's config.json, checked, and checked to fit the folder's transformer: the same latent channels
+    and patch size, and residuals as wide as the transformer's image tokens."""
+    from ovsd3.errors import OvsdError
+
+    path = Path(folder) / component / "config.json"
+    config = read_config(path, CONTROLNET_FIELDS)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    expected = transformer_config.get("num_attention_heads", 0) * transformer_config.get("attention_head_dim", 0)
+    for name, value, wanted in (("in_channels", config.get("in_channels", 16), transformer_config.get("in_channels", 16)),
+                                ("patch_size", config.get("patch_size", 2), transformer_config.get("patch_size", 2)),
+                                ("num_attention_heads x attention_head_dim", width, expected or width)):
+        if value != wanted:
+            raise OvsdError(f"{path}: {name} is {value}, but the transformer's is {wanted}: this ControlNet is for "
+                            f"another model")
     return config
 
 
@@ -304,6 +351,7 @@ class ModelFolder:
     vae_config: dict
     scheduler_config: dict
     record: FolderRecord
+    controlnet_configs: tuple[dict, ...] = ()  # controlnet/, controlnet_1/, ... in order
 
     @classmethod
     def open(cls, folder: str | Path) -> "ModelFolder":
@@ -322,7 +370,9 @@ class ModelFolder:
             # index which model it came from
             defaults=FLASH_DEFAULTS if scheduler.get("stochastic_sampling") else
             model_card_defaults(source_name(folder), transformer_config))
-        model = cls(folder, transformer_config, vae_config, scheduler, record)
+        controlnets = tuple(read_controlnet_config(folder, name, transformer_config)
+                            for name in controlnet_components(folder))
+        model = cls(folder, transformer_config, vae_config, scheduler, record, controlnets)
         model._check_record()
         return model
 
@@ -399,6 +449,7 @@ MODEL_FOLDER_FILES = (
     MODEL_INDEX, OVSD3_RECORD, SCHEDULER_CONFIG,
     *(f"{component}/{name}" for component in MODEL_COMPONENTS for name in ("config.json", MODEL_XML, MODEL_BIN)),
     *(f"{tokenizer}/{name}" for tokenizer in TOKENIZER_OF.values() for name in _TOKENIZER_FILES),
+    *(f"{CONTROLNET}{suffix}/{name}" for suffix in ("", "_*") for name in ("config.json", MODEL_XML, MODEL_BIN)),
 )
 OUTPUT_FILES = {
     "convert": MODEL_FOLDER_FILES,
@@ -506,7 +557,8 @@ def check_folder(folder: Path) -> None:
         if not (folder / tokenizer / TOKENIZER_XML).exists():
             raise OvsdError(f"{folder} is missing its OpenVINO {tokenizer} ({tokenizer}/{TOKENIZER_XML})")
     check_t5_pair(folder, index)
-    for xml in (*(model_xml(folder, name) for name in MODEL_COMPONENTS),
+    check_controlnets(folder)
+    for xml in (*(model_xml(folder, name) for name in (*MODEL_COMPONENTS, *controlnet_components(folder))),
                 *(folder / name / TOKENIZER_XML for name in TOKENIZER_OF.values())):
         if xml.exists():
             check_ir(xml)
@@ -526,6 +578,22 @@ def check_t5_pair(folder: Path, index: dict) -> None:
     if tokenizer.exists() and not encoder.exists() and isinstance(listed, list) and any(listed):
         raise OvsdError(f"{folder} has {TOKENIZER_OF[T5]} and its {MODEL_INDEX} lists {T5}, but {encoder} is "
                         f"missing: copy it back, or convert again without T5")
+
+
+def check_controlnets(folder: Path) -> None:
+    """Each ControlNet folder holds its IR and config, and they are numbered without a gap (a controlnet_2 with
+    no controlnet_1 would be silently left out)."""
+    from ovsd3.errors import OvsdError
+
+    present = controlnet_components(folder)
+    for component in present:
+        for name in (MODEL_XML, "config.json"):
+            if not (folder / component / name).is_file():
+                raise OvsdError(f"{folder} has a ControlNet folder {component}/ without {name}")
+    stray = sorted(path.name for path in folder.glob(f"{CONTROLNET}_*") if path.name not in present)
+    if stray:
+        raise OvsdError(f"{folder}: {stray[0]}/ follows no {controlnet_component(len(present))}/ (ControlNets are "
+                        f"numbered controlnet, controlnet_1, ... without a gap)")
 
 
 _CONSTANT = re.compile(rb"<data\b[^>]*?\boffset=\"(\d+)\"[^>]*?\bsize=\"(\d+)\"")

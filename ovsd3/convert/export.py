@@ -24,6 +24,7 @@ from ovsd3.metrics import Agreement, worst
 
 ReferenceFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 SaveConfigFn = Callable[[torch.nn.Module, Path], None]
+TraceFn = Callable[[torch.nn.Module, Path, str], None]  # (module, xml path, weight format)
 
 @dataclass
 class ExportOptions:
@@ -119,6 +120,7 @@ class ComponentExport:
     inputs: dict[str, np.ndarray]  # parity-check inputs, by IR input name
     reference: ReferenceFn  # PyTorch outputs, by IR output name
     save_config: SaveConfigFn
+    trace: TraceFn | None = None  # for a model optimum-intel has no export config for (ControlNets)
 
 
 def export_component(job: ComponentExport, out_dir: Path, options: ExportOptions) -> ComponentResult:
@@ -130,7 +132,10 @@ def export_component(job: ComponentExport, out_dir: Path, options: ExportOptions
     # The reference runs first: tracing a 16-bit model leaves parts of it patched to fp32.
     expected = _run_reference(module, job.reference, job.inputs)
     job.save_config(module, out_dir)
-    _trace(module, job.export_config, xml_path, options.weight_format)
+    if job.trace is not None:
+        job.trace(module, xml_path, options.weight_format)
+    else:
+        _trace(module, job.export_config, xml_path, options.weight_format)
     del module
     release_freed()
     precision = parity_precision(xml_path)

@@ -29,6 +29,7 @@ class ConvertRequest:
     weight_format: str = "fp16"
     overwrite: bool = False
     min_psnr: float = DEFAULT_MIN_PSNR
+    controlnets: tuple[str, ...] = ()  # SD3ControlNetModel folders or hub ids: controlnet/, controlnet_1/, ...
 
 
 @dataclass
@@ -68,11 +69,16 @@ def _quiet_libraries() -> None:
 
 
 def _conversion_steps(source: ModelSource, options: ExportOptions, lora_folder: Path | None,
-                      with_t5: bool) -> list[tuple[str, Callable[[Path], object]]]:
+                      with_t5: bool, controlnets: list[Path]) -> list[tuple[str, Callable[[Path], object]]]:
     """(label, function of the staging folder) for every component and tokenizer, in the order they are made."""
+    from ovsd3.convert.controlnet import convert_controlnet
+
     steps: list[tuple[str, Callable[[Path], object]]] = [
         ("transformer" + (" (+ merged LoRA)" if lora_folder else ""),
          lambda out: components.convert_transformer(source, out, options, lora_folder)),
+        *((f"{layout.controlnet_component(index)} (ControlNet {folder.name})",
+           lambda out, index=index, folder=folder: convert_controlnet(source, folder, index, out, options))
+          for index, folder in enumerate(controlnets)),
         ("text_encoder (CLIP-L)", lambda out: components.convert_text_encoder(source, layout.CLIP_L, out, options)),
         ("text_encoder_2 (CLIP-G)", lambda out: components.convert_text_encoder(source, layout.CLIP_G, out, options)),
     ]
@@ -106,6 +112,26 @@ def _defaults(source: ModelSource, lora_folder: Path | None) -> layout.Generatio
     return layout.model_card_defaults(source.name, layout.read_json(source.root / layout.TRANSFORMER / "config.json"))
 
 
+def _controlnet_specs(controlnets) -> list[str]:
+    """``--controlnet`` values: a list of folder paths or hub ids, at most MAX_CONTROLNETS."""
+    specs = [controlnets] if isinstance(controlnets, (str, Path)) else list(controlnets or ())
+    if not all(isinstance(spec, (str, Path)) and str(spec) for spec in specs):
+        raise OvsdError("--controlnet takes a ControlNet folder or model hub id (controlnets=[...] a list of them)")
+    if len(specs) > layout.MAX_CONTROLNETS:
+        raise OvsdError(f"--controlnet: at most {layout.MAX_CONTROLNETS} ControlNets (got {len(specs)})")
+    return [str(spec) for spec in specs]
+
+
+def _resolve_controlnets(source: ModelSource, specs: list[str]) -> list[Path]:
+    """Each ControlNet's folder (downloaded if a hub id), checked to fit the source's transformer."""
+    from ovsd3.convert.controlnet import resolve_controlnet
+
+    if not specs:
+        return []
+    transformer_config = layout.read_json(source.root / layout.TRANSFORMER / "config.json")
+    return [resolve_controlnet(spec, transformer_config) for spec in specs]
+
+
 def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -> ConvertReport:
     """Convert every component, check each against PyTorch, and publish the folder atomically."""
     if request.weight_format not in WEIGHT_FORMATS:
@@ -113,8 +139,9 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
     _quiet_libraries()
     start = time.perf_counter()
     options = ExportOptions(weight_format=request.weight_format, min_psnr=request.min_psnr)
+    controlnet_specs = _controlnet_specs(request.controlnets)
     output = AtomicOutput(request.output, command="convert", overwrite=request.overwrite,
-                          inputs=(request.model, request.flash_lora))
+                          inputs=(request.model, request.flash_lora, *controlnet_specs))
     output.check()  # before any download or load
 
     source = ModelSource.open(request.model, with_t5=request.with_t5)
@@ -124,10 +151,11 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
 
         lora_folder = resolve_adapter(request.flash_lora)
     with_t5 = request.with_t5 and source.has_t5
+    controlnets = _resolve_controlnets(source, controlnet_specs)
     if request.with_t5 and not source.has_t5:
         log(f"note: {request.model} has no T5 encoder; converting without it")
 
-    steps = _conversion_steps(source, options, lora_folder, with_t5)
+    steps = _conversion_steps(source, options, lora_folder, with_t5, controlnets)
     report = ConvertReport(output=output.target)
     with output as staging:
         for index, (label, step) in enumerate(steps, 1):
@@ -149,6 +177,8 @@ def convert_model(request: ConvertRequest, log: Callable[[str], None] = print) -
             parity={result.name: result.as_dict() for result in report.components},
             ovsd3_version=__version__,
             demo=source.demo,
+            controlnets={layout.controlnet_component(index): spec for index, spec in enumerate(controlnet_specs)}
+            or None,
         ).save(staging)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = peak_rss_bytes()

@@ -17,7 +17,8 @@ PREVIEW = "preview.png"
 # sizes by the pipeline against the folder's own limits
 RULES = {"model_dir": path_fits, "output": path_fits, "image": path_fits, "mask": path_fits, "cache_dir": path_fits,
          "lora": path_fits, "strength": number(0, 1), "skip_layer_scale": number(0, MAX_GUIDANCE),
-         "skip_layer_start": number(0, 1), "skip_layer_stop": number(0, 1)}
+         "skip_layer_start": number(0, 1), "skip_layer_stop": number(0, 1), "control_image": path_fits,
+         "controlnet_scale": number(0, 100), "control_start": number(0, 1), "control_end": number(0, 1)}
 
 
 def add_parser(subparsers) -> None:
@@ -45,6 +46,7 @@ def add_parser(subparsers) -> None:
                         help="with --image: redraw only where this mask is white (inpainting, as diffusers' "
                              "StableDiffusion3InpaintPipeline); black is kept")
     parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
+    _add_control_options(parser)
     parser.add_argument("--clip-skip", type=int, default=None)
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a LoRA adapter for the transformer (PEFT folder, diffusers or kohya safetensors), "
@@ -69,6 +71,45 @@ def _add_guidance_options(parser) -> None:
     parser.add_argument("--skip-layer-stop", type=float, default=0.2,
                         help="skip_layer_guidance_stop (default 0.2)")
     parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+
+
+def _add_control_options(parser) -> None:
+    """ControlNet: diffusers' control_image, controlnet_conditioning_scale, control_guidance_start/end."""
+    parser.add_argument("--control-image", type=Path, action="append", default=None, metavar="FILE",
+                        help="a control image for the folder's ControlNet (repeat: one per ControlNet, in order)")
+    parser.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="S",
+                        help="controlnet_conditioning_scale (default 1; repeat for one per ControlNet)")
+    parser.add_argument("--control-start", type=float, action="append", default=None, metavar="A",
+                        help="control_guidance_start, a fraction of the steps (default 0; repeatable)")
+    parser.add_argument("--control-end", type=float, action="append", default=None, metavar="B",
+                        help="control_guidance_end (default 1; repeatable)")
+
+
+def _control(args) -> dict:
+    """The ControlNet keywords of a run (none without --control-image); one value each, or one per ControlNet."""
+    keywords = {"control_image": args.control_image and [str(path) for path in args.control_image]}
+    for option, keyword in (("controlnet_scale", "controlnet_conditioning_scale"),
+                            ("control_start", "control_guidance_start"), ("control_end", "control_guidance_end")):
+        values = getattr(args, option)
+        if values is not None:
+            keywords[keyword] = values[0] if len(values) == 1 else values
+    return {name: value for name, value in keywords.items() if value is not None}
+
+
+def _check_control(args, model) -> None:
+    """Control images that exist, one per ControlNet of the folder: said before anything loads."""
+    from ovsd3.layout import controlnet_components
+
+    images = args.control_image or []
+    for path in images:
+        if not path.is_file():
+            raise OvsdError(f"cannot read --control-image {path}: no such file")
+    count = len(controlnet_components(model.path))
+    if images and not count:
+        raise OvsdError(f"--control-image given, but {model.path} has no ControlNet (convert with --controlnet)")
+    if images and len(images) != count:
+        raise OvsdError(f"--control-image given {len(images)} time(s) for {count} ControlNet(s) in {model.path}: "
+                        f"give one per ControlNet")
 
 
 def _add_compile_options(parser) -> None:
@@ -189,7 +230,7 @@ def _check_cache_dir(args) -> None:
 
     if args.no_cache:
         return
-    inputs = (args.model_dir, args.image, args.mask, *_lora_paths(args.lora))
+    inputs = (args.model_dir, args.image, args.mask, *(args.control_image or ()), *_lora_paths(args.lora))
     check_cache_apart(args.cache_dir or default_cache_dir(), "--cache-dir", inputs=inputs,
                       outputs=(args.output,) if args.cache_dir else ())
 
@@ -212,7 +253,7 @@ def run(args) -> int:
     cache = CacheConfig.parse(args.cache)  # a bad spec is refused before anything loads
     Request(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, seed=args.seed,
             clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length,
-            **_skip_layer_guidance(args))  # the same, for its checks
+            **_skip_layer_guidance(args), **_control(args))  # the same, for its checks
     _check_output(args.output, args.model_dir)
     _check_cache_dir(args)
     _clear_leftovers(args.output)
@@ -222,6 +263,7 @@ def run(args) -> int:
             raise OvsdError(f"cannot read {name} {path}: no such file")
     if args.mask is not None and args.image is None:
         raise OvsdError("--mask needs --image: the picture to inpaint")
+    _check_control(args, model)
     started = time.perf_counter()
     static = None
     if args.static:
@@ -264,7 +306,7 @@ def _generate(pipe, args, cache) -> int:
                       noise=args.noise, num_images_per_prompt=args.num_images, image=args.image,
                       strength=args.strength, mask_image=args.mask, **_skip_layer_guidance(args),
                       clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
-                      callback=on_step)
+                      callback=on_step, **_control(args))
     except BaseException:
         if any(unfinished_line):
             print(file=sys.stderr)  # the error or the interrupt gets a line of its own

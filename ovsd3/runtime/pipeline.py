@@ -25,6 +25,7 @@ from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.adapters import LoraAdapter
 from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
+from ovsd3.runtime.controlnet import ControlJob, ControlNet, ControlSettings, control_noise, prepare_control
 from ovsd3.runtime.devices import (CompileOptions, DevicePlan, InferRequests, ModelCompiler, OnUse,
                                    default_cache_dir)
 from ovsd3.runtime.guidance import SkipLayerGuidance
@@ -97,6 +98,7 @@ class Job:
     cache_stats: CacheStats | None = None  # filled in by sampling
     blend: MaskBlend | None = None  # inpainting
     skip_layer_guidance: SkipLayerGuidance | None = None
+    control: ControlJob | None = None  # ControlNets (ovsd3.runtime.controlnet)
 
     @property
     def rows(self) -> int:
@@ -111,8 +113,9 @@ class Job:
         if len(jobs) == 1:
             return jobs[0]
         first = jobs[0]
-        if any(job.blend is not None or job.skip_layer_guidance is not None for job in jobs):
-            raise ValueError("inpainting and skip-layer guidance jobs are drawn alone")
+        if any(job.blend is not None or job.skip_layer_guidance is not None or job.control is not None
+               for job in jobs):
+            raise ValueError("inpainting, skip-layer guidance and ControlNet jobs are drawn alone")
         guided = first.guidance_scale > 1.0
         halves = [np.split(job.embeds.prompt_embeds, 2) if guided else [job.embeds.prompt_embeds] for job in jobs]
         pooled = [np.split(job.embeds.pooled_embeds, 2) if guided else [job.embeds.pooled_embeds] for job in jobs]
@@ -189,6 +192,7 @@ class SD3Pipeline:
         twin._requests = InferRequests()
         twin.text = self.text.clone(twin._requests)
         twin.transformer = self.transformer.clone(twin._requests)
+        twin.controlnets = [net.clone(twin._requests) for net in self.controlnets]
         twin._reset_call_state()
         self._family.add(twin)
         return twin
@@ -216,6 +220,9 @@ class SD3Pipeline:
                                       self.joint_attention_dim],
             "pooled_projections": [transformer_batch, int(model.transformer_config["pooled_projection_dim"])]}
         self.transformer = self._new_transformer()
+        # compiled when a request first gives a control_image: requests without control pay nothing for them
+        self.controlnets = [ControlNet(compiler, layout.controlnet_component(index), config, self._requests)
+                            for index, config in enumerate(model.controlnet_configs)]
         self.vae_decoder = OnUse(lambda: compiler.compile(layout.VAE_DECODER, None if static is None else {
             "latent_sample": [static.batch, self.latent_channels, *latent_size]}), compile_now)
         self.vae_encoder = None
@@ -231,7 +238,7 @@ class SD3Pipeline:
         device plan given at load still decides where each component runs."""
         self._check_alone("enable_model_cpu_offload()")
         self.offload = True
-        self._release(self.text, self.transformer, self.vae_decoder, self.vae_encoder)
+        self._release(self.text, self.transformer, self.vae_decoder, self.vae_encoder, *self.controlnets)
         self.transformer.shape_specialised = 1 if self.static is None else 0  # compiled per generation now
 
     def _release(self, *components) -> None:
@@ -344,10 +351,24 @@ class SD3Pipeline:
                       cache=str(cache), noise=getattr(noise, "name", "custom"), ovsd3=__version__)
         step_noise = global_torch_noise() if request.generator is not None and self.schedule.stochastic_sampling \
             else None
+        control = self._control_of(request, batch, guidance > 1.0, width, height, (seed, noise, step_noise))
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
                    latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache,
                    step_noise=step_noise, blend=blend,
-                   skip_layer_guidance=SkipLayerGuidance.of(request) if guidance > 1.0 else None)
+                   skip_layer_guidance=SkipLayerGuidance.of(request) if guidance > 1.0 else None, control=control)
+
+    def _control_of(self, request: Request, batch: int, guided: bool, width: int, height: int,
+                    noises: tuple) -> ControlJob | None:
+        """The request's ControlNet job (ovsd3.runtime.controlnet), its control images encoded; None without."""
+        settings = ControlSettings.of(request)
+        if settings is None:
+            return None
+        source = control_noise(request, *noises)
+        control = prepare_control(self, settings, batch, guided, width, height, source)
+        if source is not noises[2] and hasattr(source, "sync") and request.generator is not None:
+            source.sync()  # diffusers drew them from torch's global generator: it moves on as there
+        self._release(self.vae_encoder)
+        return control
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
                        batch: int, cache: CacheConfig) -> None:
@@ -535,10 +556,18 @@ class SD3Pipeline:
 
         def probe():
             signal, finish = self.transformer.probe(inputs)
+            if job.control is not None:  # the plain first block is the signal; a step that runs runs with control
+                return signal, lambda: combine(self._controlled(job, inputs, index))
             return signal, lambda: combine(finish())
 
         batch_share = 0.5 if job.guidance_scale > 1.0 and not guided else 1.0
-        return cache.velocity(index, lambda: combine(self.run_transformer(inputs)), probe, batch_share)
+        return cache.velocity(index, lambda: combine(self._controlled(job, inputs, index)), probe, batch_share)
+
+    def _controlled(self, job: Job, inputs: dict, index: int) -> np.ndarray:
+        """One transformer call, with the job's ControlNets' residuals where any counts at this step."""
+        residuals = None if job.control is None else \
+            job.control.residuals(inputs, index, len(job.sigmas) - 1, self.block_count)
+        return self.run_transformer(inputs) if residuals is None else self.transformer.controlled(inputs, residuals)
 
     def steps(self, job: Job) -> Iterator[Step]:
         """Run the sampler, yielding after every step; ``job.latents`` holds the result at the end and
@@ -562,7 +591,7 @@ class SD3Pipeline:
             if job.blend is not None:  # inpainting: the kept region back, noised to where sampling now is
                 job.latents = job.blend(job.latents, sigma_next)
             yield Step(index, total, sigma, float(timesteps[index]), job.latents, denoised)
-        self._release(self.transformer)
+        self._release(self.transformer, *(self.controlnets if job.control is not None else ()))
 
     def decode(self, latents: np.ndarray, output_type: str = "pil"):
         """Latents -> PIL images, or for ``output_type="np"`` a (batch, height, width, 3) array in [0, 1]."""

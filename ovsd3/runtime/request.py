@@ -11,7 +11,8 @@
 and ``skip_layer_guidance_scale`` / ``_start`` / ``_stop`` (skip-layer guidance),
 plus ovsd3's own: ``image`` and ``strength`` (image-to-image), ``seed`` and ``noise`` (where random numbers
 come from without a torch generator), ``cache`` (step caching) and ``callback`` (sees every :class:`Step`).
-``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
+ControlNet: ``control_image``, ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end`` and
+``controlnet_pooled_projections`` (:mod:`ovsd3.runtime.controlnet`). ``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
 ``numpy.asarray`` reads (CPU torch tensors too). Invalid values raise :class:`InvalidRequest`, a ``ValueError``.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 from ovsd3.errors import InvalidRequest, reason_of
 from ovsd3.layout import MAX_GUIDANCE, MAX_STEPS  # noqa: F401 (re-exported: the runtime's callers import them here)
 from ovsd3.runtime.cache import CacheConfig
+from ovsd3.runtime.controlnet import ControlSettings
 from ovsd3.runtime.images import image_input
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' _callback_tensor_inputs
@@ -225,6 +227,12 @@ class Request:
     cache: Any = None
     callback: Callable | None = None
     num_images: int | None = None  # the older name of num_images_per_prompt
+    # ControlNet (diffusers' StableDiffusion3ControlNetPipeline; ovsd3.runtime.controlnet): one image per ControlNet
+    control_image: Any = None
+    controlnet_conditioning_scale: Any = 1.0  # a number, or one per ControlNet
+    control_guidance_start: Any = 0.0
+    control_guidance_end: Any = 1.0
+    controlnet_pooled_projections: Any = None
 
     @classmethod
     def of(cls, prompt=None, **settings) -> "Request":
@@ -250,6 +258,7 @@ class Request:
         self._check_given_text()
         self._check_given_embeddings()
         self._check_options()
+        ControlSettings.of(self)  # the control keywords' types and bounds; their fit to the folder comes later
 
     def _check_numbers(self) -> None:
         """Every integer and number keyword: its type, finiteness and bounds, before anything is allocated."""

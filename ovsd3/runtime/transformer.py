@@ -74,6 +74,7 @@ class Variants:
         self.compiled = self.biased = None
         self.split: SplitTransformer | None = None
         self.skipping: dict[tuple[int, ...], object] = {}  # skip-layer guidance variants, by skipped blocks
+        self.controlled = None  # the variant taking ControlNet residuals (ovsd3/ir/controlnet.py)
 
 
 class Transformer:
@@ -241,6 +242,34 @@ class Transformer:
             skip_blocks(model, list(layers), stages(model)[1])
         except ValueError as error:
             raise OvsdError(f"cannot skip blocks {list(layers)} in this folder's transformer: {error}") from None
+        return model
+
+    def controlled(self, inputs: dict, residuals: dict) -> np.ndarray:
+        """One call adding ControlNet ``residuals`` (input name -> array) after the blocks; the variant is
+        compiled on first use."""
+        self._check(inputs)
+        if self.static_shapes is not None:
+            raise OvsdError("ControlNet is not available with static shapes (--static)")
+        variants = self._variants
+        if variants.controlled is None:  # checked again under the lock: a clone may be compiling it
+            with variants.lock:
+                if variants.controlled is None:
+                    variants.controlled = self._variant(self._controlled_model)
+        feed = {**collapse_text(inputs, self.patch_size).biased_inputs(), **residuals}
+        out = self._timed(lambda: self.requests(variants.controlled, feed)[0])
+        self._observe(inputs, out)
+        return out
+
+    def _controlled_model(self):
+        """The biased transformer's IR taking one ControlNet residual per block."""
+        from ovsd3.ir.controlnet import add_controlnet_residuals
+        from ovsd3.ir.slicing import stages
+
+        model = self._biased_model()
+        try:
+            add_controlnet_residuals(model, stages(model)[1])
+        except ValueError as error:
+            raise OvsdError(f"cannot feed ControlNet residuals to this folder's transformer: {error}") from None
         return model
 
     @property
