@@ -189,7 +189,10 @@ class FolderRecord:
     controlnets: dict[str, str] | None = None  # ControlNet folder -> the source it was converted from
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / OVSD3_RECORD).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        data = asdict(self)
+        if data["controlnets"] is None:  # left out, so a folder without ControlNets stays readable by ovsd3 0.2.0
+            del data["controlnets"]
+        (Path(folder) / OVSD3_RECORD).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> "FolderRecord | None":
