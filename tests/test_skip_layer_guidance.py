@@ -92,7 +92,6 @@ def test_skip_layer_guidance_on_fp16_and_int8_folders(request, folder):
     (dict(skip_guidance_layers="7,8"), "must be a list of block indices"),
     (dict(skip_guidance_layers=[1], skip_layer_guidance_scale=float("nan")), "skip_layer_guidance_scale"),
     (dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.5, skip_layer_guidance_stop=0.1), "start <= stop"),
-    (dict(skip_guidance_layers=[1], cache="fast"), "step caching off"),
 ])
 def test_bad_skip_layer_settings_are_value_errors(pipes, settings, message):
     ovsd3_pipe, _ = pipes

@@ -276,8 +276,9 @@ def _generate(pipe, args, cache) -> int:
     if cache.active:
         stats = result.cache_stats
         print(f"cache {cache}: {stats.full_calls} of {stats.steps} steps ran the whole transformer "
-              f"({stats.work / stats.steps:.0%} of the uncached transformer work), {stats.unguided_steps} without guidance",
-              file=sys.stderr)
+              f"({stats.share:.0%} of the uncached transformer work), {stats.unguided_steps} without guidance"
+              + (f", {stats.skip_layer_calls} of {stats.skip_layer_steps} skip-layer passes"
+                 if stats.skip_layer_steps else ""), file=sys.stderr)
     print(f"{len(result.images)} image(s) in {timings['total_seconds']:.1f} s (seed {result.params[0]['seed']}; "
           f"{timings['python_seconds'] / timings['total_seconds']:.1%} outside OpenVINO inference)", file=sys.stderr)
     return 0

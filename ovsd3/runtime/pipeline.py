@@ -24,7 +24,7 @@ from ovsd3.errors import InvalidRequest, OvsdError
 from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.adapters import LoraAdapter
-from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
+from ovsd3.runtime.cache import SKIP_LAYER_SHARE, CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.devices import (CompileOptions, DevicePlan, InferRequests, ModelCompiler, OnUse,
                                    default_cache_dir)
 from ovsd3.runtime.guidance import SkipLayerGuidance
@@ -316,7 +316,7 @@ class SD3Pipeline:
     def prepare_request(self, request: Request) -> Job:
         request = replace(request)  # checked again: a caller may have changed its fields since it was built
         cache = CacheConfig.parse(request.cache)
-        request = self._with_folder_skip_layers(request, cache)
+        request = self._with_folder_skip_layers(request)
         steps = self._default_steps(request) if request.num_inference_steps is None \
             else int(request.num_inference_steps)
         guidance = self.defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
@@ -325,7 +325,7 @@ class SD3Pipeline:
         width = default_width if request.width is None else int(request.width)  # 0 is refused, not defaulted
         height = default_height if request.height is None else int(request.height)
         batch = request.batch_size * request.num_images_per_prompt
-        self._check_request(request, steps, guidance, width, height, batch, cache)
+        self._check_request(request, steps, guidance, width, height, batch)
         seed, noise = self._noise_of(request, batch)
         embeds = self._embeddings(request, guided=guidance > 1.0)
         self._release(self.text)
@@ -350,7 +350,7 @@ class SD3Pipeline:
                    skip_layer_guidance=SkipLayerGuidance.of(request) if guidance > 1.0 else None)
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
-                       batch: int, cache: CacheConfig) -> None:
+                       batch: int) -> None:
         if not 1 <= steps <= MAX_STEPS:  # the folder's default too: a damaged record must not allocate for days
             raise InvalidRequest(f"num_inference_steps must be between 1 and {MAX_STEPS} (got {steps}"
                                  f"{'' if request.num_inference_steps is not None else ', the folder default'})")
@@ -364,7 +364,7 @@ class SD3Pipeline:
         if request.image is not None and not 0.0 <= request.strength <= 1.0:
             raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
         if request.skip_guidance_layers:
-            self._check_skip_layers(request, cache)
+            self._check_skip_layers(request)
         if request.image is not None and self.vae_encoder is None:
             raise InvalidRequest(f"{self.folder} has no vae_encoder, which image-to-image needs")
         if self.static is not None and (width, height, batch, guidance > 1.0, request.max_sequence_length) != (
@@ -386,22 +386,20 @@ class SD3Pipeline:
             return IMAGE_TO_IMAGE_STEPS
         return steps
 
-    def _with_folder_skip_layers(self, request: Request, cache: CacheConfig) -> Request:
+    def _with_folder_skip_layers(self, request: Request) -> Request:
         """The folder's skip-layer guidance (SD3.5 Medium's card recommends it) where the request names none;
-        ``skip_guidance_layers=[]`` turns it off. It is left out where it cannot run: with a step cache, and
-        with static shapes (its transformer variant has none)."""
+        ``skip_guidance_layers=[]`` turns it off. It is left out with static shapes (their transformer has no
+        skipping variant); a step cache keeps it (the skip-layer pass is part of each step it runs or skips)."""
         layers = self.defaults.skip_guidance_layers
-        if request.skip_guidance_layers is not None or not layers or cache.active or self.static is not None:
+        if request.skip_guidance_layers is not None or not layers or self.static is not None:
             return request
         return replace(request, skip_guidance_layers=list(layers))
 
-    def _check_skip_layers(self, request: Request, cache: CacheConfig) -> None:
+    def _check_skip_layers(self, request: Request) -> None:
         outside = [layer for layer in request.skip_guidance_layers if layer >= self.block_count]
         if outside:
             raise InvalidRequest(f"skip_guidance_layers {outside} are outside the transformer's blocks "
                                  f"0-{self.block_count - 1}")
-        if cache.active:
-            raise InvalidRequest("skip-layer guidance runs with step caching off (cache='off')")
 
     def _noise_of(self, request: Request, batch: int):
         """(the seed to record, the noise source): a torch generator's stream, a given source, or ``seed``'s."""
@@ -513,32 +511,34 @@ class SD3Pipeline:
                 "encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_embeds}
 
     def velocity(self, job: Job, cache: StepCache, index: int, sigma: float, timestep: float) -> np.ndarray:
-        """The (guided) velocity at one step: computed, or forecast when the step cache skips the step."""
+        """The (guided) velocity at one step: computed, or forecast when the step cache skips the step. The
+        skip-layer guidance pass is part of the step: computed with it, forecast with it (its term included)."""
         interval = job.cache.guidance_interval
         guided = job.guidance_scale > 1.0 and (interval is None or interval.guides(sigma))
         if job.guidance_scale > 1.0 and not guided:
             cache.stats.unguided_steps += 1
         inputs = self._transformer_inputs(job, job.latents, timestep, guided)
+        skip = job.skip_layer_guidance
+        skipping = skip is not None and skip.applies(index, len(job.sigmas) - 1)
 
         def combine(out: np.ndarray) -> np.ndarray:
-            if not guided:
+            if guided:
+                uncond, cond = np.split(out, 2)
+                out = uncond + np.float32(job.guidance_scale) * (cond - uncond)
+            else:
+                cond = out
+            if not skipping:
                 return out
-            uncond, cond = np.split(out, 2)
-            guided_velocity = uncond + np.float32(job.guidance_scale) * (cond - uncond)
-            skip = job.skip_layer_guidance
-            if skip is None or not skip.applies(index, len(job.sigmas) - 1):
-                return guided_velocity
-            half = cond.shape[0]
-            skipped = self.transformer.skipping(skip.layers, {name: value[half:] if name != "hidden_states" else
-                                                              value[:half] for name, value in inputs.items()})
-            return guided_velocity + (cond - skipped) * np.float32(skip.scale)
+            skipped = self.transformer.skipping(skip.layers, _conditional_half(inputs, guided))
+            return out + (cond - skipped) * np.float32(skip.scale)
 
         def probe():
             signal, finish = self.transformer.probe(inputs)
             return signal, lambda: combine(finish())
 
         batch_share = 0.5 if job.guidance_scale > 1.0 and not guided else 1.0
-        return cache.velocity(index, lambda: combine(self.run_transformer(inputs)), probe, batch_share)
+        return cache.velocity(index, lambda: combine(self.run_transformer(inputs)), probe, batch_share,
+                              SKIP_LAYER_SHARE if skipping else 0.0)
 
     def steps(self, job: Job) -> Iterator[Step]:
         """Run the sampler, yielding after every step; ``job.latents`` holds the result at the end and
@@ -636,6 +636,15 @@ class SD3Pipeline:
                 _replacement(outputs.get("prompt_embeds", embeds.prompt_embeds), "prompt_embeds", embeds.prompt_embeds),
                 _replacement(outputs.get("pooled_prompt_embeds", embeds.pooled_embeds), "pooled_prompt_embeds",
                              embeds.pooled_embeds))
+
+
+def _conditional_half(inputs: dict, guided: bool) -> dict:
+    """A step's transformer inputs for its conditional rows alone: the positive half of a guided batch
+    ([negative, positive]), an unguided batch as it is."""
+    if not guided:
+        return inputs
+    half = inputs["hidden_states"].shape[0] // 2
+    return {name: value[half:] for name, value in inputs.items()}
 
 
 def _replacement(value, name: str, current: np.ndarray) -> np.ndarray:
