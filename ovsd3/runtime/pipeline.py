@@ -28,7 +28,7 @@ from ovsd3.runtime.cache import SKIP_LAYER_SHARE, CacheConfig, CacheStats, First
 from ovsd3.runtime.devices import (CompileOptions, DevicePlan, InferRequests, ModelCompiler, OnUse,
                                    default_cache_dir)
 from ovsd3.runtime.guidance import SkipLayerGuidance
-from ovsd3.runtime.inpaint import MaskBlend, load_mask
+from ovsd3.runtime.inpaint import MaskBlend, MaskCrop, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
                                  noise_source)
 from ovsd3.runtime.request import MAX_GUIDANCE, MAX_STEPS, Request, as_array
@@ -96,6 +96,7 @@ class Job:
     cache: CacheConfig = field(default_factory=CacheConfig)
     cache_stats: CacheStats | None = None  # filled in by sampling
     blend: MaskBlend | None = None  # inpainting
+    crop: MaskCrop | None = None  # inpainting's padding_mask_crop: the redrawn box goes back onto the picture
     skip_layer_guidance: SkipLayerGuidance | None = None
 
     @property
@@ -111,7 +112,7 @@ class Job:
         if len(jobs) == 1:
             return jobs[0]
         first = jobs[0]
-        if any(job.blend is not None or job.skip_layer_guidance is not None for job in jobs):
+        if any(job.blend is not None or job.crop is not None or job.skip_layer_guidance is not None for job in jobs):
             raise ValueError("inpainting and skip-layer guidance jobs are drawn alone")
         guided = first.guidance_scale > 1.0
         halves = [np.split(job.embeds.prompt_embeds, 2) if guided else [job.embeds.prompt_embeds] for job in jobs]
@@ -326,6 +327,10 @@ class SD3Pipeline:
         height = default_height if request.height is None else int(request.height)
         batch = request.batch_size * request.num_images_per_prompt
         self._check_request(request, steps, guidance, width, height, batch)
+        crop = None
+        if request.padding_mask_crop is not None:  # what is redrawn is the box around the mask, at this size
+            crop = MaskCrop.of(request.image, request.mask_image, width, height, request.padding_mask_crop)
+            request = replace(request, image=crop.image(width, height), mask_image=crop.mask_image(width, height))
         seed, noise = self._noise_of(request, batch)
         embeds = self._embeddings(request, guided=guidance > 1.0)
         self._release(self.text)
@@ -342,11 +347,13 @@ class SD3Pipeline:
                       sampler="flash" if self.schedule.stochastic_sampling else "euler",
                       strength=request.strength if request.image is not None else None, model=self.folder.name,
                       cache=str(cache), noise=getattr(noise, "name", "custom"), ovsd3=__version__)
+        if crop is not None:
+            params["padding_mask_crop"] = request.padding_mask_crop
         step_noise = global_torch_noise() if request.generator is not None and self.schedule.stochastic_sampling \
             else None
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
                    latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache,
-                   step_noise=step_noise, blend=blend,
+                   step_noise=step_noise, blend=blend, crop=crop,
                    skip_layer_guidance=SkipLayerGuidance.of(request) if guidance > 1.0 else None)
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
@@ -571,6 +578,16 @@ class SD3Pipeline:
         self._release(self.vae_decoder)
         return image_io.to_numpy(pixels) if output_type == "np" else image_io.to_pil(pixels)
 
+    def pictures(self, job: Job, output_type: str = "pil"):
+        """A finished job's latents decoded (see decode); with padding_mask_crop, each picture pasted back onto
+        the original image, whose size it then has."""
+        if job.crop is None:
+            return self.decode(job.latents, output_type)
+        pasted = [job.crop.paste(image) for image in self.decode(job.latents)]
+        if output_type == "pil":
+            return pasted
+        return np.stack([np.asarray(image, dtype=np.float32) / np.float32(255.0) for image in pasted])
+
     def __call__(self, prompt: str | list[str] | None = None, **settings):
         """Generate images with diffusers' keywords (see :mod:`ovsd3.runtime.request`); returns a
         :class:`GenerationResult` (its ``images`` as diffusers' output has them), or ``(images,)`` for
@@ -581,7 +598,7 @@ class SD3Pipeline:
         job = self.prepare_request(request)
         self._sample(job, request)
         self._release(self.transformer)
-        images = job.latents if request.output_type == "latent" else self.decode(job.latents, request.output_type)
+        images = job.latents if request.output_type == "latent" else self.pictures(job, request.output_type)
         total = time.perf_counter() - started
         infer = sum(self.infer_seconds.values()) + self.transformer.seconds - infer_before
         per_prompt = len(images) // len(job.prompts)
