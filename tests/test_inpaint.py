@@ -276,3 +276,36 @@ def test_padding_mask_crop_from_the_command_line(ov_sd3, tmp_path, capsys):
                          (["--padding-mask-crop", "4"], "--padding-mask-crop needs --mask")):
         assert main([*common, *extra, "--output", str(tmp_path / "bad")]) == EXIT_ERROR
         assert words in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_padding_mask_crop_on_the_edits_endpoint(ov_sd3):
+    """The form field reaches the pipeline: the server's picture is the pipeline's own, at the upload's size;
+    a bad value or one without a mask is a 400 naming the field."""
+    import base64
+    import io
+
+    import httpx
+
+    from ovsd3.serve.launch import serving
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    image, mask = picture(96, 80), box_mask(96, 80, (50, 10, 70, 30))
+    expected = SD3Pipeline.load(ov_sd3, device="CPU", cache_dir=None)(
+        "a cat", image=image, mask_image=mask, num_inference_steps=3, seed=9, width=SIZE, height=SIZE,
+        padding_mask_crop=4).images[0]
+    form = {"prompt": "a cat", "size": f"{SIZE}x{SIZE}", "num_inference_steps": "3", "rng_seed": "9"}
+    uploads = {"image": ("in.png", png(image), "image/png"), "mask": ("m.png", png(mask), "image/png")}
+    with serving(ov_sd3, "--device", "CPU") as base:
+        answer = httpx.post(f"{base}/v3/images/edits", data={**form, "padding_mask_crop": "4"}, files=uploads,
+                            timeout=120)
+        negative = httpx.post(f"{base}/v3/images/edits", data={**form, "padding_mask_crop": "-1"}, files=uploads)
+        maskless = httpx.post(f"{base}/v3/images/edits", data={**form, "padding_mask_crop": "4"},
+                              files={"image": uploads["image"]})
+    got = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
+    assert got.size == (96, 80) and np.array_equal(np.asarray(got), np.asarray(expected))
+    for refused in (negative, maskless):
+        assert refused.status_code == 400 and "padding_mask_crop" in refused.json()["error"]["message"]
