@@ -179,8 +179,12 @@ def test_every_skip_layer_pass_is_counted_and_only_steps_that_run_make_one(pipes
     ovsd3_pipe = pipes[0]
     passes = []
     skipping = ovsd3_pipe.transformer.skipping
-    monkeypatch.setattr(ovsd3_pipe.transformer, "skipping",
-                        lambda layers, inputs: passes.append(inputs["hidden_states"].shape[0]) or skipping(layers, inputs))
+
+    def counted(layers, inputs):
+        passes.append(inputs["hidden_states"].shape[0])
+        return skipping(layers, inputs)
+
+    monkeypatch.setattr(ovsd3_pipe.transformer, "skipping", counted)
     uncached = ovsd3_pipe("a cat", seed=1, **CACHED_CALL, **CACHED_SLG).cache_stats
     assert uncached.skip_layer_calls == uncached.skip_layer_steps == len(passes) == 9
     assert uncached.share == 1.0 and uncached.work == uncached.uncached_work == 16 + 4.5
