@@ -77,4 +77,4 @@ def batches(task: dict) -> dict:
     # The picture the quality column compares: seed 0 is torch's noise, which every runner draws alike.
     pipe(task["prompt"], seed=0, **settings).images[0].save(task["image_path"])
     return {"seconds": seconds, "cache": str(settings["cache"] or "off"), "transformer_calls": stats[-1].full_calls,
-            "work": stats[-1].work / stats[-1].steps, **device_info(pipe)}
+            "work": stats[-1].share, **device_info(pipe)}

@@ -217,6 +217,9 @@ def _format_part(setting) -> str:
 
 # -- per-generation state ---------------------------------------------------------------------------------
 
+SKIP_LAYER_SHARE = 0.5  # a skip-layer guidance pass runs the conditional half of a guided step's batch
+
+
 def _last_step(after: int, total: int) -> int:
     """genai's disable_cache_after_step: negative counts from the end."""
     return total + after if after < 0 else after
@@ -251,7 +254,9 @@ class TaylorFactors:
 @dataclass
 class CacheStats:
     """What one generation ran. Work is counted in uncached steps: a whole call on the guided batch is 1, a
-    step without guidance half as much, the first block alone 1 / blocks of that."""
+    step without guidance half as much, the first block alone 1 / blocks of that, and a skip-layer guidance
+    pass (the conditional half, every block but the skipped ones) half: the same as a step without guidance,
+    a slight overcount of the few blocks it skips."""
 
     steps: int = 0
     full_calls: int = 0
@@ -260,6 +265,9 @@ class CacheStats:
     block_count: int = 1
     full_work: float = 0.0  # the whole calls' batch shares
     partial_work: float = 0.0  # the first-block-alone calls' batch shares, before dividing by the blocks
+    skip_layer_steps: int = 0  # steps inside the skip-layer guidance window
+    skip_layer_calls: int = 0  # skip-layer passes run (a step the cache skips skips its pass too)
+    skip_layer_work: float = 0.0  # their batch shares
 
     @property
     def work(self) -> float:
@@ -267,18 +275,31 @@ class CacheStats:
 
     def work_with(self, block_count: int) -> float:
         """The work the same calls would be on a transformer of ``block_count`` blocks (SD3 Medium has 24)."""
-        return self.full_work + self.partial_work / block_count
+        return self.full_work + self.skip_layer_work + self.partial_work / block_count
+
+    @property
+    def uncached_work(self) -> float:
+        """The work of the same generation with nothing skipped: every step guided and whole, every step of the
+        skip-layer window with its pass."""
+        return self.steps + SKIP_LAYER_SHARE * self.skip_layer_steps
+
+    @property
+    def share(self) -> float:
+        """The work done as a share of the uncached work (1.0 when nothing was skipped)."""
+        return self.work / self.uncached_work if self.steps else 1.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "work": self.work, "skipped_calls": self.steps - self.full_calls}
+        return {**asdict(self), "work": self.work, "share": self.share,
+                "skipped_calls": self.steps - self.full_calls}
 
 
 class StepCache:
     """Per generation: decides for each step whether the transformer runs, and forecasts when it does not.
 
-    ``velocity(index, full, probe)``: ``full()`` runs the whole transformer and returns the guided
-    velocity; ``probe()`` (first-block cache) runs the first block and returns (its output, a function
-    that finishes the call from it).
+    ``velocity(index, full, probe)``: ``full()`` runs the whole transformer (and the skip-layer guidance pass
+    where it applies) and returns the guided velocity; ``probe()`` (first-block cache) runs the first block
+    and returns (its output, a function that finishes the call, skip-layer pass included, from it). A step
+    the cache skips forecasts the whole guided velocity, skip-layer term included, and runs neither pass.
     """
 
     def __init__(self, setting, total_steps: int, block_count: int):
@@ -290,31 +311,41 @@ class StepCache:
         self.schedule = taylorseer_schedule(setting, total_steps) if isinstance(setting, TaylorSeer) else None
         self.reference: np.ndarray | None = None  # first-block output at the last full call
         self.skips_in_row = 0
-        self.batch_share: float | None = None  # the last step's (guided or not)
+        self.kind: tuple[float, float] | None = None  # the last step's batch and skip-layer shares
 
     def velocity(self, index: int, full: Callable[[], np.ndarray],
                  probe: Callable[[], tuple[np.ndarray, Callable[[], np.ndarray]]] | None = None,
-                 batch_share: float = 1.0) -> np.ndarray:
-        """``batch_share``: this step's transformer batch against a guided step's (0.5 without guidance). Where
-        it changes (a guidance interval begins or ends) the step runs whole and forecasts start afresh: a
-        guided velocity is not the continuation of an unguided one."""
+                 batch_share: float = 1.0, skip_share: float = 0.0) -> np.ndarray:
+        """``batch_share``: this step's transformer batch against a guided step's (0.5 without guidance);
+        ``skip_share``: that of the skip-layer guidance pass ``full()`` runs on this step (0 outside its window).
+        Where either changes (a guidance interval or the skip-layer window begins or ends) the step runs whole
+        and forecasts start afresh: a velocity with a guidance term is not the continuation of one without."""
         self.stats.steps += 1
-        switched = self.batch_share is not None and batch_share != self.batch_share
-        self.batch_share = batch_share
+        self.stats.skip_layer_steps += skip_share > 0
+        kind = (batch_share, skip_share)
+        switched = self.kind is not None and kind != self.kind
+        self.kind = kind
         if switched:
             self.taylor, self.reference = TaylorFactors(self.taylor.max_order), None
         if isinstance(self.setting, FirstBlockCache):
-            return self._first_block(index, probe, batch_share)
+            return self._first_block(index, probe, batch_share, skip_share)
         if self.schedule is not None and not self.schedule[index] and not switched and self.taylor.step is not None:
             return self.taylor.predict(index)
+        return self._run_whole(index, full, batch_share, skip_share)
+
+    def _run_whole(self, index: int, full: Callable[[], np.ndarray], batch_share: float,
+                   skip_share: float) -> np.ndarray:
+        """The step computed: the whole transformer and, inside its window, the skip-layer pass."""
         out = full()
         self.stats.full_calls += 1
         self.stats.full_work += batch_share
+        self.stats.skip_layer_calls += skip_share > 0
+        self.stats.skip_layer_work += skip_share
         if self.setting is not None:
             self.taylor.update(index, out)
         return out
 
-    def _first_block(self, index: int, probe, batch_share: float) -> np.ndarray:
+    def _first_block(self, index: int, probe, batch_share: float, skip_share: float) -> np.ndarray:
         first_block, finish = probe()
         if self._may_skip(index, first_block):
             self.skips_in_row += 1
@@ -322,11 +353,7 @@ class StepCache:
             self.stats.partial_work += batch_share
             return self.taylor.predict(index)
         self.skips_in_row, self.reference = 0, first_block
-        out = finish()
-        self.stats.full_calls += 1
-        self.stats.full_work += batch_share
-        self.taylor.update(index, out)
-        return out
+        return self._run_whole(index, finish, batch_share, skip_share)
 
     def _may_skip(self, index: int, first_block: np.ndarray) -> bool:
         setting = self.setting

@@ -7,16 +7,18 @@ import sys
 import time
 from pathlib import Path
 
-from ovsd3.arguments import block_list, check_options, number, path_fits
+from ovsd3.arguments import block_list, check_options, integer, number, path_fits
 from ovsd3.errors import OvsdError
 from ovsd3.progress import ProgressBar
+from ovsd3.runtime.inpaint import MAX_PADDING_MASK_CROP
 from ovsd3.runtime.request import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
 
 PREVIEW = "preview.png"
 # Checked before anything opens; steps, guidance, seed, clip skip and the T5 length are checked by Request (below),
 # sizes by the pipeline against the folder's own limits
 RULES = {"model_dir": path_fits, "output": path_fits, "image": path_fits, "mask": path_fits, "cache_dir": path_fits,
-         "lora": path_fits, "strength": number(0, 1), "skip_layer_scale": number(0, MAX_GUIDANCE),
+         "lora": path_fits, "strength": number(0, 1),
+         "padding_mask_crop": integer(0, MAX_PADDING_MASK_CROP), "skip_layer_scale": number(0, MAX_GUIDANCE),
          "skip_layer_start": number(0, 1), "skip_layer_stop": number(0, 1), "control_image": path_fits,
          "controlnet_scale": number(0, 100), "control_start": number(0, 1), "control_end": number(0, 1)}
 
@@ -45,6 +47,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mask", type=Path, default=None,
                         help="with --image: redraw only where this mask is white (inpainting, as diffusers' "
                              "StableDiffusion3InpaintPipeline); black is kept")
+    parser.add_argument("--padding-mask-crop", type=int, default=None, metavar="N",
+                        help="with --mask: redraw only a box around the mask, grown by N pixels (and to the output's "
+                             "aspect ratio), at the output size, then paste it back onto --image (diffusers' "
+                             "padding_mask_crop); the saved image has --image's size")
     parser.add_argument("--strength", type=float, default=0.6, help="how much of --image to redraw (0..1)")
     _add_control_options(parser)
     parser.add_argument("--clip-skip", type=int, default=None)
@@ -263,6 +269,8 @@ def run(args) -> int:
             raise OvsdError(f"cannot read {name} {path}: no such file")
     if args.mask is not None and args.image is None:
         raise OvsdError("--mask needs --image: the picture to inpaint")
+    if args.padding_mask_crop is not None and args.mask is None:
+        raise OvsdError("--padding-mask-crop needs --mask (and --image): it crops around the mask")
     _check_control(args, model)
     started = time.perf_counter()
     static = None
@@ -304,7 +312,8 @@ def _generate(pipe, args, cache) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
                       guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                       noise=args.noise, num_images_per_prompt=args.num_images, image=args.image,
-                      strength=args.strength, mask_image=args.mask, **_skip_layer_guidance(args),
+                      strength=args.strength, mask_image=args.mask, padding_mask_crop=args.padding_mask_crop,
+                      **_skip_layer_guidance(args),
                       clip_skip=args.clip_skip, max_sequence_length=args.max_sequence_length, cache=cache,
                       callback=on_step, **_control(args))
     except BaseException:
@@ -318,8 +327,9 @@ def _generate(pipe, args, cache) -> int:
     if cache.active:
         stats = result.cache_stats
         print(f"cache {cache}: {stats.full_calls} of {stats.steps} steps ran the whole transformer "
-              f"({stats.work / stats.steps:.0%} of the uncached transformer work), {stats.unguided_steps} without guidance",
-              file=sys.stderr)
+              f"({stats.share:.0%} of the uncached transformer work), {stats.unguided_steps} without guidance"
+              + (f", {stats.skip_layer_calls} of {stats.skip_layer_steps} skip-layer passes"
+                 if stats.skip_layer_steps else ""), file=sys.stderr)
     print(f"{len(result.images)} image(s) in {timings['total_seconds']:.1f} s (seed {result.params[0]['seed']}; "
           f"{timings['python_seconds'] / timings['total_seconds']:.1%} outside OpenVINO inference)", file=sys.stderr)
     return 0

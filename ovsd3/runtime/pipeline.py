@@ -24,12 +24,12 @@ from ovsd3.errors import InvalidRequest, OvsdError
 from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
 from ovsd3.runtime.adapters import LoraAdapter
-from ovsd3.runtime.cache import CacheConfig, CacheStats, FirstBlockCache, StepCache
+from ovsd3.runtime.cache import SKIP_LAYER_SHARE, CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.controlnet import ControlJob, ControlNet, ControlSettings, control_noise, prepare_control
 from ovsd3.runtime.devices import (CompileOptions, DevicePlan, InferRequests, ModelCompiler, OnUse,
                                    default_cache_dir)
 from ovsd3.runtime.guidance import SkipLayerGuidance
-from ovsd3.runtime.inpaint import MaskBlend, load_mask
+from ovsd3.runtime.inpaint import MaskBlend, MaskCrop, load_mask
 from ovsd3.runtime.noise import (DEFAULT_NOISE, NumpyNoise, generator_noise, global_torch_noise,  # noqa: F401
                                  noise_source)
 from ovsd3.runtime.request import MAX_GUIDANCE, MAX_STEPS, Request, as_array
@@ -97,6 +97,7 @@ class Job:
     cache: CacheConfig = field(default_factory=CacheConfig)
     cache_stats: CacheStats | None = None  # filled in by sampling
     blend: MaskBlend | None = None  # inpainting
+    crop: MaskCrop | None = None  # inpainting's padding_mask_crop: the redrawn box goes back onto the picture
     skip_layer_guidance: SkipLayerGuidance | None = None
     control: ControlJob | None = None  # ControlNets (ovsd3.runtime.controlnet)
 
@@ -113,8 +114,8 @@ class Job:
         if len(jobs) == 1:
             return jobs[0]
         first = jobs[0]
-        if any(job.blend is not None or job.skip_layer_guidance is not None or job.control is not None
-               for job in jobs):
+        if any(job.blend is not None or job.crop is not None or job.skip_layer_guidance is not None
+               or job.control is not None for job in jobs):
             raise ValueError("inpainting, skip-layer guidance and ControlNet jobs are drawn alone")
         guided = first.guidance_scale > 1.0
         halves = [np.split(job.embeds.prompt_embeds, 2) if guided else [job.embeds.prompt_embeds] for job in jobs]
@@ -323,7 +324,7 @@ class SD3Pipeline:
     def prepare_request(self, request: Request) -> Job:
         request = replace(request)  # checked again: a caller may have changed its fields since it was built
         cache = CacheConfig.parse(request.cache)
-        request = self._with_folder_skip_layers(request, cache)
+        request = self._with_folder_skip_layers(request)
         steps = self._default_steps(request) if request.num_inference_steps is None \
             else int(request.num_inference_steps)
         guidance = self.defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
@@ -332,7 +333,11 @@ class SD3Pipeline:
         width = default_width if request.width is None else int(request.width)  # 0 is refused, not defaulted
         height = default_height if request.height is None else int(request.height)
         batch = request.batch_size * request.num_images_per_prompt
-        self._check_request(request, steps, guidance, width, height, batch, cache)
+        self._check_request(request, steps, guidance, width, height, batch)
+        crop = None
+        if request.padding_mask_crop is not None:  # what is redrawn is the box around the mask, at this size
+            crop = MaskCrop.of(request.image, request.mask_image, width, height, request.padding_mask_crop)
+            request = replace(request, image=crop.image(width, height), mask_image=crop.mask_image(width, height))
         seed, noise = self._noise_of(request, batch)
         embeds = self._embeddings(request, guided=guidance > 1.0)
         self._release(self.text)
@@ -349,12 +354,14 @@ class SD3Pipeline:
                       sampler="flash" if self.schedule.stochastic_sampling else "euler",
                       strength=request.strength if request.image is not None else None, model=self.folder.name,
                       cache=str(cache), noise=getattr(noise, "name", "custom"), ovsd3=__version__)
+        if crop is not None:
+            params["padding_mask_crop"] = request.padding_mask_crop
         step_noise = global_torch_noise() if request.generator is not None and self.schedule.stochastic_sampling \
             else None
         control = self._control_of(request, batch, guidance > 1.0, width, height, (seed, noise, step_noise))
         return Job(params=params, prompts=prompts, embeds=embeds, guidance_scale=guidance, sigmas=sigmas,
                    latents=start, noise=noise, stochastic=self.schedule.stochastic_sampling, cache=cache,
-                   step_noise=step_noise, blend=blend,
+                   step_noise=step_noise, blend=blend, crop=crop,
                    skip_layer_guidance=SkipLayerGuidance.of(request) if guidance > 1.0 else None, control=control)
 
     def _control_of(self, request: Request, batch: int, guided: bool, width: int, height: int,
@@ -371,7 +378,7 @@ class SD3Pipeline:
         return control
 
     def _check_request(self, request: Request, steps: int, guidance: float, width: int, height: int,
-                       batch: int, cache: CacheConfig) -> None:
+                       batch: int) -> None:
         if not 1 <= steps <= MAX_STEPS:  # the folder's default too: a damaged record must not allocate for days
             raise InvalidRequest(f"num_inference_steps must be between 1 and {MAX_STEPS} (got {steps}"
                                  f"{'' if request.num_inference_steps is not None else ', the folder default'})")
@@ -385,7 +392,7 @@ class SD3Pipeline:
         if request.image is not None and not 0.0 <= request.strength <= 1.0:
             raise InvalidRequest(f"strength must be between 0 and 1 (got {request.strength})")
         if request.skip_guidance_layers:
-            self._check_skip_layers(request, cache)
+            self._check_skip_layers(request)
         if request.image is not None and self.vae_encoder is None:
             raise InvalidRequest(f"{self.folder} has no vae_encoder, which image-to-image needs")
         if self.static is not None and (width, height, batch, guidance > 1.0, request.max_sequence_length) != (
@@ -407,22 +414,20 @@ class SD3Pipeline:
             return IMAGE_TO_IMAGE_STEPS
         return steps
 
-    def _with_folder_skip_layers(self, request: Request, cache: CacheConfig) -> Request:
+    def _with_folder_skip_layers(self, request: Request) -> Request:
         """The folder's skip-layer guidance (SD3.5 Medium's card recommends it) where the request names none;
-        ``skip_guidance_layers=[]`` turns it off. It is left out where it cannot run: with a step cache, and
-        with static shapes (its transformer variant has none)."""
+        ``skip_guidance_layers=[]`` turns it off. It is left out with static shapes (their transformer has no
+        skipping variant); a step cache keeps it (the skip-layer pass is part of each step it runs or skips)."""
         layers = self.defaults.skip_guidance_layers
-        if request.skip_guidance_layers is not None or not layers or cache.active or self.static is not None:
+        if request.skip_guidance_layers is not None or not layers or self.static is not None:
             return request
         return replace(request, skip_guidance_layers=list(layers))
 
-    def _check_skip_layers(self, request: Request, cache: CacheConfig) -> None:
+    def _check_skip_layers(self, request: Request) -> None:
         outside = [layer for layer in request.skip_guidance_layers if layer >= self.block_count]
         if outside:
             raise InvalidRequest(f"skip_guidance_layers {outside} are outside the transformer's blocks "
                                  f"0-{self.block_count - 1}")
-        if cache.active:
-            raise InvalidRequest("skip-layer guidance runs with step caching off (cache='off')")
 
     def _noise_of(self, request: Request, batch: int):
         """(the seed to record, the noise source): a torch generator's stream, a given source, or ``seed``'s."""
@@ -534,25 +539,26 @@ class SD3Pipeline:
                 "encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_embeds}
 
     def velocity(self, job: Job, cache: StepCache, index: int, sigma: float, timestep: float) -> np.ndarray:
-        """The (guided) velocity at one step: computed, or forecast when the step cache skips the step."""
+        """The (guided) velocity at one step: computed, or forecast when the step cache skips the step. The
+        skip-layer guidance pass is part of the step: computed with it, forecast with it (its term included)."""
         interval = job.cache.guidance_interval
         guided = job.guidance_scale > 1.0 and (interval is None or interval.guides(sigma))
         if job.guidance_scale > 1.0 and not guided:
             cache.stats.unguided_steps += 1
         inputs = self._transformer_inputs(job, job.latents, timestep, guided)
+        skip = job.skip_layer_guidance
+        skipping = skip is not None and skip.applies(index, len(job.sigmas) - 1)
 
         def combine(out: np.ndarray) -> np.ndarray:
-            if not guided:
+            if guided:
+                uncond, cond = np.split(out, 2)
+                out = uncond + np.float32(job.guidance_scale) * (cond - uncond)
+            else:
+                cond = out
+            if not skipping:
                 return out
-            uncond, cond = np.split(out, 2)
-            guided_velocity = uncond + np.float32(job.guidance_scale) * (cond - uncond)
-            skip = job.skip_layer_guidance
-            if skip is None or not skip.applies(index, len(job.sigmas) - 1):
-                return guided_velocity
-            half = cond.shape[0]
-            skipped = self.transformer.skipping(skip.layers, {name: value[half:] if name != "hidden_states" else
-                                                              value[:half] for name, value in inputs.items()})
-            return guided_velocity + (cond - skipped) * np.float32(skip.scale)
+            skipped = self.transformer.skipping(skip.layers, _conditional_half(inputs, guided))
+            return out + (cond - skipped) * np.float32(skip.scale)
 
         def probe():
             signal, finish = self.transformer.probe(inputs)
@@ -561,7 +567,8 @@ class SD3Pipeline:
             return signal, lambda: combine(finish())
 
         batch_share = 0.5 if job.guidance_scale > 1.0 and not guided else 1.0
-        return cache.velocity(index, lambda: combine(self._controlled(job, inputs, index)), probe, batch_share)
+        return cache.velocity(index, lambda: combine(self._controlled(job, inputs, index)), probe, batch_share,
+                              SKIP_LAYER_SHARE if skipping else 0.0)
 
     def _controlled(self, job: Job, inputs: dict, index: int) -> np.ndarray:
         """One transformer call, with the job's ControlNets' residuals where any counts at this step."""
@@ -600,6 +607,16 @@ class SD3Pipeline:
         self._release(self.vae_decoder)
         return image_io.to_numpy(pixels) if output_type == "np" else image_io.to_pil(pixels)
 
+    def pictures(self, job: Job, output_type: str = "pil"):
+        """A finished job's latents decoded (see decode); with padding_mask_crop, each picture pasted back onto
+        the original image, whose size it then has."""
+        if job.crop is None:
+            return self.decode(job.latents, output_type)
+        pasted = [job.crop.paste(image) for image in self.decode(job.latents)]
+        if output_type == "pil":
+            return pasted
+        return np.stack([np.asarray(image, dtype=np.float32) / np.float32(255.0) for image in pasted])
+
     def __call__(self, prompt: str | list[str] | None = None, **settings):
         """Generate images with diffusers' keywords (see :mod:`ovsd3.runtime.request`); returns a
         :class:`GenerationResult` (its ``images`` as diffusers' output has them), or ``(images,)`` for
@@ -610,7 +627,7 @@ class SD3Pipeline:
         job = self.prepare_request(request)
         self._sample(job, request)
         self._release(self.transformer)
-        images = job.latents if request.output_type == "latent" else self.decode(job.latents, request.output_type)
+        images = job.latents if request.output_type == "latent" else self.pictures(job, request.output_type)
         total = time.perf_counter() - started
         infer = sum(self.infer_seconds.values()) + self.transformer.seconds - infer_before
         per_prompt = len(images) // len(job.prompts)
@@ -665,6 +682,15 @@ class SD3Pipeline:
                 _replacement(outputs.get("prompt_embeds", embeds.prompt_embeds), "prompt_embeds", embeds.prompt_embeds),
                 _replacement(outputs.get("pooled_prompt_embeds", embeds.pooled_embeds), "pooled_prompt_embeds",
                              embeds.pooled_embeds))
+
+
+def _conditional_half(inputs: dict, guided: bool) -> dict:
+    """A step's transformer inputs for its conditional rows alone: the positive half of a guided batch
+    ([negative, positive]), an unguided batch as it is."""
+    if not guided:
+        return inputs
+    half = inputs["hidden_states"].shape[0] // 2
+    return {name: value[half:] for name, value in inputs.items()}
 
 
 def _replacement(value, name: str, current: np.ndarray) -> np.ndarray:

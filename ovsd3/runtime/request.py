@@ -7,7 +7,8 @@
          clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=["latents"],
          max_sequence_length=256)
 
-``mask_image`` (with ``image``: inpainting, as ``StableDiffusion3InpaintPipeline``), ``skip_guidance_layers``
+``mask_image`` and ``padding_mask_crop`` (with ``image``: inpainting, as ``StableDiffusion3InpaintPipeline``),
+``skip_guidance_layers``
 and ``skip_layer_guidance_scale`` / ``_start`` / ``_stop`` (skip-layer guidance),
 plus ovsd3's own: ``image`` and ``strength`` (image-to-image), ``seed`` and ``noise`` (where random numbers
 come from without a torch generator), ``cache`` (step caching) and ``callback`` (sees every :class:`Step`).
@@ -32,6 +33,7 @@ from ovsd3.layout import MAX_GUIDANCE, MAX_STEPS  # noqa: F401 (re-exported: the
 from ovsd3.runtime.cache import CacheConfig
 from ovsd3.runtime.controlnet import ControlSettings
 from ovsd3.runtime.images import image_input
+from ovsd3.runtime.inpaint import MAX_PADDING_MASK_CROP
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' _callback_tensor_inputs
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -135,7 +137,7 @@ def as_array(value, name: str, ndim: int | None = None) -> np.ndarray | None:
 INTEGER_RANGES = {"height": (1, MAX_SIDE), "width": (1, MAX_SIDE), "num_inference_steps": (1, MAX_STEPS),
                   "num_images_per_prompt": (1, MAX_IMAGES), "num_images": (1, MAX_IMAGES), "clip_skip": (0, None),
                   "max_sequence_length": (1, MAX_SEQUENCE_LENGTH), "seed": (0, MAX_SEED),
-                  "padding_mask_crop": (None, None)}
+                  "padding_mask_crop": (0, MAX_PADDING_MASK_CROP)}
 # keyword -> (lowest, highest), both included
 NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE), "strength": (0.0, 1.0),
                  "skip_layer_guidance_scale": (0.0, MAX_GUIDANCE), "skip_layer_guidance_start": (0.0, 1.0),
@@ -341,9 +343,12 @@ class Request:
                                  f"but found {unknown}")
         if self.mask_image is not None and self.image is None:
             raise InvalidRequest("mask_image needs an `image` to inpaint")
-        if self.padding_mask_crop is not None:
-            raise InvalidRequest("padding_mask_crop is not supported: ovsd3 redraws the masked region at the "
-                                 "image's size")
+        if self.padding_mask_crop is not None and self.mask_image is None:
+            raise InvalidRequest("padding_mask_crop crops around mask_image: give an image and a mask_image, or "
+                                 "leave padding_mask_crop out")
+        if self.padding_mask_crop is not None and self.output_type == "latent":
+            raise InvalidRequest("padding_mask_crop pastes the redrawn crop back onto the image, which latents "
+                                 "cannot show: use output_type 'pil' or 'np'")
         self._check_skip_layer_guidance()
 
     def _check_skip_layer_guidance(self) -> None:

@@ -9,6 +9,7 @@ generation request and OpenAI's, read into one :class:`~ovsd3.serve.jobs.Generat
   ``quality``, ``style``, ``user``, ``background``, ``moderation``, ``partial_images`` and (edits)
   ``input_fidelity`` are checked against OpenAI's values and otherwise ignored.
 - ovsd3's own: ``cache`` (step caching), ``noise`` ("torch" or "numpy"), ``preview_every`` (jobs).
+- diffusers': skip-layer guidance's fields; on edits with a mask, ``padding_mask_crop``.
 
 Any other field is refused (400), as a typo should be.
 """
@@ -21,6 +22,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ovsd3.runtime.cache import CacheConfig, CacheSettingError
+from ovsd3.runtime.inpaint import MAX_PADDING_MASK_CROP
 from ovsd3.serve.jobs import GenerationRequest
 
 
@@ -214,6 +216,12 @@ class EditBody(GenerationBody):
     input_fidelity: Literal["high", "low"] | None = None
     style: None = None  # not an edit field in OpenAI's API
     moderation: None = None
+    padding_mask_crop: whole(ge=0, le=MAX_PADDING_MASK_CROP) | None = None  # diffusers' inpainting crop
+
+    def to_request(self, server: ServerSettings, *, previews: bool = True, **extra) -> GenerationRequest:
+        if self.padding_mask_crop is not None and extra.get("mask") is None:
+            raise BadRequest("padding_mask_crop: it crops around the mask; send a 'mask' file with it")
+        return super().to_request(server, previews=previews, padding_mask_crop=self.padding_mask_crop, **extra)
 
     def _check_numbers(self, limits: Limits) -> None:
         strength, self.strength = self.strength, None  # generations' rule (1.0 only) does not apply here

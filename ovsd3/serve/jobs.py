@@ -60,6 +60,7 @@ class GenerationRequest:
     noise: str = "torch"
     image: bytes | None = None  # image-to-image: the start picture (PNG/JPEG bytes)
     mask: bytes | None = None  # inpainting: white (or, with transparency, alpha 0) is redrawn
+    padding_mask_crop: int | None = None  # inpainting: redraw a box around the mask, pasted back (diffusers')
     strength: float = 0.6
     preview_every: int = 1  # 0: no previews
     cache: str | None = None  # step caching spec (ovsd3.runtime.cache); None: the server's default
@@ -89,7 +90,8 @@ class GenerationRequest:
 
             from ovsd3.runtime.inpaint import openai_mask
 
-            settings.update(mask_image=openai_mask(Image.open(io.BytesIO(self.mask))))
+            settings.update(mask_image=openai_mask(Image.open(io.BytesIO(self.mask))),
+                            padding_mask_crop=self.padding_mask_crop)
         return settings
 
     def encode(self, image) -> str:

@@ -122,7 +122,7 @@ class _Batch:
         self._sample(merged)
         if not self.open:
             return
-        images = self.pipe.decode(merged.latents)
+        images = self.pipe.pictures(merged)  # inpainting's crop pasted back
         for index in self.open:
             start = sum(job.rows for job in self.prepared[:index])
             mine = images[start:start + self.prepared[index].rows]
