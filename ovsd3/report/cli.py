@@ -28,6 +28,11 @@ def _add_image_size(parser) -> None:
 
 
 def add_parsers(subparsers) -> None:
+    _add_report_parser(subparsers)
+    _add_benchmark_parser(subparsers)
+
+
+def _add_report_parser(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="compare folders: size, speed, quality (report.md/json, image grid, chart)",
         description="Generate the same prompts with the same seeds, steps and size from two or more folders "
@@ -65,6 +70,8 @@ def add_parsers(subparsers) -> None:
     report.add_argument("--overwrite", action="store_true")
     report.set_defaults(handler=_run_report)
 
+
+def _add_benchmark_parser(subparsers) -> None:
     benchmark = subparsers.add_parser(
         "benchmark", help="images per second across batch sizes, optionally against openvino.genai and diffusers",
         description="Time generation at several batch sizes; with --peers also openvino.genai (step caching "
