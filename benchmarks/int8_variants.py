@@ -76,6 +76,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--calib-size", type=int, default=256)
+    parser.add_argument("--only", nargs="*", default=None, help="these variants (FP16 always)")
     args = parser.parse_args()
     from ovsd3.quantize.pipeline import _quiet_nncf
 
@@ -83,6 +84,8 @@ def main() -> int:
     rng = np.random.default_rng(1)
     inputs = transformer_inputs(1, args.size, rng) if args.part == "transformer" else decoder_inputs(args.size, rng)
     chosen = variants(args.workdir, args.part, args.samples, args.calib_size)
+    if args.only is not None:
+        chosen = {name: value for name, value in chosen.items() if name == "FP16" or name in args.only}
     requests = {name: compiled(str(xml), config) for name, (xml, config) in chosen.items()}
     medians = interleaved(requests, inputs, args.repeats)
     print(f"\n### {args.part} at {args.size}x{args.size}: median wall seconds of {args.repeats} interleaved calls")

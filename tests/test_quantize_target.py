@@ -23,13 +23,14 @@ from helpers import quantize
 
 
 def attention_inputs_quantized(folder: Path) -> bool:
-    """Whether any ScaledDotProductAttention of the folder's transformer reads a FakeQuantize output (through
-    the reshapes and transposes between them)."""
+    """Whether any ScaledDotProductAttention of the folder's transformer reads a FakeQuantize output through the
+    reshapes, transposes and concats between them (not through the projections: a MatMul ends the search)."""
     model = ov.Core().read_model(layout.model_xml(folder, layout.TRANSFORMER))
 
-    def quantized(node, depth=6):
-        return depth > 0 and any(value.get_node().get_type_name() == "FakeQuantize"
-                                 or quantized(value.get_node(), depth - 1) for value in node.input_values())
+    def quantized(node, depth=8):
+        producers = [value.get_node() for value in node.input_values()]
+        return depth > 0 and any(producer.get_type_name() == "FakeQuantize" or (
+            producer.get_type_name() != "MatMul" and quantized(producer, depth - 1)) for producer in producers)
 
     attentions = [op for op in model.get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
     assert attentions, "the tiny transformer has no fused attention to look at"
