@@ -96,7 +96,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     inputs = {"x": rng.standard_normal((1, args.tokens, args.k)).astype(np.float32)}
     off = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0, "INFERENCE_PRECISION_HINT": "f32"}
-    runs = [("f32", "f32", off), ("fp16 IR in f32", "fp16 IR", off), ("int8 static", "int8 static", off), ("int8 weights", "int8 weights", off)]
+    runs = [("f32", "f32", off), ("fp16 IR in f32", "fp16 IR", off), ("int8 static", "int8 static", off),
+            ("int8 weights", "int8 weights", off)]
     for form in ("int8 weights", "int4 weights"):
         runs += [(f"{form}, dyn. quant. {size}", form, {**off, "DYNAMIC_QUANTIZATION_GROUP_SIZE": size})
                  for size in args.group_sizes]

@@ -7,10 +7,11 @@ What decides it is the kernel OpenVINO's CPU plugin has for an INT8 layer on tha
   f32's: ovsd3's full INT8 (every fully connected layer and the attention's query and key) measured 1.61-1.71x
   over FP16 at bf16 and 2.95x over f32 end to end (benchmarks/results/int8-ceiling).
 - Without VNNI (AVX2 only, and AVX-512 without VNNI, which has the same u8 x s8 multiply-adds in wider
-  registers), the plugin runs INT8 fully connected layers on oneDNN's ``jit_gemm`` (about f32's speed), and
+  registers), the plugin runs INT8 fully connected layers on oneDNN's ``jit_gemm`` (about 1.2x f32), and
   quantized query and key make it give up its fused attention kernel for an int8 MatMul and a separate
   Softmax, which is slower than the fused f32 one. So there only the fully connected layers are INT8, the
-  attention stays in float (fused), and INT8 buys memory (half the weights) at about FP16-in-f32's speed.
+  attention stays in float (fused): 1.13-1.28x per transformer call against 0.99-1.20x for the all-INT8 form
+  (busy AVX2 EPYC). INT8 convolutions have a fast AVX2 kernel, so the decoder is INT8 everywhere (1.76x).
 
 ``this`` (the default) is the level of the CPU ``ovsd3 quantize`` runs on, from its feature flags.
 """
@@ -40,7 +41,7 @@ class CpuChoice:
 
 _NO_VNNI = CpuChoice(
     transformer="int8-fc", vae_decoder="int8",
-    why="no VNNI: OpenVINO runs INT8 fully connected layers on jit_gemm at about f32's speed and drops its fused "
+    why="no VNNI: OpenVINO runs INT8 fully connected layers on jit_gemm, barely faster than f32, and drops its fused "
         "attention kernel when the attention's inputs are quantized, so only the fully connected layers are INT8 "
         "(half the weights' memory) and the attention stays fused in float")
 _VNNI = CpuChoice(

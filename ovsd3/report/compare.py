@@ -164,7 +164,8 @@ def measure_folder(column: Column, prompts: list[str], seeds: list[int], setting
     record = layout.ModelFolder.open(folder).record
     return {"label": column.label, "runner": column.runner, "cache": column.cache, "path": str(folder.resolve()),
             "weight_format": record.weight_format,
-            "quantized": record.quantization is not None, "cpu_target": record.cpu_target, "speed": speed, "images": generated["images"],
+            "quantized": record.quantization is not None, "cpu_target": record.cpu_target,
+            "speed": speed, "images": generated["images"],
             "machine": {key: generated[key] for key in ("openvino", "execution_devices", "device_names")}}
 
 
