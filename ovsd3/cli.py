@@ -130,9 +130,15 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--ratio", type=float, default=0.8,
                         help="share of the encoders' weights in --weights, the rest INT8 (above 0, at most 1; "
                              "default 0.8)")
-    parser.add_argument("--vae-decoder", choices=("int8", "weights"), default="int8",
-                        help="int8 (default): INT8 activations, calibrated on the final latents of the "
-                             "calibration run, faster; weights: the --weights mode, as for the encoders")
+    parser.add_argument("--vae-decoder", choices=("int8", "weights"), default=None,
+                        help="int8: INT8 activations, calibrated on the final latents of the calibration run, "
+                             "faster; weights: the --weights mode, as for the encoders (default: what "
+                             "--target-cpu picks, int8 on every CPU measured so far)")
+    parser.add_argument("--target-cpu", choices=("this", "avx2", "avx512", "vnni", "amx"), default="this",
+                        help="the CPU the formats are chosen for (default this, the CPU quantize runs on): with "
+                             "VNNI or AMX the whole transformer is INT8; on avx2 and avx512 without VNNI only "
+                             "its fully connected layers, its attention staying fused in float. The choice and "
+                             "why go into ovsd3.json; `ovsd3 report` shows them")
     parser.add_argument("--gate-prompts", type=int, default=None,
                         help="held-out prompts the gate draws (default 4; 20 for the digits demo, whose share of "
                              "digits drawn as asked needs that many to see a 15-point drop)")
@@ -167,7 +173,8 @@ def _run_quantize(args) -> int:
                                             smooth_quant_alpha=args.smooth_quant_alpha, ignore=tuple(args.ignore),
                                             slices=args.slices, weights=args.transformer_weights),
         weights=WeightCompression(mode=args.weights, group_size=args.group_size, ratio=args.ratio),
-        vae_decoder=VaeDecoderQuantization(mode=args.vae_decoder),
+        vae_decoder=None if args.vae_decoder is None else VaeDecoderQuantization(mode=args.vae_decoder),
+        target_cpu=args.target_cpu,
         gate_prompts=args.gate_prompts,
         min_psnr=DEFAULT_MIN_PSNR if args.min_psnr is None else args.min_psnr,
         min_ssim=DEFAULT_MIN_SSIM if args.min_ssim is None else args.min_ssim,

@@ -187,11 +187,15 @@ class FolderRecord:
     quantization: dict | None = None  # what `ovsd3 quantize` did, with its size table and quality gate
     demo: str | None = None  # "digits" for the shipped demo model: reports and the gate can score its pictures
     controlnets: dict[str, str] | None = None  # ControlNet folder -> the source it was converted from
+    # The CPU `ovsd3 quantize` chose the folder's formats for (--target-cpu), what it chose per component and why,
+    # and the CPU plugin options those formats need at compile time: see CPU_TARGET_FIELDS
+    cpu_target: dict | None = None
 
     def save(self, folder: Path) -> None:
         data = asdict(self)
-        if data["controlnets"] is None:  # left out, so a folder without ControlNets stays readable by ovsd3 0.2.0
-            del data["controlnets"]
+        for newer in ("controlnets", "cpu_target"):  # left out when unset: ovsd3 0.2.0 refuses unknown fields
+            if data[newer] is None:
+                del data[newer]
         (Path(folder) / OVSD3_RECORD).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
@@ -208,6 +212,8 @@ class FolderRecord:
             defaults = data.get("defaults", {})
             check_known(path, defaults, defaults_fields(), "defaults.")
             check_fields(path, defaults, defaults_fields(), "defaults.")
+            if data.get("cpu_target") is not None:
+                check_cpu_target(path, data["cpu_target"])
         except OvsdError as error:
             raise OvsdError(f"{path} is not an ovsd3 record: {str(error).removeprefix(f'{path}: ')}; delete it to "
                             "use the folder without ovsd3's defaults") from None
@@ -219,7 +225,40 @@ RECORD_FIELDS = (
     Field("has_t5", "bool", required=True), Field("flash_lora", "text", nullable=True),
     Field("defaults", "object"), Field("parity", "object"), Field("ovsd3_version", "text"),
     Field("quantization", "object", nullable=True), Field("demo", "text", nullable=True),
-    Field("controlnets", "object", nullable=True))
+    Field("controlnets", "object", nullable=True), Field("cpu_target", "object", nullable=True))
+
+CPU_ISA_LEVELS = ("avx2", "avx512", "vnni", "amx")  # what --target-cpu names; "this" is resolved to one of them
+CPU_TARGET_FIELDS = (
+    Field("target", "text", required=True, choices=("this", *CPU_ISA_LEVELS)),
+    Field("isa", "text", required=True, choices=CPU_ISA_LEVELS), Field("cpu", "text"),
+    Field("transformer", "text", required=True), Field("vae_decoder", "text", required=True),
+    Field("runtime", "object"), Field("why", "text"))
+# CPU plugin options a folder may ask for per component (cpu_target.runtime.<component>.<option>), and their
+# bounds: a record must not pass OpenVINO anything else.
+CPU_RUNTIME_FIELDS = (Field("DYNAMIC_QUANTIZATION_GROUP_SIZE", "int", low=0, high=1 << 20),)
+
+
+def check_cpu_target(path: Path, target: dict) -> None:
+    """A one-line OvsdError for a cpu_target record that names unknown fields, components or options."""
+    from ovsd3.errors import OvsdError
+
+    check_known(path, target, CPU_TARGET_FIELDS, "cpu_target.")
+    check_fields(path, target, CPU_TARGET_FIELDS, "cpu_target.")
+    for component, options in target.get("runtime", {}).items():
+        if component not in MODEL_COMPONENTS:
+            raise OvsdError(f"{path}: cpu_target.runtime.{component} is not a component "
+                            f"(known: {', '.join(MODEL_COMPONENTS)})")
+        if not isinstance(options, dict):
+            raise OvsdError(f"{path}: cpu_target.runtime.{component} must be a JSON object")
+        check_known(path, options, CPU_RUNTIME_FIELDS, f"cpu_target.runtime.{component}.")
+        check_fields(path, options, CPU_RUNTIME_FIELDS, f"cpu_target.runtime.{component}.")
+
+
+def cpu_runtime_options(record: "FolderRecord | None", component: str) -> dict:
+    """The CPU plugin options ``component`` of a folder with ``record`` is compiled with (checked at load)."""
+    if record is None or not record.cpu_target:
+        return {}
+    return dict(record.cpu_target.get("runtime", {}).get(component, {}))
 
 
 def source_name(folder: Path) -> str:

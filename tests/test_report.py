@@ -80,8 +80,8 @@ def test_report_top_level(report, report_dir):
 def test_report_sizes_are_the_files_on_disk(report, ov_sd3, q_sd3):
     reference, quantized = report["folders"]
     for entry, folder in ((reference, ov_sd3), (quantized, q_sd3)):
-        assert set(entry) == {"label", "runner", "cache", "path", "weight_format", "quantized", "speed", "images",
-                              "size", "quality"}
+        assert set(entry) == {"label", "runner", "cache", "path", "weight_format", "quantized", "cpu_target",
+                              "speed", "images", "size", "quality"}
         assert entry["runner"] == "ovsd3"
         assert entry["path"] == str(folder.resolve())
         assert set(entry["size"]) == {"components", "total_bytes", "compression", "component_compression"}
@@ -91,6 +91,7 @@ def test_report_sizes_are_the_files_on_disk(report, ov_sd3, q_sd3):
         assert entry["size"]["components"] == on_disk
         assert entry["size"]["total_bytes"] == sum(on_disk.values())
     assert reference["quantized"] is False and quantized["quantized"] is True
+    assert reference["cpu_target"] is None and quantized["cpu_target"]["target"] == "this"  # quantize's choice
     assert reference["weight_format"] == "fp16"
     assert reference["size"]["compression"] == 1.0
     assert quantized["size"]["compression"] == pytest.approx(
@@ -200,7 +201,7 @@ def test_chart_and_markdown(report, report_dir):
     quantized = report["folders"][1]
     for expected in ("fp16", "int8", f"{quantized['size']['compression']:.3f}x",
                      f"{quantized['quality']['mean_psnr_db']:.2f}", report["machine"]["processor"],
-                     "grid.png", "chart.png"):
+                     "grid.png", "chart.png", f"int8: quantized for {quantized['cpu_target']['isa']} (this CPU)"):
         assert expected in text
 
 

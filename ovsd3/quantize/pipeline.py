@@ -16,6 +16,7 @@ from ovsd3.atomic import AtomicOutput, check_cache_apart
 from ovsd3.errors import OvsdError
 from ovsd3.memory import trimmed_mappings
 from ovsd3.quantize import calibration
+from ovsd3.quantize import target as cpu_target
 from ovsd3.quantize.gate import DEFAULT_MIN_PSNR, DEFAULT_MIN_SSIM, GateSettings, run_gate
 from ovsd3.quantize.transformer import TransformerQuantization, compress_transformer, quantize_transformer
 from ovsd3.quantize.vae import VaeDecoderQuantization, quantize_vae_decoder
@@ -42,12 +43,14 @@ class QuantizeRequest:
     calib_cache: Path | None = None
     transformer: TransformerQuantization = field(default_factory=TransformerQuantization)
     weights: WeightCompression = field(default_factory=WeightCompression)
-    vae_decoder: VaeDecoderQuantization = field(default_factory=VaeDecoderQuantization)
+    vae_decoder: VaeDecoderQuantization | None = None  # None: what --target-cpu picks
+    target_cpu: str = "this"  # the CPU the formats are chosen for: "this" or an ISA level (ovsd3.quantize.target)
     gate_prompts: int | None = None  # default: GATE_PROMPTS, or DIGITS_GATE_PROMPTS for the digits demo
     min_psnr: float = DEFAULT_MIN_PSNR
     min_ssim: float = DEFAULT_MIN_SSIM
     max_digit_drop: float = 0.15  # the digits demo only: see GateSettings
     overwrite: bool = False
+    cpu_choice: dict | None = None  # filled in from target_cpu when the request is checked
 
 
 @dataclass
@@ -165,6 +168,9 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     output.check()
     if request.calib_cache is not None:
         _check_calib_cache(request.calib_cache, request, model.path)
+    choice = request.cpu_choice
+    log(f"target CPU: {choice['isa']} ({'this CPU' if choice['target'] == 'this' else '--target-cpu'}): "
+        f"transformer {choice['transformer']}, VAE decoder {choice['vae_decoder']}")
     started = time.perf_counter()
     defaults = model.record.defaults
     plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
@@ -204,6 +210,7 @@ def _write_quantized(staging: Path, model: layout.ModelFolder, request: Quantize
                                          "format": row.format} for row in rows},
                "gate": report.as_dict()}
     record.quantization = summary
+    record.cpu_target = request.cpu_choice
     record.ovsd3_version = __version__
     record.save(staging)
     return summary
@@ -248,9 +255,29 @@ def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFol
     if model.max_size and request.calib_size > model.max_size:
         raise OvsdError(f"--calib-size {request.calib_size} is more than this model draws ({model.max_size})")
     request.weights.check()
+    request = _for_target_cpu(request)
     request.vae_decoder.check()
     request.transformer.check()
     return request, model
+
+
+def _for_target_cpu(request: QuantizeRequest) -> QuantizeRequest:
+    """The request with the formats --target-cpu picks where the user named none, and the choice (for the
+    record) with what the user's own options overrode."""
+    choice = cpu_target.choose(request.target_cpu)
+    transformer, decoder = request.transformer, request.vae_decoder
+    if transformer.weights is not None:
+        choice["transformer"] = f"{transformer.weights}-weights"
+        choice["why"] += "; transformer: --transformer-weights given"
+    elif not transformer.ignore_types:
+        transformer = dataclasses.replace(transformer,
+                                          ignore_types=cpu_target.TRANSFORMER_FORMS[choice["transformer"]])
+    if decoder is None:
+        decoder = VaeDecoderQuantization(mode=choice["vae_decoder"])
+    elif decoder.mode != choice["vae_decoder"]:
+        choice["vae_decoder"] = decoder.mode
+        choice["why"] += "; VAE decoder: --vae-decoder given"
+    return dataclasses.replace(request, transformer=transformer, vae_decoder=decoder, cpu_choice=choice)
 
 
 def _calibrate(request: QuantizeRequest, source: Path, plan, digits_demo: bool, log) -> tuple[list[str], Path]:
@@ -276,7 +303,8 @@ def _calibrate(request: QuantizeRequest, source: Path, plan, digits_demo: bool, 
 def _quantize_models(core, source: Path, staging: Path, request: QuantizeRequest, decoder_latents,
                      cache_dir: Path, log) -> list[SizeRow]:
     if request.transformer.weights is None:
-        log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding kept in float)")
+        kept = " and the attention" if request.transformer.ignore_types else ""
+        log(f"[2/4] transformer: INT8 (NNCF, {request.calib} samples, patch embedding{kept} kept in float)")
     else:
         log(f"[2/4] transformer: {request.transformer.label} only (NNCF; activations stay in float)")
     rows = [_quantize_transformer(core, source, staging, request, cache_dir, log)]

@@ -20,6 +20,9 @@ class TransformerQuantization:
     ignore: tuple[str, ...] = field(default_factory=tuple)  # more node names to keep in float
     slices: int | None = None  # quantize this many block ranges separately; None: from the model's size
     weights: str | None = None  # "int8" or "int4": weight-only compression instead of INT8 activations
+    # Operation types whose inputs stay float: ("ScaledDotProductAttention",) keeps the CPU plugin's fused
+    # attention kernel, which it gives up for an int8 MatMul + Softmax when the query and key are quantized.
+    ignore_types: tuple[str, ...] = ()
 
     def check(self) -> None:
         if self.weights is not None and self.weights not in WEIGHT_ONLY_MODES:
@@ -84,7 +87,8 @@ def quantize_transformer(model, samples, options: TransformerQuantization, weigh
         names = sorted(keep_in_float & {op.get_friendly_name() for op in piece.get_ops()})
         return nncf.quantize(piece, nncf.Dataset(piece_samples), model_type=nncf.ModelType.TRANSFORMER,
                              subset_size=options.subset_size, preset=preset,
-                             ignored_scope=nncf.IgnoredScope(names=names, validate=False),
+                             ignored_scope=nncf.IgnoredScope(names=names, types=list(options.ignore_types),
+                                                             validate=False),
                              advanced_parameters=advanced)
 
     slices = options.slices or slice_count(weight_bytes)

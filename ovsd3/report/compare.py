@@ -165,7 +165,8 @@ def measure_folder(column: Column, prompts: list[str], seeds: list[int], setting
     record = layout.ModelFolder.open(folder).record
     return {"label": column.label, "runner": column.runner, "cache": column.cache, "path": str(folder.resolve()),
             "weight_format": record.weight_format,
-            "quantized": record.quantization is not None, "speed": speed, "images": generated["images"],
+            "quantized": record.quantization is not None, "cpu_target": record.cpu_target,
+            "speed": speed, "images": generated["images"],
             "machine": {key: generated[key] for key in ("openvino", "execution_devices", "device_names")}}
 
 
@@ -293,6 +294,14 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f}"
 
 
+def cpu_target_line(folder: dict) -> str:
+    """What `ovsd3 quantize --target-cpu` chose for a folder, and why (its record's cpu_target)."""
+    target = folder["cpu_target"]
+    where = "this CPU" if target["target"] == "this" else "--target-cpu"
+    return (f"\n{folder['label']}: quantized for {target['isa']} ({where}): transformer {target['transformer']}, "
+            f"VAE decoder {target['vae_decoder']}; why: {target.get('why', '-')}")
+
+
 def markdown(report: dict) -> str:
     folders, settings, host = report["folders"], report["settings"], report["machine"]
     labels = [folder["label"] for folder in folders]
@@ -333,6 +342,7 @@ def markdown(report: dict) -> str:
             if key in folder["speed"]["first_start"] else "-" for folder in folders) + " |")
     lines.append("| peak RSS (GiB) | " + " | ".join(
         f"{folder['speed']['peak_rss_bytes'] / 2**30:.2f}" for folder in folders) + " |")
+    lines += [cpu_target_line(folder) for folder in folders if folder.get("cpu_target")]
     lines += ["", "## Quality against the reference", "", header.rstrip("\n")]
     lines.append("| mean PSNR (dB) | " + " | ".join(
         "reference" if folder["quality"]["reference"] else f"{folder['quality']['mean_psnr_db']:.2f}"

@@ -232,6 +232,7 @@ class ModelCompiler:
         self.core = ov.Core()
         self._edits: dict[str, Callable] = {}
         self._originals: dict[str, object] = {}  # IRs read once for edits
+        self.record = layout.FolderRecord.load(self.folder)  # its cpu_target's runtime options apply on the CPU
         check_available(self.core, options.plan)
         if options.cache_dir is not None:
             self._use_cache(options.cache_dir)
@@ -247,12 +248,17 @@ class ModelCompiler:
                             "pass --no-cache)")
         self.core.set_property({"CACHE_DIR": str(cache_dir)})
 
-    def _config(self, device: str) -> dict:
+    def _config(self, device: str, component: str | None = None) -> dict:
         concurrency = self.options.concurrency
         config = {"PERFORMANCE_HINT": "LATENCY"} if concurrency == 1 else \
             {"PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": concurrency}
         if self.options.precision:
             config["INFERENCE_PRECISION_HINT"] = self.options.precision
+        cpu_options = layout.cpu_runtime_options(self.record, component) if component else {}
+        if cpu_options and device == "CPU":
+            config.update(cpu_options)
+        elif cpu_options and device.partition(":")[0] in _VIRTUAL_DEVICES:  # for the CPU among its devices
+            config["DEVICE_PROPERTIES"] = {"CPU": cpu_options}
         return config
 
     def edit(self, component: str, change: Callable | None) -> None:
@@ -264,10 +270,10 @@ class ModelCompiler:
         else:
             self._edits[component] = change
 
-    def _compiled(self, model, device: str) -> TrimmedFirstCalls:
+    def _compiled(self, model, device: str, component: str) -> TrimmedFirstCalls:
         # With static shapes the CPU plugin repacks the weights while compiling, not in the first call.
         with trimmed_mappings():
-            return TrimmedFirstCalls(self.core.compile_model(model, device, self._config(device)))
+            return TrimmedFirstCalls(self.core.compile_model(model, device, self._config(device, component)))
 
     def compile(self, component: str, static_shapes: dict | None = None):
         """Compile ``component``; ``static_shapes`` (input name -> shape) fixes every dimension first."""
@@ -275,11 +281,11 @@ class ModelCompiler:
         device = self.options.plan.device_for(component)
         try:
             if static_shapes is None and component not in self._edits:
-                return self._compiled(xml, device)
+                return self._compiled(xml, device, component)
             model = self.read(component)
             if static_shapes is not None:
                 reshape_inputs(model, static_shapes)
-            return self._compiled(model, device)
+            return self._compiled(model, device, component)
         except RuntimeError as error:
             raise OvsdError(f"cannot compile {component} for {device}: {reason_of(error)}") from None
 
@@ -300,7 +306,7 @@ class ModelCompiler:
         """Compile a model derived from ``component``'s IR on that component's device."""
         device = self.options.plan.device_for(component)
         try:
-            return self._compiled(model, device)
+            return self._compiled(model, device, component)
         except RuntimeError as error:
             raise OvsdError(f"cannot compile a variant of {component} for {device}: {reason_of(error)}") from None
 
