@@ -92,19 +92,24 @@ def transformer_inputs(arch, size: int, rng: np.random.Generator) -> dict[str, n
             "pooled_projections": rng.standard_normal((1, arch.pooled_projection_dim), dtype=np.float32)}
 
 
-def _quantize(fp16: Path, int8: Path, arch, request: EstimateRequest) -> None:
-    """INT8 with the NNCF call `ovsd3 quantize` makes, calibrated on random inputs (timing needs no real ones)."""
+def _quantize(fp16: Path, int8: Path, arch, request: EstimateRequest) -> str:
+    """INT8 with the NNCF call `ovsd3 quantize` makes on this CPU, calibrated on random inputs (timing needs no
+    real ones); the form it chose (ovsd3.quantize.target)."""
     import openvino as ov
 
+    from ovsd3.quantize.target import TRANSFORMER_FORMS, choose
     from ovsd3.quantize.transformer import TransformerQuantization, quantize_transformer
 
     model = ov.Core().read_model(layout.model_xml(fp16, layout.TRANSFORMER))
     rng = np.random.default_rng(1)
     samples = [transformer_inputs(arch, CALIBRATION_SIZE, rng) for _ in range(request.calibration_samples)]
-    options = TransformerQuantization(subset_size=request.calibration_samples, slices=1)
+    form = choose("this")["transformer"]  # the INT8 form `ovsd3 quantize` picks for this CPU
+    options = TransformerQuantization(subset_size=request.calibration_samples, slices=1,
+                                      ignore_types=TRANSFORMER_FORMS[form])
     quantized = quantize_transformer(model, samples, options, log=lambda _: None)
     (int8 / layout.TRANSFORMER).mkdir(parents=True)
     ov.save_model(quantized, layout.model_xml(int8, layout.TRANSFORMER))
+    return form
 
 
 def _static_shapes(inputs: dict[str, np.ndarray]) -> dict[str, tuple]:
@@ -177,10 +182,10 @@ def estimate(request: EstimateRequest, scratch: Path, log: Callable[[str], None]
     log(f"full-size estimate: {request.preset}'s transformer at full width, {request.blocks} of its "
         f"{full.num_layers} blocks, random weights")
     _export(cut, folders["FP16"])
-    _quantize(folders["FP16"], folders["INT8"], cut, request)
+    form = _quantize(folders["FP16"], folders["INT8"], cut, request)
     sizes = measure(folders, cut, full.num_layers, dataclasses.replace(request, sizes=_sizes(request, cut)), log)
     return {"preset": request.preset, "blocks": request.blocks, "num_layers": full.num_layers,
-            "text_tokens": TEXT_TOKENS, "repeats": request.repeats, "sizes": sizes,
+            "text_tokens": TEXT_TOKENS, "int8_form": form, "repeats": request.repeats, "sizes": sizes,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -190,7 +195,8 @@ def markdown(result: dict) -> list[str]:
              f"The demo's own timing above is not what INT8 is for: its images are so small that a transformer "
              f"block has next to no arithmetic, and quantizing and dequantizing cost more than they save. Here "
              f"{result['preset']}'s transformer at its real width, {result['blocks']} of its {result['num_layers']} "
-             f"blocks with random weights, exported and quantized the same way, one image's call (no guidance; a "
+             f"blocks with random weights, exported and quantized the same way (INT8 form {result['int8_form']}, as "
+             f"`ovsd3 quantize` picks it for this CPU), one image's call (no guidance; a "
              f"guided step is a batch of two), median of {result['repeats']}. The full call is the cut call plus "
              f"{result['num_layers'] - result['blocks']} times one block's time (the cut call less the same with "
              f"one block skipped). Made in {result['seconds']:.0f} s.", "",
