@@ -21,6 +21,7 @@ lands on. A refusal is an ``InvalidRequest`` naming the file and the tensor or f
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -484,14 +485,18 @@ def _check_fits(update: Factors, module: str, shapes: dict[str, tuple], adapter:
                              f"({adapter.weight} x {update.scale}) is beyond float32")
 
 
-def adapter_deltas(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
-                   shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """module -> the summed float32 delta of every adapter (weight x scale x B @ A), each update checked against
-    its layer's weight shape (``shapes``: module -> [out, in(, kh, kw)]) before any is multiplied out."""
+def _check_all_fit(read, shapes: dict[str, tuple]) -> None:
     for adapter, factors in read:
         for module, updates in factors.items():
             for update in updates:
                 _check_fits(update, module, shapes, adapter)
+
+
+def adapter_deltas(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
+                   shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """module -> the summed float32 delta of every adapter (weight x scale x B @ A), each update checked against
+    its layer's weight shape (``shapes``: module -> [out, in(, kh, kw)]) before any is multiplied out."""
+    _check_all_fit(read, shapes)
     deltas: dict[str, np.ndarray] = {}
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused where the weights are updated
         for adapter, factors in read:
@@ -502,19 +507,49 @@ def adapter_deltas(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
     return deltas
 
 
+def adapter_branches(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
+                     shapes: dict[str, tuple]) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per adapter, module -> (A, B) of its side branch: the module's updates stacked along the rank (a kohya
+    qkv update is three), each alpha / rank folded into its rows of B; the adapter's weight stays out (an input
+    of the model). Checked against the layers' shapes first, as for a merge."""
+    _check_all_fit(read, shapes)
+    branches = []
+    for adapter, factors in read:
+        branch = {}
+        for module, updates in factors.items():
+            A = np.concatenate([update.A for update in updates]).astype(np.float32)
+            B = np.concatenate([update.B * np.float32(update.scale) for update in updates], axis=1)
+            if not np.isfinite(B).all():
+                raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s up factor x alpha / rank is beyond "
+                                     "float32")
+            branch[module] = (A, B.astype(np.float32))
+        branches.append(branch)
+    return branches
+
+
+def _read_all(adapters: tuple[LoraAdapter, ...], block_count: int) -> tuple[list, int]:
+    """(adapter, its factors) for each adapter, every file read and checked; and the text tensors left out."""
+    read, text = [], 0
+    for adapter in adapters:
+        factors, ignored = read_adapter(adapter.path, block_count)
+        read.append((adapter, factors))
+        text += ignored
+    return read, text
+
+
 class AdapterEdit:
-    """LoRA adapters as a change to the transformer's IR (a ``ModelCompiler.edit``): the files are read and
+    """LoRA adapters merged into the transformer's weights (a ``ModelCompiler.edit``): the files are read and
     checked when it is made; the deltas are multiplied out at the first IR it sees, once each layer's shape is
     known, and kept for later compiles."""
 
-    def __init__(self, adapters: tuple[LoraAdapter, ...], block_count: int):
+    mode = "merge"
+
+    def __init__(self, adapters: tuple[LoraAdapter, ...], block_count: int, read: list | None = None,
+                 ignored_text_tensors: int = 0):
         self.adapters = adapters
-        self._read = []
-        self.ignored_text_tensors = 0
-        for adapter in adapters:
-            factors, text = read_adapter(adapter.path, block_count)
-            self._read.append((adapter, factors))
-            self.ignored_text_tensors += text
+        if read is None:
+            read, ignored_text_tensors = _read_all(adapters, block_count)
+        self._read, self.ignored_text_tensors = read, ignored_text_tensors
         self._deltas: dict[str, np.ndarray] | None = None
 
     def __call__(self, model) -> None:
@@ -526,3 +561,92 @@ class AdapterEdit:
             add_deltas(model, self._deltas)
         except AdapterMismatch as error:
             raise InvalidRequest(f"LoRA {', '.join(str(adapter.path) for adapter in self.adapters)}: {error}") from None
+
+    def scale_inputs(self) -> dict[str, np.ndarray]:
+        """The model inputs this edit adds, with their values: none (the weights are in the merged weights)."""
+        return {}
+
+
+class BranchEdit(AdapterEdit):
+    """LoRA adapters as side branches beside the transformer's layers (``ovsd3.ir.lora.add_branches``), for any
+    weights (FP16, INT8, INT4); the adapters' weights are the model's inputs ``lora_scale_<i>``."""
+
+    mode = "branch"
+    _branches: list | None = None  # built at the first IR, kept for later compiles
+
+    def __call__(self, model) -> None:
+        from ovsd3.ir.lora import AdapterMismatch, add_branches, layer_shapes
+
+        if self._branches is None:
+            self._branches = adapter_branches(self._read, layer_shapes(model))
+        try:
+            add_branches(model, self._branches)
+        except AdapterMismatch as error:
+            raise InvalidRequest(f"LoRA {', '.join(str(adapter.path) for adapter in self.adapters)}: {error}") from None
+
+    def scale_inputs(self) -> dict[str, np.ndarray]:
+        from ovsd3.ir.lora import SCALE_INPUT
+
+        return {SCALE_INPUT.format(index): np.array(adapter.weight, dtype=np.float32)
+                for index, adapter in enumerate(self.adapters)}
+
+    def draws_the_same_ir(self, other: "BranchEdit") -> bool:
+        """Whether ``other``'s IR is this one's: the same factors and scales, adapter by adapter (the weights,
+        which are inputs, may differ)."""
+        if len(self._read) != len(other._read):
+            return False
+        return all(_same_factors(mine, theirs) for (_, mine), (_, theirs) in zip(self._read, other._read))
+
+    def reweighted(self, adapters: tuple[LoraAdapter, ...]) -> "BranchEdit":
+        """This edit (its IR, its branches already built) with the adapters' weights of ``adapters``."""
+        twin = copy.copy(self)
+        twin.adapters = adapters
+        return twin
+
+
+def _same_factors(mine: dict[str, list[Factors]], theirs: dict[str, list[Factors]]) -> bool:
+    if mine.keys() != theirs.keys():
+        return False
+    return all(len(mine[module]) == len(theirs[module]) and all(
+        a.scale == b.scale and np.array_equal(a.A, b.A) and np.array_equal(a.B, b.B)
+        for a, b in zip(mine[module], theirs[module])) for module in mine)
+
+
+LORA_MODES = ("merge", "branch")
+
+
+def parse_lora_mode(mode, argument: str = "lora_mode") -> str | None:
+    """``merge``, ``branch``, or None (merge on float weights, branch on quantized ones)."""
+    if mode is None or (isinstance(mode, str) and mode in LORA_MODES):
+        return mode
+    raise InvalidRequest(f"{argument} must be one of {', '.join(LORA_MODES)} (or unset), not {_shown(mode)}")
+
+
+def _chosen_mode(mode: str | None, model) -> str:
+    """The mode adapters are applied in to ``model``: ``mode``, or by the weights where it is None."""
+    from ovsd3.ir.lora import compressed_layers
+
+    compressed = compressed_layers(model)
+    if mode == "merge" and compressed:
+        raise InvalidRequest(f"lora_mode merge: this transformer's weights are quantized (layer {compressed[0]} and "
+                             f"{len(compressed) - 1} more), a LoRA cannot be merged into them: use lora_mode "
+                             "branch (--lora-mode branch), or leave it unset")
+    return mode or ("branch" if compressed else "merge")
+
+
+def next_edit(current: AdapterEdit | None, adapters: tuple[LoraAdapter, ...], block_count: int,
+              mode: str | None, read_model) -> tuple[AdapterEdit | None, bool]:
+    """(the edit that applies ``adapters``, whether the IR changes from ``current``'s). Every file is read and
+    checked, and the edit tried on ``read_model()`` (the transformer's IR), before anything is replaced. In
+    branch mode, the same adapters with other weights keep ``current``'s IR: only its scale inputs change."""
+    if not adapters:
+        return None, current is not None
+    read, text = _read_all(adapters, block_count)
+    candidate = BranchEdit(adapters, block_count, read, text)
+    if isinstance(current, BranchEdit) and mode != "merge" and current.draws_the_same_ir(candidate):
+        return current.reweighted(adapters), False
+    model = read_model()
+    kind = BranchEdit if _chosen_mode(mode, model) == "branch" else AdapterEdit
+    edit = kind(adapters, block_count, read, text)
+    edit(model)  # every layer found and fitted now, not at a later (offloaded) compile
+    return edit, True
