@@ -169,11 +169,14 @@ def add_branches(model, branches: list[dict[str, tuple[np.ndarray, np.ndarray]]]
         scale = ops.parameter([], np.float32, name=SCALE_INPUT.format(index))
         scale.output(0).get_tensor().set_names({SCALE_INPUT.format(index)})
         parameters.append(scale)
+        # The branches read the scale through an op of its own: a slice of the model (step caching) that
+        # passes the input on to a later slice must not return the Parameter itself, which would lose its name.
+        value = ops.convert(scale, np.float32, name=f"{SCALE_INPUT.format(index)}/value").output(0)
         for path, (A, B) in adapter.items():
             op = layers[path]
             target = op.output(0)
             consumers = list(target.get_target_inputs())
-            branch = _branch(op, sources[path], A, B, scale.output(0), f"{op.get_friendly_name()}/lora_{index}")
+            branch = _branch(op, sources[path], A, B, value, f"{op.get_friendly_name()}/lora_{index}")
             total = ops.add(target, branch, name=f"{op.get_friendly_name()}/lora_{index}/add")
             for consumer in consumers:
                 consumer.replace_source_output(total.output(0))
