@@ -162,6 +162,9 @@ def test_a_quantized_folder_on_the_command_line(q_sd3, adapters, tmp_path, capsy
     assert main([*common, "--output", str(tmp_path / "plain")]) == 0
     assert main([*common, "--lora", f"{adapters['a']}:0.8", "--output", str(tmp_path / "lora")]) == 0
     assert "--lora applied as side branches" in capsys.readouterr().err
+    from ovsd3.serve.jobs import load_pipeline
+
+    assert load_pipeline(q_sd3, "CPU", [adapters["a"]], 1, "branch")().lora_mode_used == "branch"  # serve's load
     (plain,), (lora,) = (list((tmp_path / name).glob("*.png")) for name in ("plain", "lora"))
     assert plain.read_bytes() != lora.read_bytes()
 
@@ -179,14 +182,17 @@ def test_bad_lora_modes_are_one_line_errors(ov_sd3, adapters, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_merging_into_a_quantized_folder_is_refused(q_sd3, adapters, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_merging_into_a_quantized_folder_is_refused(q_sd3, adapters, tmp_path, capsys, command):
     from ovsd3.cli import EXIT_ERROR, main
 
-    code = main(["run", str(q_sd3), "--prompt", "a cat", "--no-cache", "--lora", str(adapters["a"]),
-                 "--lora-mode", "merge", "--output", str(tmp_path / "out")])
+    extra = ["--prompt", "a cat", "--no-cache", "--output", str(tmp_path / "out")] if command == "run" else \
+        ["--port", "8791"]
+    code = main([command, str(q_sd3), *extra, "--lora", str(adapters["a"]), "--lora-mode", "merge"])
     error = capsys.readouterr().err.strip().splitlines()
-    assert code == EXIT_ERROR and len(error) == 1, error
-    assert "weights are quantized" in error[0] and "--lora-mode branch" in error[0], error
+    assert code == EXIT_ERROR and error and "weights are quantized" in error[-1], error
+    assert "--lora-mode branch" in error[-1] and not any("Traceback" in line for line in error), error
+    assert len(error) == 1 or command == "serve", error  # serve says it is loading first
     assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidRequest, match="use lora_mode branch"):
         SD3Pipeline.load(q_sd3, cache_dir=None, adapters=[(adapters["a"], 1.0)], lora_mode="merge")
