@@ -11,6 +11,9 @@ Formats, and the scale each carries (what diffusers + PEFT apply):
   and the final layer's shift/scale halves swapped).
 
 Several adapters add up: delta W = sum of weight_i * scale_i * B_i @ A_i, exactly what ``set_adapters`` does.
+Merged into the weights (``AdapterEdit``, float folders by default) or, where the weights are quantized or
+``lora_mode="branch"`` asks for it, as side branches whose weights are the model's inputs (``BranchEdit``;
+``ovsd3/ir/lora.py``), so new weights for the same adapters compile nothing (``next_edit``).
 Text-encoder tensors are counted and left out (ovsd3 applies transformer LoRAs; openvino.genai does the same for SD3).
 
 Every file is checked when it is opened, before any weight is multiplied: the safetensors header (dtypes ovsd3
@@ -480,6 +483,10 @@ def _check_fits(update: Factors, module: str, shapes: dict[str, tuple], adapter:
     if update.shape != tuple(expected):
         raise InvalidRequest(f"LoRA {adapter.path}: layer {module} is {list(expected)}, the adapter's B @ A would "
                              f"be {list(update.shape)}")
+    _check_scale(update, module, adapter)
+
+
+def _check_scale(update: Factors, module: str, adapter: LoraAdapter) -> None:
     if not math.isfinite(adapter.weight * update.scale) or abs(adapter.weight * update.scale) > 3e38:
         raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s weight x alpha / rank "
                              f"({adapter.weight} x {update.scale}) is beyond float32")
@@ -597,10 +604,15 @@ class BranchEdit(AdapterEdit):
             return False
         return all(_same_factors(mine, theirs) for (_, mine), (_, theirs) in zip(self._read, other._read))
 
-    def reweighted(self, adapters: tuple[LoraAdapter, ...]) -> "BranchEdit":
-        """This edit (its IR, its branches already built) with the adapters' weights of ``adapters``."""
+    def reweighted(self, other: "BranchEdit") -> "BranchEdit":
+        """This edit (its IR, its branches already built) with the adapters and weights of ``other``, which
+        draws the same IR; each weight x alpha / rank checked as when the branches were built."""
+        for adapter, factors in other._read:
+            for module, updates in factors.items():
+                for update in updates:
+                    _check_scale(update, module, adapter)
         twin = copy.copy(self)
-        twin.adapters = adapters
+        twin.adapters, twin._read = other.adapters, other._read
         return twin
 
 
@@ -644,7 +656,7 @@ def next_edit(current: AdapterEdit | None, adapters: tuple[LoraAdapter, ...], bl
     read, text = _read_all(adapters, block_count)
     candidate = BranchEdit(adapters, block_count, read, text)
     if isinstance(current, BranchEdit) and mode != "merge" and current.draws_the_same_ir(candidate):
-        return current.reweighted(adapters), False
+        return current.reweighted(candidate), False
     model = read_model()
     kind = BranchEdit if _chosen_mode(mode, model) == "branch" else AdapterEdit
     edit = kind(adapters, block_count, read, text)
