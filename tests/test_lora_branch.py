@@ -139,6 +139,9 @@ def test_new_adapter_weights_do_not_recompile(q_sd3, adapters, monkeypatch):
     _, fresh = draw(q_sd3, _chosen(adapters, WEIGHTS["two"]))
     assert _psnr(got, fresh) >= 80  # what a pipeline loaded with those weights draws
     assert _psnr(got, first) < 40
+    with pytest.raises(InvalidRequest, match="beyond FP16's range: lower the weight"):
+        pipe.set_adapters([adapters["a"], adapters["b"]], adapter_weights=[1e30, 1.0])
+    assert pipe.adapters[1].weight == -0.5  # a refusal changes nothing
     pipe.set_adapters([adapters["b"]])  # other adapters: other branches, compiled again (the counter sees it)
     pipe("a cat", seed=1, **CALL)
     assert "compile_model" in calls
@@ -207,3 +210,26 @@ def test_any_lora_mode_is_taken_or_refused_in_one_line(mode):
     except InvalidRequest as error:
         assert mode not in (None, *LORA_MODES)
         assert "\n" not in str(error) and str(error).startswith("lora_mode must be one of merge, branch")
+
+
+@pytest.fixture(scope="module")
+def branch_pipe(ov_sd3, adapters) -> SD3Pipeline:
+    return SD3Pipeline.load(ov_sd3, cache_dir=None, adapters=_chosen(adapters, {"a": 1.0, "b": 1.0}),
+                            lora_mode="branch")
+
+
+@settings(max_examples=25, derandomize=True, deadline=None)
+@given(st.lists(st.one_of(st.floats(), st.integers(-10**40, 10**40), st.text(max_size=6)), min_size=2, max_size=2))
+def test_any_new_weights_are_taken_or_refused_in_one_line(branch_pipe, adapters, weights):
+    """New weights for branch adapters: finite and within what the branches can carry, taken without a compile;
+    otherwise one line, and the weights in use stay."""
+    before = branch_pipe.adapters
+    try:
+        branch_pipe.set_adapters([adapters["a"], adapters["b"]], adapter_weights=weights)
+    except InvalidRequest as error:
+        assert "\n" not in str(error) and branch_pipe.adapters == before
+        assert branch_pipe._compiler.fixed_inputs["lora_scale_0"] == np.float32(before[0].weight)
+        return
+    assert [adapter.weight for adapter in branch_pipe.adapters] == [float(weight) for weight in weights]
+    assert np.isfinite([float(weight) for weight in weights]).all()
+    assert branch_pipe._compiler.fixed_inputs["lora_scale_1"] == np.float32(weights[1])

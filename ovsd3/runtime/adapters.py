@@ -520,6 +520,7 @@ def adapter_branches(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
     qkv update is three), each alpha / rank folded into its rows of B; the adapter's weight stays out (an input
     of the model). Checked against the layers' shapes first, as for a merge."""
     _check_all_fit(read, shapes)
+    _check_branch_weights(read)
     branches = []
     for adapter, factors in read:
         branch = {}
@@ -532,6 +533,24 @@ def adapter_branches(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
             branch[module] = (A, B.astype(np.float32))
         branches.append(branch)
     return branches
+
+
+BRANCH_LIMIT = 65504.0  # FP16's largest value: what a merge into an FP16 folder refuses beyond, too
+
+
+def _check_branch_weights(read) -> None:
+    """Refuse a weight that could make a branch's update of one weight (``weight x scale x (B @ A)[i, j]``, at
+    most ``rank x max|A| x max|B|`` times the weight and scale) go past FP16's range: the update a merge would
+    refuse, and activations that would overflow into NaN (black images)."""
+    for adapter, factors in read:
+        for module, updates in factors.items():
+            for update in updates:
+                _check_scale(update, module, adapter)
+                bound = abs(adapter.weight * update.scale) * update.A.shape[0] * float(np.abs(update.A).max()) \
+                    * float(np.abs(update.B).max())
+                if not bound <= BRANCH_LIMIT:
+                    raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s update could reach {bound:.3g} at "
+                                         f"weight {adapter.weight}, beyond FP16's range: lower the weight")
 
 
 def _read_all(adapters: tuple[LoraAdapter, ...], block_count: int) -> tuple[list, int]:
@@ -607,10 +626,7 @@ class BranchEdit(AdapterEdit):
     def reweighted(self, other: "BranchEdit") -> "BranchEdit":
         """This edit (its IR, its branches already built) with the adapters and weights of ``other``, which
         draws the same IR; each weight x alpha / rank checked as when the branches were built."""
-        for adapter, factors in other._read:
-            for module, updates in factors.items():
-                for update in updates:
-                    _check_scale(update, module, adapter)
+        _check_branch_weights(other._read)
         twin = copy.copy(self)
         twin.adapters, twin._read = other.adapters, other._read
         return twin
