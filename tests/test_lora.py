@@ -135,8 +135,8 @@ def test_lora_errors_are_one_line(ov_sd3, q_sd3, tiny_sd35, adapters, tmp_path, 
                      str(tmp_path / "out"), *[part for spec in lora for part in ("--lora", spec)]])
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert code == EXIT_ERROR and needle in error, error
-    with pytest.raises(OvsdError, match="compressed .INT8/INT4. weights"):
-        SD3Pipeline.load(q_sd3, cache_dir=None, adapters=[(adapters["a"], 1.0)])
+    with pytest.raises(OvsdError, match="weights are quantized .* use lora_mode branch"):
+        SD3Pipeline.load(q_sd3, cache_dir=None, adapters=[(adapters["a"], 1.0)], lora_mode="merge")
 
 
 def test_lora_on_the_command_line(ov_sd3, adapters, tmp_path):

@@ -11,6 +11,9 @@ Formats, and the scale each carries (what diffusers + PEFT apply):
   and the final layer's shift/scale halves swapped).
 
 Several adapters add up: delta W = sum of weight_i * scale_i * B_i @ A_i, exactly what ``set_adapters`` does.
+Merged into the weights (``AdapterEdit``, float folders by default) or, where the weights are quantized or
+``lora_mode="branch"`` asks for it, as side branches whose weights are the model's inputs (``BranchEdit``;
+``ovsd3/ir/lora.py``), so new weights for the same adapters compile nothing (``next_edit``).
 Text-encoder tensors are counted and left out (ovsd3 applies transformer LoRAs; openvino.genai does the same for SD3).
 
 Every file is checked when it is opened, before any weight is multiplied: the safetensors header (dtypes ovsd3
@@ -21,6 +24,7 @@ lands on. A refusal is an ``InvalidRequest`` naming the file and the tensor or f
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -479,19 +483,27 @@ def _check_fits(update: Factors, module: str, shapes: dict[str, tuple], adapter:
     if update.shape != tuple(expected):
         raise InvalidRequest(f"LoRA {adapter.path}: layer {module} is {list(expected)}, the adapter's B @ A would "
                              f"be {list(update.shape)}")
+    _check_scale(update, module, adapter)
+
+
+def _check_scale(update: Factors, module: str, adapter: LoraAdapter) -> None:
     if not math.isfinite(adapter.weight * update.scale) or abs(adapter.weight * update.scale) > 3e38:
         raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s weight x alpha / rank "
                              f"({adapter.weight} x {update.scale}) is beyond float32")
+
+
+def _check_all_fit(read, shapes: dict[str, tuple]) -> None:
+    for adapter, factors in read:
+        for module, updates in factors.items():
+            for update in updates:
+                _check_fits(update, module, shapes, adapter)
 
 
 def adapter_deltas(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
                    shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
     """module -> the summed float32 delta of every adapter (weight x scale x B @ A), each update checked against
     its layer's weight shape (``shapes``: module -> [out, in(, kh, kw)]) before any is multiplied out."""
-    for adapter, factors in read:
-        for module, updates in factors.items():
-            for update in updates:
-                _check_fits(update, module, shapes, adapter)
+    _check_all_fit(read, shapes)
     deltas: dict[str, np.ndarray] = {}
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused where the weights are updated
         for adapter, factors in read:
@@ -502,19 +514,68 @@ def adapter_deltas(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
     return deltas
 
 
+def adapter_branches(read: list[tuple[LoraAdapter, dict[str, list[Factors]]]],
+                     shapes: dict[str, tuple]) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per adapter, module -> (A, B) of its side branch: the module's updates stacked along the rank (a kohya
+    qkv update is three), each alpha / rank folded into its rows of B; the adapter's weight stays out (an input
+    of the model). Checked against the layers' shapes first, as for a merge."""
+    _check_all_fit(read, shapes)
+    _check_branch_weights(read)
+    branches = []
+    for adapter, factors in read:
+        branch = {}
+        for module, updates in factors.items():
+            A = np.concatenate([update.A for update in updates]).astype(np.float32)
+            B = np.concatenate([update.B * np.float32(update.scale) for update in updates], axis=1)
+            if not np.isfinite(B).all():
+                raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s up factor x alpha / rank is beyond "
+                                     "float32")
+            branch[module] = (A, B.astype(np.float32))
+        branches.append(branch)
+    return branches
+
+
+BRANCH_LIMIT = 65504.0  # FP16's largest value: what a merge into an FP16 folder refuses beyond, too
+
+
+def _check_branch_weights(read) -> None:
+    """Refuse a weight that could make a branch's update of one weight (``weight x scale x (B @ A)[i, j]``, at
+    most ``rank x max|A| x max|B|`` times the weight and scale) go past FP16's range: the update a merge would
+    refuse, and activations that would overflow into NaN (black images)."""
+    for adapter, factors in read:
+        for module, updates in factors.items():
+            for update in updates:
+                _check_scale(update, module, adapter)
+                bound = abs(adapter.weight * update.scale) * update.A.shape[0] * float(np.abs(update.A).max()) \
+                    * float(np.abs(update.B).max())
+                if not bound <= BRANCH_LIMIT:
+                    raise InvalidRequest(f"LoRA {adapter.path}: layer {module}'s update could reach {bound:.3g} at "
+                                         f"weight {adapter.weight}, beyond FP16's range: lower the weight")
+
+
+def _read_all(adapters: tuple[LoraAdapter, ...], block_count: int) -> tuple[list, int]:
+    """(adapter, its factors) for each adapter, every file read and checked; and the text tensors left out."""
+    read, text = [], 0
+    for adapter in adapters:
+        factors, ignored = read_adapter(adapter.path, block_count)
+        read.append((adapter, factors))
+        text += ignored
+    return read, text
+
+
 class AdapterEdit:
-    """LoRA adapters as a change to the transformer's IR (a ``ModelCompiler.edit``): the files are read and
+    """LoRA adapters merged into the transformer's weights (a ``ModelCompiler.edit``): the files are read and
     checked when it is made; the deltas are multiplied out at the first IR it sees, once each layer's shape is
     known, and kept for later compiles."""
 
-    def __init__(self, adapters: tuple[LoraAdapter, ...], block_count: int):
+    mode = "merge"
+
+    def __init__(self, adapters: tuple[LoraAdapter, ...], block_count: int, read: list | None = None,
+                 ignored_text_tensors: int = 0):
         self.adapters = adapters
-        self._read = []
-        self.ignored_text_tensors = 0
-        for adapter in adapters:
-            factors, text = read_adapter(adapter.path, block_count)
-            self._read.append((adapter, factors))
-            self.ignored_text_tensors += text
+        if read is None:
+            read, ignored_text_tensors = _read_all(adapters, block_count)
+        self._read, self.ignored_text_tensors = read, ignored_text_tensors
         self._deltas: dict[str, np.ndarray] | None = None
 
     def __call__(self, model) -> None:
@@ -526,3 +587,94 @@ class AdapterEdit:
             add_deltas(model, self._deltas)
         except AdapterMismatch as error:
             raise InvalidRequest(f"LoRA {', '.join(str(adapter.path) for adapter in self.adapters)}: {error}") from None
+
+    def scale_inputs(self) -> dict[str, np.ndarray]:
+        """The model inputs this edit adds, with their values: none (the weights are in the merged weights)."""
+        return {}
+
+
+class BranchEdit(AdapterEdit):
+    """LoRA adapters as side branches beside the transformer's layers (``ovsd3.ir.lora.add_branches``), for any
+    weights (FP16, INT8, INT4); the adapters' weights are the model's inputs ``lora_scale_<i>``."""
+
+    mode = "branch"
+    _branches: list | None = None  # built at the first IR, kept for later compiles
+
+    def __call__(self, model) -> None:
+        from ovsd3.ir.lora import AdapterMismatch, add_branches, layer_shapes
+
+        if self._branches is None:
+            self._branches = adapter_branches(self._read, layer_shapes(model))
+        try:
+            add_branches(model, self._branches)
+        except AdapterMismatch as error:
+            raise InvalidRequest(f"LoRA {', '.join(str(adapter.path) for adapter in self.adapters)}: {error}") from None
+
+    def scale_inputs(self) -> dict[str, np.ndarray]:
+        from ovsd3.ir.lora import SCALE_INPUT
+
+        return {SCALE_INPUT.format(index): np.array(adapter.weight, dtype=np.float32)
+                for index, adapter in enumerate(self.adapters)}
+
+    def draws_the_same_ir(self, other: "BranchEdit") -> bool:
+        """Whether ``other``'s IR is this one's: the same factors and scales, adapter by adapter (the weights,
+        which are inputs, may differ)."""
+        if len(self._read) != len(other._read):
+            return False
+        return all(_same_factors(mine, theirs) for (_, mine), (_, theirs) in zip(self._read, other._read))
+
+    def reweighted(self, other: "BranchEdit") -> "BranchEdit":
+        """This edit (its IR, its branches already built) with the adapters and weights of ``other``, which
+        draws the same IR; each weight x alpha / rank checked as when the branches were built."""
+        _check_branch_weights(other._read)
+        twin = copy.copy(self)
+        twin.adapters, twin._read = other.adapters, other._read
+        return twin
+
+
+def _same_factors(mine: dict[str, list[Factors]], theirs: dict[str, list[Factors]]) -> bool:
+    if mine.keys() != theirs.keys():
+        return False
+    return all(len(mine[module]) == len(theirs[module]) and all(
+        a.scale == b.scale and np.array_equal(a.A, b.A) and np.array_equal(a.B, b.B)
+        for a, b in zip(mine[module], theirs[module])) for module in mine)
+
+
+LORA_MODES = ("merge", "branch")
+
+
+def parse_lora_mode(mode, argument: str = "lora_mode") -> str | None:
+    """``merge``, ``branch``, or None (merge on float weights, branch on quantized ones)."""
+    if mode is None or (isinstance(mode, str) and mode in LORA_MODES):
+        return mode
+    raise InvalidRequest(f"{argument} must be one of {', '.join(LORA_MODES)} (or unset), not {_shown(mode)}")
+
+
+def _chosen_mode(mode: str | None, model) -> str:
+    """The mode adapters are applied in to ``model``: ``mode``, or by the weights where it is None."""
+    from ovsd3.ir.lora import compressed_layers
+
+    compressed = compressed_layers(model)
+    if mode == "merge" and compressed:
+        raise InvalidRequest(f"lora_mode merge: this transformer's weights are quantized (layer {compressed[0]} and "
+                             f"{len(compressed) - 1} more), a LoRA cannot be merged into them: use lora_mode "
+                             "branch (--lora-mode branch), or leave it unset")
+    return mode or ("branch" if compressed else "merge")
+
+
+def next_edit(current: AdapterEdit | None, adapters: tuple[LoraAdapter, ...], block_count: int,
+              mode: str | None, read_model) -> tuple[AdapterEdit | None, bool]:
+    """(the edit that applies ``adapters``, whether the IR changes from ``current``'s). Every file is read and
+    checked, and the edit tried on ``read_model()`` (the transformer's IR), before anything is replaced. In
+    branch mode, the same adapters with other weights keep ``current``'s IR: only its scale inputs change."""
+    if not adapters:
+        return None, current is not None
+    read, text = _read_all(adapters, block_count)
+    candidate = BranchEdit(adapters, block_count, read, text)
+    if isinstance(current, BranchEdit) and mode != "merge" and current.draws_the_same_ir(candidate):
+        return current.reweighted(candidate), False
+    model = read_model()
+    kind = BranchEdit if _chosen_mode(mode, model) == "branch" else AdapterEdit
+    edit = kind(adapters, block_count, read, text)
+    edit(model)  # every layer found and fitted now, not at a later (offloaded) compile
+    return edit, True

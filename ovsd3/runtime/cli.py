@@ -57,6 +57,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a LoRA adapter for the transformer (PEFT folder, diffusers or kohya safetensors), "
                              "applied when the folder loads, with its weight (default 1); repeatable")
+    parser.add_argument("--lora-mode", default=None, metavar="merge|branch",
+                        help="how --lora is applied: merge (into the weights; exact; FP16/FP32 folders) or branch "
+                             "(low-rank side branches beside the layers; any folder, INT8 and INT4 too); default: "
+                             "merge on a float folder, branch on a quantized one")
     _add_guidance_options(parser)
     _add_compile_options(parser)
     parser.add_argument("--preview-every", type=int, default=0, metavar="N",
@@ -245,10 +249,12 @@ def run(args) -> int:
     from ovsd3.atomic import cleaned_up_on_failure
     from ovsd3.layout import ModelFolder
     from ovsd3.runtime.cache import CacheConfig
+    from ovsd3.runtime.adapters import parse_lora_mode
     from ovsd3.runtime.pipeline import SD3Pipeline, StaticShape, offload_advised
     from ovsd3.runtime.request import Request
 
     check_options(args, RULES)
+    parse_lora_mode(args.lora_mode, "--lora-mode")
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         raise OvsdError(f"--steps must be between 1 and {MAX_STEPS} (got {args.steps})")
     if not 1 <= len(args.prompt) * args.num_images <= MAX_IMAGES:
@@ -288,7 +294,10 @@ def run(args) -> int:
               "compiled one at a time (--offload)", file=sys.stderr)
     pipe = SD3Pipeline.load(args.model_dir, device=args.device, static=static, precision=args.precision,
                             cache_dir=None if args.no_cache else (args.cache_dir or "default"), adapters=args.lora,
-                            offload=offload)
+                            offload=offload, lora_mode=args.lora_mode)
+    if pipe.lora_mode_used == "branch" and args.lora_mode is None:
+        print("note: the transformer is quantized: --lora applied as side branches (--lora-mode branch)",
+              file=sys.stderr)
     if pipe.ignored_text_tensors:
         print(f"note: {pipe.ignored_text_tensors} text-encoder LoRA tensor(s) left out (ovsd3 applies LoRA to the "
               "transformer)", file=sys.stderr)

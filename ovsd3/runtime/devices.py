@@ -91,15 +91,22 @@ class TrimmedFirstCalls:
     (:mod:`ovsd3.memory`): that is when the CPU plugin repacks the weights it read from the mapped IR, which
     would otherwise stay resident beside the repacked copy. Everything else is the compiled model's own."""
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, fixed_inputs: dict | None = None):
         self.compiled = compiled
         self._seen: set[tuple] = set()  # (request, input shapes) already run
+        # The compiler's inputs that no caller gives (LoRA branch scales): fed from its mapping, read at each call
+        names = {name for port in compiled.inputs for name in port.get_names()}
+        self._fixed_names = sorted(names & set(fixed_inputs or ()))
+        self._fixed_inputs = fixed_inputs
 
     def __call__(self, inputs):
         return self.run(None, inputs)
 
     def run(self, request, inputs):
         """One inference on ``request`` (an infer request of this model; None: the model's built-in one)."""
+        if self._fixed_names and isinstance(inputs, dict):
+            fixed = self._fixed_inputs
+            inputs = {**{name: fixed[name] for name in self._fixed_names if name in fixed}, **inputs}
         infer = self.compiled if request is None else lambda feed: request.infer(feed, share_inputs=True)
         shapes = tuple((str(name), tuple(getattr(value, "shape", ()))) for name, value in inputs.items()) \
             if isinstance(inputs, dict) else None
@@ -233,6 +240,9 @@ class ModelCompiler:
         self._edits: dict[str, Callable] = {}
         self._originals: dict[str, object] = {}  # IRs read once for edits
         self.record = layout.FolderRecord.load(self.folder)  # its cpu_target's runtime options apply on the CPU
+        # Inputs that edits add to a model (LoRA branch scales: name -> value), fed to every call of a model
+        # compiled here that has them; a new value takes effect at the next call, without a compile.
+        self.fixed_inputs: dict[str, object] = {}
         check_available(self.core, options.plan)
         if options.cache_dir is not None:
             self._use_cache(options.cache_dir)
@@ -273,7 +283,8 @@ class ModelCompiler:
     def _compiled(self, model, device: str, component: str) -> TrimmedFirstCalls:
         # With static shapes the CPU plugin repacks the weights while compiling, not in the first call.
         with trimmed_mappings():
-            return TrimmedFirstCalls(self.core.compile_model(model, device, self._config(device, component)))
+            return TrimmedFirstCalls(self.core.compile_model(model, device, self._config(device, component)),
+                                     self.fixed_inputs)
 
     def compile(self, component: str, static_shapes: dict | None = None):
         """Compile ``component``; ``static_shapes`` (input name -> shape) fixes every dimension first."""

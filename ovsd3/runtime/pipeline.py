@@ -23,7 +23,7 @@ from ovsd3 import __version__, layout
 from ovsd3.errors import InvalidRequest, OvsdError
 from ovsd3.memory import release_freed, total_memory_bytes
 from ovsd3.runtime import images as image_io
-from ovsd3.runtime.adapters import LoraAdapter
+from ovsd3.runtime.adapters import LoraAdapter, parse_lora_mode
 from ovsd3.runtime.cache import SKIP_LAYER_SHARE, CacheConfig, CacheStats, FirstBlockCache, StepCache
 from ovsd3.runtime.controlnet import ControlJob, ControlNet, ControlSettings, control_noise, prepare_control
 from ovsd3.runtime.devices import (CompileOptions, DevicePlan, InferRequests, ModelCompiler, OnUse,
@@ -149,7 +149,7 @@ class SD3Pipeline:
     """Diffusers' ``StableDiffusion3Pipeline`` call on OpenVINO (see :mod:`ovsd3.runtime.request`)."""
 
     def __init__(self, folder: Path, compiler: ModelCompiler, static: StaticShape | None = None,
-                 adapters=None, offload: bool = False):
+                 adapters=None, offload: bool = False, lora_mode: str | None = None):
         model = layout.ModelFolder.open(folder)
         self.folder, self.static = model.path, static
         self.latent_channels = int(model.transformer_config.get("in_channels", 16))
@@ -169,6 +169,8 @@ class SD3Pipeline:
         self._requests = InferRequests()  # this pipeline's own; a clone has others (see clone)
         self._family = weakref.WeakSet([self])  # this pipeline and its clones, which share its compiled models
         self.adapters: tuple[LoraAdapter, ...] = ()
+        self.lora_mode = parse_lora_mode(lora_mode)
+        self._adapter_edit = None
         self._use_adapters(adapters)
         self.offload = offload
         self._compile(compiler, model)
@@ -251,27 +253,39 @@ class SD3Pipeline:
                 component.release()
         release_freed()
 
-    def _use_adapters(self, adapters, adapter_weights=None, argument: str = "adapters") -> None:
-        """LoRA adapters on the transformer's weights, applied whenever its IR is compiled (see set_adapters).
-        Every file, and its fit to the IR, is checked here, before the adapters replace the current ones, and
-        not at a later (offloaded) compile."""
-        from ovsd3.runtime.adapters import AdapterEdit, parse_adapters
+    def _use_adapters(self, adapters, adapter_weights=None, argument: str = "adapters") -> bool:
+        """LoRA adapters on the transformer, applied whenever its IR is compiled (see set_adapters): merged
+        into its weights, or as side branches whose weights are inputs (``lora_mode``). Every file, and its
+        fit to the IR, is checked here, before the adapters replace the current ones, and not at a later
+        (offloaded) compile. Returns whether the IR changed (not when only branch weights did)."""
+        from ovsd3.runtime.adapters import next_edit, parse_adapters
 
         chosen = parse_adapters(adapters, adapter_weights, argument)
-        edit = AdapterEdit(chosen, self.block_count) if chosen else None
-        if edit is not None:
-            edit(self._compiler.read(layout.TRANSFORMER))
-        self._compiler.edit(layout.TRANSFORMER, edit)
+        edit, changed = next_edit(self._adapter_edit, chosen, self.block_count, self.lora_mode,
+                                  lambda: self._compiler.read(layout.TRANSFORMER))
+        if changed:
+            self._compiler.edit(layout.TRANSFORMER, edit)
+        self._compiler.fixed_inputs.clear()
+        self._compiler.fixed_inputs.update({} if edit is None else edit.scale_inputs())
+        self._adapter_edit = edit
         self.adapters, self.ignored_text_tensors = chosen, 0 if edit is None else edit.ignored_text_tensors
+        return changed
+
+    @property
+    def lora_mode_used(self) -> str | None:
+        """How the current adapters are applied: ``merge``, ``branch``, or None without adapters."""
+        return None if self._adapter_edit is None else self._adapter_edit.mode
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """diffusers' ``set_adapters``: replace the LoRA adapters. ``adapter_names``: a path or a list of them
         (``"path:weight"`` and ``(path, weight)`` too; ``[]`` for none); ``adapter_weights``: one number, or one
-        per adapter (default 1). The transformer is recompiled from the IR read at the first adapter, not read
-        from the folder again. Not on a pipeline with clones: they share its compiled transformer."""
+        per adapter (default 1). Merged adapters recompile the transformer from the IR read at the first
+        adapter, not read from the folder again; branch adapters (``lora_mode``) given new weights only change
+        the transformer's scale inputs, without a compile. Not on a pipeline with clones: they share its
+        compiled transformer."""
         self._check_alone("set_adapters()")
-        self._use_adapters(adapter_names, adapter_weights, "adapter_names")
-        self.transformer = self._new_transformer()
+        if self._use_adapters(adapter_names, adapter_weights, "adapter_names"):
+            self.transformer = self._new_transformer()
 
     def _new_transformer(self) -> Transformer:
         # Offloading compiles the transformer when sampling starts, for that generation's shapes; a pipeline
@@ -286,11 +300,15 @@ class SD3Pipeline:
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "AUTO", static: StaticShape | None = None,
              cache_dir: Path | None | str = "default", precision: str | None = None,
-             adapters=None, offload: bool = False, concurrency: int = 1) -> "SD3Pipeline":
+             adapters=None, offload: bool = False, concurrency: int = 1,
+             lora_mode: str | None = None) -> "SD3Pipeline":
         """``device``: an OpenVINO device for everything, or a plan such as ``transformer=GPU,text=CPU``.
         ``cache_dir``: OpenVINO's model cache (``None`` for none); a second start then skips compiling.
         ``precision``: ``"f32"`` to force full-precision execution. ``adapters``: LoRA adapters for the
         transformer, ``[(path, weight), ...]`` (files or PEFT folders; see :mod:`ovsd3.runtime.adapters`).
+        ``lora_mode``: ``"merge"`` (into the weights: exact, FP16/FP32 folders only), ``"branch"`` (side
+        branches, any weights; new adapter weights without a compile), or None: merge on a float folder,
+        branch on a quantized one.
         ``offload``: start with :meth:`enable_model_cpu_offload` on, compiling nothing until it is used.
         ``concurrency``: how many pipelines (this one and its clones, see :meth:`clone`) will generate at
         once; the models are compiled for that many parallel calls (see CompileOptions)."""
@@ -303,7 +321,7 @@ class SD3Pipeline:
                                  cache_dir=default_cache_dir() if cache_dir == "default" else
                                  (Path(cache_dir) if cache_dir is not None else None),
                                  precision=precision, concurrency=concurrency)
-        return cls(folder, ModelCompiler(folder, options), static, adapters, offload)
+        return cls(folder, ModelCompiler(folder, options), static, adapters, offload, lora_mode)
 
     from_pretrained = load  # diffusers' name: the folder (or a converted hub id's local copy) to load
 

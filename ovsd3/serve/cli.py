@@ -51,6 +51,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a LoRA adapter applied to the transformer of every worker, as `ovsd3 run --lora`; "
                              "repeatable")
+    parser.add_argument("--lora-mode", default=None, metavar="merge|branch",
+                        help="how --lora is applied, as `ovsd3 run --lora-mode` (default: merge on a float folder, "
+                             "branch on a quantized one)")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"pipelines generating at once (1 to {MAX_WORKERS}; default 1); they share one "
                              "compiled model per component, so one copy of the weights, and split the cores")
@@ -99,13 +102,14 @@ def run(args) -> int:
     keys = api_keys(args)
     if args.broker is not None:
         given = [option for option, value in (("--workers", args.workers), ("--lora", args.lora),
+                                              ("--lora-mode", args.lora_mode),
                                               ("--device", args.device != "AUTO" or None)) if value]
         if given:
             raise OvsdError(f"{given[0]}: a --broker server holds no model; give it to `ovsd3 worker`")
         return run_broker(args, keys)
     args.workers = args.workers or 1
     from ovsd3.layout import ModelFolder
-    from ovsd3.runtime.adapters import AdapterEdit, parse_adapters
+    from ovsd3.runtime.adapters import AdapterEdit, parse_adapters, parse_lora_mode
     from ovsd3.runtime.cache import CacheConfig
     from ovsd3.serve.api import create_app
     from ovsd3.serve.bodies import Limits
@@ -114,11 +118,13 @@ def run(args) -> int:
     limits = Limits()
     model = ModelFolder.open(args.model_dir)
     model.check_defaults_within(limits.max_steps, limits.max_guidance, "ovsd3 serve")
+    parse_lora_mode(args.lora_mode, "--lora-mode")
     AdapterEdit(parse_adapters(args.lora), model.block_count)  # a bad --lora file: refused before binding
     default_cache = str(CacheConfig.parse(args.cache))  # refused before the pipelines compile
     listening = bind(args.host, args.port)  # a taken port is said before minutes of compiling, not after
     try:
-        pool = WorkerPool(load_pipeline(args.model_dir, args.device, args.lora, args.workers), args.workers,
+        pool = WorkerPool(load_pipeline(args.model_dir, args.device, args.lora, args.workers, args.lora_mode),
+                          args.workers,
                           args.max_queue, job_timeout=args.job_timeout)
     except BaseException:
         listening.close()

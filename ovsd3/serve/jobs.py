@@ -360,15 +360,16 @@ def worker_pipelines(load: Callable[[], object], workers: int) -> list:
     return [first, *(first.clone() for _ in range(workers - 1))]
 
 
-def load_pipeline(folder: Path, device: str, adapters=(), workers: int = 1) -> Callable[[], object]:
+def load_pipeline(folder: Path, device: str, adapters=(), workers: int = 1,
+                  lora_mode: str | None = None) -> Callable[[], object]:
     """What loads the workers' pipeline, compiled for ``workers`` calls at once (SD3Pipeline.load's
-    concurrency); with model offload each call compiles its own, as if alone."""
+    concurrency); with model offload each call compiles its own, as if alone. ``lora_mode``: SD3Pipeline.load's."""
     def load():
         from ovsd3.runtime import SD3Pipeline
         from ovsd3.runtime.pipeline import offload_advised
 
         offload = offload_advised(folder)
         return SD3Pipeline.load(folder, device=device, adapters=list(adapters), offload=offload,
-                                concurrency=1 if offload else workers)
+                                concurrency=1 if offload else workers, lora_mode=lora_mode)
 
     return load
