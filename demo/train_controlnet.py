@@ -141,7 +141,7 @@ def train(controlnet, transformer, data: dict, prompts: tuple, args, generator: 
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = cosine_schedule(optimizer, args.steps, warmup=100)
     started, running = time.perf_counter(), []
-    for step in range(1, args.steps + 1):
+    for step in range(1, (args.stop_after or args.steps) + 1):
         x0, control, rows = sample_batch(data, lookup, len(embeds) - 1, args.batch, generator)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(args.batch, generator=generator))  # logit-normal, as SD3
@@ -184,9 +184,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end the run after this many steps of the --steps schedule (what a run cut short "
+                             "ships: the same weights as its checkpoint at that step)")
     parser.add_argument("--checkpoint-every", type=int, default=250,
                         help="save the moving average every so many steps (0: only at the end)")
     args = parser.parse_args()
+    if args.steps < 1 or args.batch < 1 or not 0 < args.lr < 1:
+        parser.error("--steps and --batch must be at least 1, --lr between 0 and 1")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
+        parser.error(f"--stop-after must be between 1 and --steps ({args.steps})")
 
     from diffusers import SD3ControlNetModel, StableDiffusion3Pipeline
 
@@ -205,7 +212,8 @@ def main() -> int:
     average = train(controlnet, pipe.transformer, data, prompts, args, generator)
     minutes = (time.perf_counter() - started) / 60
     record = {"demo": "digits-controlnet", "model": str(args.model), "seed": args.seed, "layers": CONTROL_LAYERS,
-              "training_digits": TRAINING_DIGITS, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "training_digits": TRAINING_DIGITS, "steps": args.stop_after or args.steps,
+              "schedule_steps": args.steps, "batch": args.batch, "lr": args.lr,
               "ema_decay": EMA_DECAY, "minutes": round(minutes, 1), "threads": 1, "torch": torch.__version__}
     save(average, args.out, record)
     print(f"trained in {minutes:.1f} min; wrote {args.out}", flush=True)
