@@ -124,10 +124,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--scale", type=float, default=1.0, help="controlnet_conditioning_scale (diffusers)")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (diffusers)")
     parser.add_argument("--save", type=Path, default=None, help="write a grid of control images and pictures")
     args = parser.parse_args()
-    if args.n < 1:
-        parser.error("-n must be at least 1")
+    if args.n < 1 or args.threads < 1:
+        parser.error("-n and --threads must be at least 1")
+    import torch
+
+    torch.set_num_threads(args.threads)  # on a busy machine, threads spinning for a core they never get cost most
     cases, scorer = control_cases(args.n), DigitScorer()
     for what, draw in runs(args):
         evaluate(what, draw, cases, scorer, args.save)
