@@ -1,6 +1,6 @@
 """Checks the report's full-size INT8 estimate against a whole full-size transformer, on this CPU.
 
-    python benchmarks/int8_estimate.py FP16_FOLDER INT8_FOLDER [--sizes 512,1024] [--repeats 3] [--blocks 3]
+    python benchmarks/int8_estimate.py FP16_FOLDER INT8_FOLDER [--sizes 512,1024] [--repeats 3] [--blocks 3] [--form F]
 
 The folders: a full-size SD3 Medium FP16 folder and its INT8 folder (random weights are fine: time does not
 depend on them), e.g. `python benchmarks/convert_full_size.py --preset sd3-medium --no-t5 OUT` then
@@ -49,10 +49,13 @@ def main() -> int:
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--form", default=None, help="the INT8 form of INT8_FOLDER's transformer (int8: all "
+                        "INT8, as ovsd3 0.2.0 made it; int8-fc: the attention in float); default: this CPU's")
     args = parser.parse_args()
     sizes = tuple(int(size) for size in args.sizes.split(","))
     with tempfile.TemporaryDirectory() as scratch:
-        estimated = estimate(EstimateRequest(blocks=args.blocks, sizes=sizes, repeats=args.repeats), Path(scratch))
+        estimated = estimate(EstimateRequest(blocks=args.blocks, sizes=sizes, repeats=args.repeats,
+                                             int8_form=args.form), Path(scratch))
     measured = whole_calls({"FP16": args.fp16, "INT8": args.int8}, sizes, args.repeats)
     print(f"{'size':>6} {'folder':>6} {'estimated s':>12} {'measured s':>11} {'error':>7}")
     for size in map(str, sizes):

@@ -44,6 +44,7 @@ class EstimateRequest:
     repeats: int = 3
     calibration_samples: int = 2
     device: str = "CPU"
+    int8_form: str | None = None  # an ovsd3.quantize.target form; None: what `ovsd3 quantize` picks for this CPU
 
     def check(self) -> None:
         from ovsd3.presets import PRESETS as ARCHITECTURES
@@ -103,7 +104,7 @@ def _quantize(fp16: Path, int8: Path, arch, request: EstimateRequest) -> str:
     model = ov.Core().read_model(layout.model_xml(fp16, layout.TRANSFORMER))
     rng = np.random.default_rng(1)
     samples = [transformer_inputs(arch, CALIBRATION_SIZE, rng) for _ in range(request.calibration_samples)]
-    form = choose("this")["transformer"]  # the INT8 form `ovsd3 quantize` picks for this CPU
+    form = request.int8_form or choose("this")["transformer"]
     options = TransformerQuantization(subset_size=request.calibration_samples, slices=1,
                                       ignore_types=TRANSFORMER_FORMS[form])
     quantized = quantize_transformer(model, samples, options, log=lambda _: None)
