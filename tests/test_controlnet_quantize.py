@@ -17,9 +17,14 @@ from ovsd3.metrics import psnr
 from ovsd3.runtime import SD3Pipeline
 
 CONTROLNET = layout.CONTROLNET
-# INT8 against FP16 on the tiny model with control, 64x64, 28 steps: measured MEASURED dB. A broken ControlNet
-# (noise residuals, or one that is not run) draws under 20 dB against the FP16 folder's controlled picture.
-MIN_CONTROL_PSNR = 25.0
+# The quantized folder drawing with control against the FP16 folder drawing with control, on the tiny model
+# (64x64, 28 steps): measured 21.3 dB for INT8 (22.2 dB with the ControlNet left in FP16: quantizing it costs
+# ~1 dB), 47.4 dB for INT4 weights, while INT8 against FP16 without control is 23.2 dB on the same prompt and
+# the FP16 folder with against without control 14.3 dB. So: no more than CONTROL_DROP below the folder's own
+# drift without control, and clearly nearer the controlled picture than the uncontrolled one is (a ControlNet
+# that is broken or not run draws the uncontrolled picture, or noise).
+CONTROL_DROP = 3.0
+CONTROL_MARGIN = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +114,11 @@ def _draw(folder: Path, **call) -> np.ndarray:
 def test_quantized_folder_draws_close_to_fp16_with_control(request, quantized, cn_folder):
     folder = request.getfixturevalue(quantized)
     control = dict(control_image=_control_image(), controlnet_conditioning_scale=1.0)
-    fp16, got = _draw(cn_folder, **control), _draw(folder, **control)
-    assert psnr(fp16, got, data_range=1.0) >= MIN_CONTROL_PSNR
-    # the control counts in these pictures: without it the FP16 folder draws another one
-    assert psnr(fp16, _draw(cn_folder), data_range=1.0) < MIN_CONTROL_PSNR - 5
+    fp16, plain_fp16 = _draw(cn_folder, **control), _draw(cn_folder)
+    drift_without_control = psnr(plain_fp16, _draw(folder), data_range=1.0)
+    with_control = psnr(fp16, _draw(folder, **control), data_range=1.0)
+    assert with_control >= drift_without_control - CONTROL_DROP
+    assert with_control >= psnr(fp16, plain_fp16, data_range=1.0) + CONTROL_MARGIN
 
 
 def test_control_samples_come_from_the_recorded_calls(q_cn, cn_folder, workdir):
