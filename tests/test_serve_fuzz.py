@@ -201,9 +201,9 @@ def in_chunks(body: bytes):
     (6, 15 * 2**20, False, 413, "the request body is larger than this server takes ({cap} bytes)"),
     # ... and without one, at the fifth file part (image, mask, two control images: after about 60 MB, not 90)
     (6, 15 * 2**20, True, 400, "multipart form: Too many files. Maximum number of files is 4."),
-    # one 40 MB part, streamed: refused once the sum passes the cap
-    (1, 40 * 2**20, True, 413, "the request body is larger than this server takes ({cap} bytes)"),
-], ids=["6x15MB-declared", "6x15MB-chunked", "40MB-chunked"])
+    # one 70 MB part, streamed: refused once the sum passes the cap
+    (1, 70 * 2**20, True, 413, "the request body is larger than this server takes ({cap} bytes)"),
+], ids=["6x15MB-declared", "6x15MB-chunked", "70MB-chunked"])
 def test_an_edit_is_bounded_as_a_whole(service, extra_files, extra_size, chunked, status, message):
     """Each part below the upload limit, their sum far above what an edit can hold."""
     import httpx
