@@ -127,8 +127,10 @@ def measure(folder: Path, controlnet_xml: Path, inputs: dict, runs: int) -> dict
     plain, _ = timed(layout.model_xml(folder, layout.TRANSFORMER), inputs, runs)
     model = add_controlnet_residuals(ov.Core().read_model(layout.model_xml(folder, layout.TRANSFORMER)), blocks)
     controlled, _ = timed(model, {**inputs, **residuals}, runs)
-    return {"plain": plain, "controlnet": controlnet, "transformer_with_residuals": controlled,
-            "step_with_control": controlnet + controlled}
+    row = {"plain": plain, "controlnet": controlnet, "transformer_with_residuals": controlled,
+           "step_with_control": controlnet + controlled}
+    print(f"{folder.name}: " + ", ".join(f"{name} {value:.2f} s" for name, value in row.items()), flush=True)
+    return row
 
 
 def main() -> None:
