@@ -33,6 +33,10 @@ class GateSettings:
     # quickstart's INT8 folder passed at 95% and failed at 90% in two runs, while a broken quantization draws
     # next to no digits. None: not scored.
     max_digit_drop: float | None = None
+    # A folder with ControlNets: this many of the prompts are drawn again with control (each ControlNet given
+    # the original's plain picture of that prompt: a control image both folders see alike), under the same
+    # PSNR and SSIM bounds; 0: none.
+    control_prompts: int = 0
 
 
 @dataclass
@@ -41,6 +45,8 @@ class GateReport:
     image_ssim: list[float] = field(default_factory=list)
     step_psnr: list[float] = field(default_factory=list)  # transformer outputs, mean over prompts, per step
     digit_accuracy: dict[str, float] | None = None  # {"reference": ..., "candidate": ...} for the digits demo
+    control_psnr: list[float] = field(default_factory=list)  # the pictures drawn with ControlNets
+    control_ssim: list[float] = field(default_factory=list)
     passed: bool = False
 
     @property
@@ -54,11 +60,34 @@ class GateReport:
     def as_dict(self) -> dict:
         return {"image_psnr": self.image_psnr, "image_ssim": self.image_ssim, "step_psnr": self.step_psnr,
                 "mean_psnr": self.mean_psnr, "mean_ssim": self.mean_ssim, "digit_accuracy": self.digit_accuracy,
+                **({"control_psnr": self.control_psnr, "control_ssim": self.control_ssim}
+                   if self.control_psnr else {}),
                 "passed": self.passed}
 
 
-def _generate(folder: Path, settings: GateSettings) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+def _generate(folder: Path, settings: GateSettings, controls: list | None = None):
+    """The folder's pictures of the prompts, its transformer outputs, and (with ``control_prompts``) its
+    pictures drawn with control and the control images used (``controls``, or its own plain pictures)."""
     pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None, offload=offload_advised(folder))
+    images, outputs = _plain(pipe, settings)
+    controlled = []
+    if settings.control_prompts:
+        from PIL import Image
+
+        count = min(settings.control_prompts, len(settings.prompts))
+        controls = controls or [Image.fromarray(image.astype(np.uint8)) for image in images[:count]]
+        nets = len(pipe.controlnets)
+        for index, (prompt, control) in enumerate(zip(settings.prompts, controls)):
+            result = pipe(prompt, width=settings.size, height=settings.size, num_inference_steps=settings.steps,
+                          guidance_scale=settings.guidance_scale, seed=settings.seed + index,
+                          control_image=[control] * nets if nets > 1 else control)
+            controlled.append(np.asarray(result.images[0], dtype=np.float64))
+    del pipe
+    gc.collect()  # one pipeline in memory at a time
+    return images, outputs, controlled, controls
+
+
+def _plain(pipe, settings: GateSettings) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     images, outputs = [], []
     for index, prompt in enumerate(settings.prompts):
         calls: list[np.ndarray] = []  # every transformer output of this generation
@@ -67,14 +96,13 @@ def _generate(folder: Path, settings: GateSettings) -> tuple[list[np.ndarray], l
                       guidance_scale=settings.guidance_scale, seed=settings.seed + index)
         images.append(np.asarray(result.images[0], dtype=np.float64))  # float before any difference
         outputs.append(calls)
-    del pipe
-    gc.collect()  # one pipeline in memory at a time
+    pipe.transformer.observers[:] = []
     return images, outputs
 
 
 def run_gate(reference: Path, candidate: Path, settings: GateSettings) -> GateReport:
-    reference_images, reference_outputs = _generate(reference, settings)
-    candidate_images, candidate_outputs = _generate(candidate, settings)
+    reference_images, reference_outputs, reference_controlled, controls = _generate(reference, settings)
+    candidate_images, candidate_outputs, candidate_controlled, _ = _generate(candidate, settings, controls)
     report = GateReport(
         image_psnr=[psnr(a, b, data_range=255.0) for a, b in zip(reference_images, candidate_images)],
         image_ssim=[ssim(a, b, data_range=255.0) for a, b in zip(reference_images, candidate_images)],
@@ -82,7 +110,12 @@ def run_gate(reference: Path, candidate: Path, settings: GateSettings) -> GateRe
                                   for ref, cand in zip(reference_outputs, candidate_outputs)]))
                    for step in range(settings.steps)],
     )
+    report.control_psnr = [psnr(a, b, data_range=255.0) for a, b in zip(reference_controlled, candidate_controlled)]
+    report.control_ssim = [ssim(a, b, data_range=255.0) for a, b in zip(reference_controlled, candidate_controlled)]
     report.passed = report.mean_psnr >= settings.min_psnr and report.mean_ssim >= settings.min_ssim
+    if report.control_psnr:
+        report.passed = report.passed and float(np.mean(report.control_psnr)) >= settings.min_psnr \
+            and float(np.mean(report.control_ssim)) >= settings.min_ssim
     if settings.max_digit_drop is not None:
         from ovsd3.demo.digits import DigitScorer
 

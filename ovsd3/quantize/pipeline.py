@@ -31,6 +31,7 @@ WEIGHT_COMPRESSED = (layout.CLIP_L, layout.CLIP_G, layout.T5, layout.VAE_ENCODER
 MAX_DECODER_LATENTS = 64
 MAX_CALIB = 1000  # five times the published recipe's 200; each sample is kept on disk (~11 MB at full size)
 MAX_GATE_PROMPTS = 400
+GATE_CONTROL_PROMPTS = 4  # a folder with ControlNets: the first prompts drawn again with control, both folders
 
 
 @dataclass
@@ -78,7 +79,9 @@ def size_table(rows: list[SizeRow]) -> str:
 def _copy_everything_but_models(source: Path, staging: Path) -> None:
     def skip(folder, names):
         return [name for name in names if name.startswith(layout.MODEL_XML.rsplit(".", 1)[0])
-                and Path(folder).name in layout.MODEL_COMPONENTS]
+                and Path(folder).name in models]
+
+    models = (*layout.MODEL_COMPONENTS, *layout.controlnet_components(source))  # written by quantize
 
     shutil.copytree(source, staging, ignore=skip, dirs_exist_ok=True)
 
@@ -121,6 +124,15 @@ def _quantize_transformer(core, source: Path, staging: Path, request: QuantizeRe
     gc.collect()
     return SizeRow(layout.TRANSFORMER, layout.ir_bytes(source, layout.TRANSFORMER),
                    layout.ir_bytes(staging, layout.TRANSFORMER), options.label)
+
+
+def _quantize_controlnets(core, source: Path, staging: Path, request: QuantizeRequest, cache_dir: Path | None,
+                          log) -> list[SizeRow]:
+    """The folder's ControlNets, as the transformer (ovsd3.quantize.controlnet)."""
+    from ovsd3.quantize.controlnet import quantize_controlnets
+
+    return [SizeRow(*row) for row in quantize_controlnets(core, layout.ModelFolder.open(source), staging,
+                                                          request.transformer, cache_dir, request.calib, log)]
 
 
 def _compress_weights(core, source: Path, staging: Path, components, options: WeightCompression) -> list[SizeRow]:
@@ -201,11 +213,13 @@ def _write_quantized(staging: Path, model: layout.ModelFolder, request: Quantize
     gate = GateSettings(prompts=tuple(_gate_prompts(digits_demo, request.gate_prompts)), size=request.calib_size,
                         steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
                         min_psnr=request.min_psnr, min_ssim=request.min_ssim,
-                        max_digit_drop=request.max_digit_drop if digits_demo else None)
+                        max_digit_drop=request.max_digit_drop if digits_demo else None,
+                        control_prompts=GATE_CONTROL_PROMPTS if model.controlnet_configs else 0)
     report = _gate(model.path, staging, gate, log)
     summary = {"calibration": {**asdict(plan), "dataset": request.dataset},
                "transformer": asdict(request.transformer), "weights": asdict(request.weights),
                "vae_decoder": _decoder_summary(request.vae_decoder, decoder_latents),
+               **_controlnet_summary(model, request),
                "sizes": {row.component: {"before_bytes": row.before_bytes, "after_bytes": row.after_bytes,
                                          "format": row.format} for row in rows},
                "gate": report.as_dict()}
@@ -214,6 +228,13 @@ def _write_quantized(staging: Path, model: layout.ModelFolder, request: Quantize
     record.ovsd3_version = __version__
     record.save(staging)
     return summary
+
+
+def _controlnet_summary(model: layout.ModelFolder, request: QuantizeRequest) -> dict:
+    from ovsd3.quantize.controlnet import summary
+
+    controlnets = summary(model, request.transformer, request.calib)
+    return {} if controlnets is None else {"controlnets": controlnets}
 
 
 def _copied_files(source: Path) -> tuple[str, ...]:
@@ -308,6 +329,7 @@ def _quantize_models(core, source: Path, staging: Path, request: QuantizeRequest
     else:
         log(f"[2/4] transformer: {request.transformer.label} only (NNCF; activations stay in float)")
     rows = [_quantize_transformer(core, source, staging, request, cache_dir, log)]
+    rows += _quantize_controlnets(core, source, staging, request, cache_dir, log)
     decoder_int8 = request.vae_decoder.mode == "int8"
     log(f"[3/4] text encoders and VAE{' encoder' if decoder_int8 else ''}: {request.weights.mode} weights "
         f"(group size {request.weights.group_size}, ratio {request.weights.ratio})")
@@ -326,6 +348,9 @@ def _gate(source: Path, staging: Path, gate: GateSettings, log):
     log("      image PSNR " + ", ".join(f"{value:.1f}" for value in report.image_psnr)
         + f" dB (mean {report.mean_psnr:.1f}); SSIM " + ", ".join(f"{v:.3f}" for v in report.image_ssim)
         + f" (mean {report.mean_ssim:.3f})")
+    if report.control_psnr:
+        log("      with control: image PSNR " + ", ".join(f"{value:.1f}" for value in report.control_psnr)
+            + " dB; SSIM " + ", ".join(f"{value:.3f}" for value in report.control_ssim))
     log("      transformer output PSNR per step: " + ", ".join(f"{v:.1f}" for v in report.step_psnr) + " dB")
     digits = report.digit_accuracy
     if digits is not None:
@@ -335,7 +360,10 @@ def _gate(source: Path, staging: Path, gate: GateSettings, log):
         digit_note = "" if digits is None else (
             f", digits matching {digits['candidate']:.0%} against the original's {digits['reference']:.0%} "
             f"(may fall by {gate.max_digit_drop:.0%} at most)")
+        control_note = "" if not report.control_psnr else (
+            f", with control {sum(report.control_psnr) / len(report.control_psnr):.1f} dB and SSIM "
+            f"{sum(report.control_ssim) / len(report.control_ssim):.3f}")
         raise OvsdError(f"quality gate failed: mean image PSNR {report.mean_psnr:.1f} dB (needs "
                         f">= {gate.min_psnr}), mean SSIM {report.mean_ssim:.3f} (needs >= {gate.min_ssim})"
-                        f"{digit_note}; nothing was written")
+                        f"{control_note}{digit_note}; nothing was written")
     return report

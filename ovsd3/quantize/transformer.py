@@ -42,13 +42,14 @@ def slice_count(weight_bytes: int) -> int:
     return max(1, -(-weight_bytes // SLICE_WEIGHT_BYTES))
 
 
-def patch_embedding_convolution(model) -> str:
-    """The first Convolution fed by the ``hidden_states`` input: the patch embedding, which the published
-    recipe keeps in float. Found from the graph, so a merged LoRA or another exporter's names don't matter."""
+def patch_embedding_convolution(model, input_name: str = "hidden_states") -> str:
+    """The first Convolution fed by the ``hidden_states`` input (or ``input_name``: a ControlNet's
+    ``controlnet_cond``): the patch embedding, which the published recipe keeps in float. Found from the graph,
+    so a merged LoRA or another exporter's names don't matter."""
     starts = [parameter for parameter in model.get_parameters()
-              if "hidden_states" in parameter.output(0).get_names()]
+              if input_name in parameter.output(0).get_names()]
     if not starts:
-        raise OvsdError("the transformer IR has no hidden_states input")
+        raise OvsdError(f"the IR has no {input_name} input")
     queue, seen = deque(starts), set()
     while queue:
         node = queue.popleft()
@@ -60,7 +61,7 @@ def patch_embedding_convolution(model) -> str:
                 if consumer.get_friendly_name() not in seen:
                     seen.add(consumer.get_friendly_name())
                     queue.append(consumer)
-    raise OvsdError("no Convolution is fed by hidden_states: is this an SD3 transformer?")
+    raise OvsdError(f"no Convolution is fed by {input_name}: is this an SD3 transformer?")
 
 
 def quantize_transformer(model, samples, options: TransformerQuantization, weight_bytes: int = 0,

@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import io
 import json
 import sys
 
@@ -30,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ovsd3.serve.access import BearerKey
-from ovsd3.serve.bodies import BadRequest, EditBody, GenerationBody, Limits, ServerSettings, Unavailable
+from ovsd3.serve.bodies import (BadRequest, EditBody, GenerationBody, Limits, ServerSettings, Unavailable,
+                                check_image)
 from ovsd3.serve.jobs import QueueFull, ShuttingDown
 
 DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting image request checks that its client is still there
@@ -169,6 +169,8 @@ def edit_form_schema() -> dict:
     properties["image"] = {"type": "string", "format": "binary", "description": "the start image (PNG, JPEG, WebP)"}
     properties["mask"] = {"type": "string", "format": "binary",
                           "description": "inpainting: white (or transparent) is redrawn"}
+    properties["control_image"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                                   "description": "ControlNet: one control image per ControlNet of the folder"}
     return {"type": "object", "required": ["prompt", "image"], "properties": properties,
             "additionalProperties": False}
 
@@ -248,24 +250,63 @@ async def generations(body: GenerationBody, request: Request):
 async def edits(request: Request):
     state = state_of(request)
     limits = state.limits
-    # two files (image, mask); fields each below max_field_bytes; BodyLimit caps the whole
+    # files: image, mask, control images; fields each below max_field_bytes; BodyLimit caps the whole
     try:
-        form = await request.form(max_files=2, max_fields=limits.max_form_fields,
+        form = await request.form(max_files=limits.max_files, max_fields=limits.max_form_fields,
                                   max_part_size=limits.max_field_bytes)
     except StarletteHTTPException as refused:  # starlette's multipart limits, said without naming them
         if refused.status_code != 400:
             raise
-        raise BadRequest(f"multipart form: {refused.detail} (an edit is text fields, one 'image' file and "
-                         f"at most one 'mask' file; each text field at most {limits.max_field_bytes} bytes)") from None
+        raise BadRequest(f"multipart form: {refused.detail} (an edit is text fields, one 'image' file, at most "
+                         f"one 'mask' file and {limits.max_control_images} 'control_image' files; each text field "
+                         f"at most {limits.max_field_bytes} bytes)") from None
     data = await _upload(form, limits)
     mask = await _mask_upload(form, limits)
-    fields = {key: value for key, value in form.items() if key not in ("image", "image[]", "mask")}
+    controls = await _control_uploads(form, limits)
+    fields = _form_fields(form)
     try:
         body = EditBody.model_validate({key: value for key, value in fields.items() if value != ""})
     except ValidationError as invalid_form:
         raise BadRequest(_first_problem(invalid_form.errors())) from None
-    job = await asyncio.to_thread(state.submit, body, previews=False, image=data, mask=mask, strength=body.strength)
+    job = await asyncio.to_thread(state.submit, body, previews=False, image=data, mask=mask, strength=body.strength,
+                                  control_image=controls)
     return images_response(await finished(job, request), state.backend)
+
+
+FILE_FIELDS = ("image", "image[]", "mask", "control_image", "control_image[]")
+LIST_FIELDS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+
+
+def _form_fields(form) -> dict:
+    """The edit's text fields; a ControlNet keyword given several times is one value per ControlNet; a file
+    under another name is refused by name."""
+    fields = {}
+    for key, value in form.multi_items():
+        if key in FILE_FIELDS:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"{key}: not a file field (an edit's files are 'image', 'mask' and 'control_image')")
+        values = [item for item in form.getlist(key) if item != ""]
+        if values:
+            fields[key] = values if key in LIST_FIELDS and len(values) > 1 else values[-1]
+    return fields
+
+
+async def _control_uploads(form, limits: Limits) -> list[bytes] | None:
+    """The control images (multipart field ``control_image``, repeatable: one per ControlNet); None without."""
+    uploads = [value for key in ("control_image", "control_image[]") for value in form.getlist(key) if value != ""]
+    if not uploads:
+        return None
+    if any(isinstance(upload, str) for upload in uploads):
+        raise BadRequest("control_image: an image file is expected (multipart field 'control_image')")
+    if len(uploads) > limits.max_control_images:
+        raise BadRequest(f"control_image: at most {limits.max_control_images} per edit (got {len(uploads)})")
+    images = []
+    for index, upload in enumerate(uploads):
+        data = await upload.read()
+        check_image(data, limits, f"control_image[{index}]" if len(uploads) > 1 else "control_image")
+        images.append(data)
+    return images
 
 
 async def _upload(form, limits: Limits) -> bytes:
@@ -385,18 +426,7 @@ def _image_data(job) -> list[dict]:
 
 
 def _check_image(data: bytes, max_pixels: int) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadRequest(f"image: {width}x{height} is more than {max_pixels} pixels")
-            image.verify()
-    except Image.DecompressionBombError:
-        raise BadRequest(f"image: more than {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        raise BadRequest("image: not a PNG/JPEG/WebP image Pillow can read") from None
+    check_image(data, Limits(max_upload_pixels=max_pixels, max_upload_bytes=len(data)))
 
 
 def _registry(backend):

@@ -10,12 +10,19 @@ generation request and OpenAI's, read into one :class:`~ovsd3.serve.jobs.Generat
   ``input_fidelity`` are checked against OpenAI's values and otherwise ignored.
 - ovsd3's own: ``cache`` (step caching), ``noise`` ("torch" or "numpy"), ``preview_every`` (jobs).
 - diffusers': skip-layer guidance's fields; on edits with a mask, ``padding_mask_crop``.
+- diffusers' ControlNet keywords, for a folder converted with ``--controlnet``: ``control_image`` (base64 in JSON,
+  a string or one per ControlNet; files of that name on ``/v3/images/edits``), ``controlnet_conditioning_scale``,
+  ``control_guidance_start`` and ``control_guidance_end`` (a number, or one per ControlNet). Each control image
+  is held to the upload limits (bytes and pixels); an edit takes at most ``max_control_images`` of them.
 
 Any other field is refused (400), as a typo should be.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -39,12 +46,18 @@ class Limits:
     max_json_bytes: int = 1024 * 1024  # a JSON body: six 2,000-character prompts fit many times over
     max_field_bytes: int = 64 * 1024  # one text field of an edit's multipart form
     max_form_fields: int = 64  # text fields of an edit (its body has about 35 names)
+    max_control_images: int = 2  # control_image files of an edit or images of a body, each an upload
     retry_after_seconds: int = 5
 
     @property
     def max_form_bytes(self) -> int:
-        """A whole edit: the image and the mask at their limit, and the text fields."""
-        return 2 * self.max_upload_bytes + self.max_form_fields * self.max_field_bytes
+        """A whole edit: the image, the mask and the control images at their limit, and the text fields."""
+        return (2 + self.max_control_images) * self.max_upload_bytes + self.max_form_fields * self.max_field_bytes
+
+    @property
+    def max_files(self) -> int:
+        """The file parts of an edit: image, mask, control images."""
+        return 2 + self.max_control_images
 
 
 LIMITS = Limits()  # the defaults, which the request schema (and so /openapi.json) states
@@ -73,6 +86,8 @@ Side = whole(ge=LIMITS.min_side, le=LIMITS.max_side)
 Seed = whole(ge=0, lt=2**64)
 Fraction = finite(ge=0.0, le=1.0)
 MAX_LAYER_GUIDANCE = 100.0  # as SD3Pipeline's (ovsd3.runtime.request.MAX_GUIDANCE)
+MAX_CONTROL_SCALE = 100.0  # as SD3Pipeline's (ovsd3.runtime.controlnet.MAX_SCALE)
+ControlScale = finite(ge=0.0, le=MAX_CONTROL_SCALE)
 MAX_BLOCK = 999  # far above any SD3 transformer's blocks (SD3.5 Large: 38); the model's own count is checked later
 
 
@@ -137,6 +152,12 @@ class GenerationBody(BaseModel):
     skip_layer_guidance_scale: finite(ge=0.0, le=MAX_LAYER_GUIDANCE) = 2.8
     skip_layer_guidance_start: Fraction = 0.01
     skip_layer_guidance_stop: Fraction = 0.2
+    # diffusers' ControlNet keywords (a folder converted with --controlnet); one value, or one per ControlNet
+    control_image: str | list[str] | None = Field(None, description="base64 PNG/JPEG/WebP, one per ControlNet")
+    controlnet_conditioning_scale: ControlScale | Annotated[list[ControlScale], Field(min_length=1,
+                                                                                     max_length=8)] = 1.0
+    control_guidance_start: Fraction | Annotated[list[Fraction], Field(min_length=1, max_length=8)] = 0.0
+    control_guidance_end: Fraction | Annotated[list[Fraction], Field(min_length=1, max_length=8)] = 1.0
 
     def to_request(self, server: ServerSettings, *, previews: bool = True, **extra) -> GenerationRequest:
         """Check the body against the server's limits; ``previews``: False where nobody would see them."""
@@ -149,6 +170,7 @@ class GenerationBody(BaseModel):
         except CacheSettingError as problem:
             raise BadRequest(f"cache: {problem}") from None
         seed = self.rng_seed if self.rng_seed is not None else self.seed
+        extra.update(self._control(limits, extra.pop("control_image", None)))
         return GenerationRequest(
             prompt=self.prompt, prompt_2=self.prompt_2, prompt_3=self.prompt_3, negative_prompt=self.negative_prompt,
             negative_prompt_2=self.negative_prompt_2, negative_prompt_3=self.negative_prompt_3,
@@ -195,6 +217,41 @@ class GenerationBody(BaseModel):
         if self.strength is not None and self.strength != 1.0:
             raise BadRequest("strength: text-to-image runs at 1.0; send an image to /v3/images/edits to use it")
 
+    def _control(self, limits: Limits, uploads: list[bytes] | None) -> dict:
+        """The control keywords for the request: ``uploads`` (an edit's files) or the body's base64 images,
+        each checked as an upload; keywords without an image refused."""
+        images = uploads if uploads is not None else self._decoded_control_images(limits)
+        if not images:
+            given = [name for name, default in CONTROL_DEFAULTS.items() if getattr(self, name) != default]
+            if given:
+                raise BadRequest(f"{given[0]}: needs a control_image")
+            return {}
+        if len(images) > limits.max_control_images:
+            raise BadRequest(f"control_image: at most {limits.max_control_images} per request (got {len(images)})")
+        return {"control_image": images, **{name: getattr(self, name) for name in CONTROL_DEFAULTS}}
+
+    def _decoded_control_images(self, limits: Limits) -> list[bytes]:
+        if self.control_image is None:
+            return []
+        listed = isinstance(self.control_image, list)
+        texts = self.control_image if listed else [self.control_image]
+        if not texts:
+            raise BadRequest("control_image: an empty list (give one image per ControlNet)")
+        if len(texts) > limits.max_control_images:
+            raise BadRequest(f"control_image: at most {limits.max_control_images} per request (got {len(texts)})")
+        images = []
+        for index, text in enumerate(texts):
+            name = f"control_image[{index}]" if listed else "control_image"
+            if len(text) > (limits.max_upload_bytes + 2) // 3 * 4 + 4:  # before decoding it
+                raise BadRequest(f"{name}: larger than {limits.max_upload_bytes} bytes", status=413)
+            try:
+                data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"{name}: not base64 (give the image file's bytes in base64)") from None
+            check_image(data, limits, name)
+            images.append(data)
+        return images
+
     def _images(self) -> int | None:
         return self.n if self.n is not None else self.num_images_per_prompt
 
@@ -229,6 +286,29 @@ class EditBody(GenerationBody):
             super()._check_numbers(limits)
         finally:
             self.strength = strength
+
+
+CONTROL_DEFAULTS = {"controlnet_conditioning_scale": 1.0, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
+
+
+def check_image(data: bytes, limits: Limits, name: str = "image") -> None:
+    """An uploaded image (``name`` the field): within the upload limits, and one Pillow reads; from its header,
+    before it is decoded (image bombs)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > limits.max_upload_bytes:
+        raise BadRequest(f"{name}: larger than {limits.max_upload_bytes} bytes", status=413)
+    max_pixels = limits.max_upload_pixels
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadRequest(f"{name}: {width}x{height} is more than {max_pixels} pixels")
+            image.verify()
+    except Image.DecompressionBombError:
+        raise BadRequest(f"{name}: more than {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise BadRequest(f"{name}: not a PNG/JPEG/WebP image Pillow can read") from None
 
 
 def parse_size(size: str | None, limits: Limits, multiple: int) -> tuple[int | None, int | None]:

@@ -70,6 +70,10 @@ class GenerationRequest:
     skip_layer_guidance_scale: float = 2.8
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
+    control_image: list[bytes] | None = None  # ControlNet: one picture (PNG/JPEG bytes) per ControlNet
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
 
     def pipeline_settings(self) -> dict:
         settings = dict(prompt_2=self.prompt_2, prompt_3=self.prompt_3, negative_prompt=self.negative_prompt,
@@ -92,7 +96,18 @@ class GenerationRequest:
 
             settings.update(mask_image=openai_mask(Image.open(io.BytesIO(self.mask))),
                             padding_mask_crop=self.padding_mask_crop)
+        if self.control_image:
+            settings.update(self._control_settings())
         return settings
+
+    def _control_settings(self) -> dict:
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(data)).convert("RGB") for data in self.control_image]
+        return dict(control_image=images[0] if len(images) == 1 else images,
+                    controlnet_conditioning_scale=self.controlnet_conditioning_scale,
+                    control_guidance_start=self.control_guidance_start,
+                    control_guidance_end=self.control_guidance_end)
 
     def encode(self, image) -> str:
         """One image as base64, in the asked format."""
@@ -104,6 +119,8 @@ class GenerationRequest:
         for name in ("image", "mask"):
             if record[name] is not None:
                 record[name] = base64.b64encode(record[name]).decode("ascii")
+        if record["control_image"] is not None:
+            record["control_image"] = [base64.b64encode(data).decode("ascii") for data in record["control_image"]]
         return record
 
     @classmethod
@@ -112,6 +129,8 @@ class GenerationRequest:
         for name in ("image", "mask"):
             if record.get(name) is not None:
                 record[name] = base64.b64decode(record[name])
+        if record.get("control_image") is not None:
+            record["control_image"] = [base64.b64decode(text) for text in record["control_image"]]
         return cls(**record)
 
 

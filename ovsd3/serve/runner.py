@@ -45,8 +45,9 @@ def run_job(pipe, request, events: JobEvents, timeout: float | None = None) -> s
 
 def batch_key(request) -> tuple | None:
     """Requests with one key can be drawn in one batched call (size, steps, guidance, cache, text length,
-    noise stream); None: drawn alone (image-to-image, inpainting and skip-layer guidance)."""
-    if request.image is not None or request.mask is not None or request.skip_guidance_layers:
+    noise stream); None: drawn alone (image-to-image, inpainting, skip-layer guidance and ControlNet)."""
+    if request.image is not None or request.mask is not None or request.skip_guidance_layers or \
+            request.control_image:
         return None
     return (request.width, request.height, request.num_inference_steps, request.guidance_scale, request.cache,
             request.max_sequence_length, request.noise)

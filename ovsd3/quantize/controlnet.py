@@ -1,0 +1,137 @@
+"""ControlNets in ``ovsd3 quantize``: each quantized as the transformer is (INT8 activations from the same
+calibration pass, or weights only with ``--transformer-weights``), its patch embeddings kept in float.
+
+A ControlNet's inputs are the transformer's (noisy latents, timestep, text embeddings, pooled) plus the control
+image's VAE latents. They are taken from the transformer's recorded calls, so no second sampling pass runs:
+each call's ``controlnet_cond`` is the calibration image's own latents (the final latents its prompt drew, as
+the VAE encodes that picture: diffusers' ``(sample - shift) * scaling``, the shift left out for ControlNets with
+``force_zeros_for_pooled_projection``), repeated over the call's batch; the pooled input is zeros where the
+first ControlNet forces it (as the runtime feeds it) and the prompt's pooled embeddings otherwise. A picture
+of the prompt's own subject is what a tile ControlNet sees, and its latents have the ranges of real control
+images' (the demo has no outline maker to draw edges from).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ovsd3 import layout
+from ovsd3.quantize import calibration
+from ovsd3.quantize.transformer import TransformerQuantization, compress_transformer, patch_embedding_convolution
+
+CONTROL_SOURCE = "the calibration images' own VAE latents (each prompt's final latents)"
+
+
+class RecordedControlSamples:
+    """The ControlNet's calibration set, built from the recorded transformer calls (read one prompt at a time).
+
+    ``zero_pooled``: the pooled input is zeros; ``shift``: the VAE shift the control latents are taken
+    against (0 for ControlNets with ``force_zeros_for_pooled_projection``, as diffusers encodes for them);
+    ``text``: the ControlNet takes ``encoder_hidden_states``."""
+
+    def __init__(self, cache_dir: Path, count: int, *, scaling: float, shift: float, zero_pooled: bool,
+                 text: bool):
+        self.cache_dir, self.count = cache_dir, count
+        self.scaling, self.shift, self.zero_pooled, self.text = scaling, shift, zero_pooled, text
+
+    def _control_latents(self, decoder_input: np.ndarray) -> np.ndarray:
+        # decoder_input = latents / scaling + shift is the VAE's sample of the drawn picture
+        return ((decoder_input - np.float32(self.shift)) * np.float32(self.scaling)).astype(np.float32)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        produced = 0
+        for path in sorted(self.cache_dir.glob("prompt_*.npz")):
+            with np.load(path) as arrays:
+                calls = {name: arrays[name] for name in calibration.INPUT_NAMES}
+                control = self._control_latents(arrays[calibration.DECODER_INPUT])
+            for call in range(len(calls["timestep"])):
+                if produced == self.count:
+                    return
+                yield self._sample({name: calls[name][call] for name in calibration.INPUT_NAMES}, control)
+                produced += 1
+
+    def _sample(self, call: dict[str, np.ndarray], control: np.ndarray) -> dict[str, np.ndarray]:
+        batch = call["hidden_states"].shape[0]
+        pooled = call["pooled_projections"]
+        sample = {"hidden_states": call["hidden_states"], "controlnet_cond": np.repeat(control, batch, axis=0),
+                  "timestep": call["timestep"],
+                  "pooled_projections": np.zeros_like(pooled) if self.zero_pooled else pooled}
+        if self.text:
+            sample["encoder_hidden_states"] = call["encoder_hidden_states"]
+        return sample
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def control_samples(model: layout.ModelFolder, config: dict, cache_dir: Path, count: int) -> RecordedControlSamples:
+    """The calibration set of the ControlNet with ``config`` in ``model``; the first ControlNet decides the
+    pooled input and the VAE shift for all of them, as diffusers' pipeline (and ovsd3's runtime) does."""
+    first = model.controlnet_configs[0]
+    zero_pooled = bool(first.get("force_zeros_for_pooled_projection", True))
+    vae = model.vae_config
+    return RecordedControlSamples(cache_dir, count, scaling=float(vae.get("scaling_factor", 1.5305)),
+                                  shift=0.0 if zero_pooled else float(vae.get("shift_factor", 0.0609)),
+                                  zero_pooled=zero_pooled, text=config.get("joint_attention_dim") is not None)
+
+
+def patch_embeddings(model) -> list[str]:
+    """The convolutions that embed the latents and the control latents: kept in float, as the transformer's."""
+    return [patch_embedding_convolution(model, name) for name in ("hidden_states", "controlnet_cond")]
+
+
+def quantize_controlnet(model, samples, options: TransformerQuantization):
+    """``model`` (a ControlNet's ov.Model) with INT8 activations calibrated on ``samples``. Quantized whole: a
+    full-size InstantX ControlNet (6 blocks, 1.2 GB in FP16) is about one of the transformer's slices."""
+    import nncf
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       AdvancedSmoothQuantParameters)
+
+    advanced = None
+    if options.smooth_quant_alpha is not None:
+        advanced = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha))
+    known = {op.get_friendly_name() for op in model.get_ops()}
+    keep_in_float = sorted({*patch_embeddings(model), *(name for name in options.ignore if name in known)})
+    preset = None if options.preset is None else nncf.QuantizationPreset(options.preset)
+    return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=options.subset_size, preset=preset,
+                         ignored_scope=nncf.IgnoredScope(names=keep_in_float, validate=False),
+                         advanced_parameters=advanced)
+
+
+def quantize_controlnets(core, model: layout.ModelFolder, staging: Path, options: TransformerQuantization,
+                         cache_dir: Path | None, count: int, log) -> list[tuple[str, int, int, str]]:
+    """Every ControlNet of ``model`` quantized into ``staging``: (component, bytes before, after, format) each."""
+    import openvino as ov
+
+    rows = []
+    for component, config in zip(layout.controlnet_components(model.path), model.controlnet_configs):
+        ir = core.read_model(layout.model_xml(model.path, component))
+        if options.weights is not None:
+            log(f"      {component}: {options.label} only")
+            quantized = compress_transformer(ir, options.weights)
+        else:
+            log(f"      {component}: INT8 ({count} samples; control latents: {CONTROL_SOURCE})")
+            quantized = quantize_controlnet(ir, control_samples(model, config, cache_dir, count), options)
+        ov.save_model(quantized, layout.model_xml(staging, component))
+        del ir, quantized
+        gc.collect()
+        rows.append((component, layout.ir_bytes(model.path, component), layout.ir_bytes(staging, component),
+                     options.label))
+    return rows
+
+
+def summary(model: layout.ModelFolder, options: TransformerQuantization, count: int) -> dict | None:
+    """What the record says of the ControlNets (None where the folder has none)."""
+    components = layout.controlnet_components(model.path)
+    if not components:
+        return None
+    if options.weights is not None:
+        return {name: {"mode": f"{options.weights} weights"} for name in components}
+    return {name: {"mode": "int8", "calibration_samples": count, "control_latents": CONTROL_SOURCE}
+            for name in components}
