@@ -177,7 +177,7 @@ def test_step_caching_per_request_and_server_default(server, ov_sd3):
     assert cached["cache"]["mode"] == "taylorseer" and cached["cache"]["full_calls"] == 9  # genai's schedule
     assert job_events(server, body)[-1]["cache"] == {**cached["cache"], "mode": "off", "full_calls": 12,
                                                      "skipped_calls": 0, "work": 12.0,
-                                                     "full_work": 12.0}
+                                                     "full_work": 12.0, "share": 1.0}
     with running_server(ov_sd3, "--cache", "taylorseer:interval=2") as other:
         assert job_events(other, body)[-1]["cache"]["mode"] == "taylorseer:cache_interval=2"
         assert job_events(other, {**body, "cache": "off"})[-1]["cache"]["full_calls"] == 12
