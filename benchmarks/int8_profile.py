@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from int8_models import XML, decoder_inputs, transformer_inputs  # noqa: E402
+from int8_single_layer import interleaved  # noqa: E402  (the upstream reproduction stays standalone)
 
 
 def compiled(model, config: dict):
@@ -29,19 +28,6 @@ def compiled(model, config: dict):
 
     settings = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES", **config}
     return ov.Core().compile_model(model, "CPU", settings).create_infer_request()
-
-
-def interleaved(requests: dict, inputs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each request, called in turn after one warm-up each."""
-    times = collections.defaultdict(list)
-    for request in requests.values():
-        request.infer(inputs)
-    for _ in range(repeats):
-        for name, request in requests.items():
-            started = time.perf_counter()
-            request.infer(inputs)
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def by_kind(request) -> tuple[collections.Counter, collections.Counter]:
