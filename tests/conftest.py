@@ -133,3 +133,17 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr("ovsd3.report.compare.run_child", refuse)
     monkeypatch.setattr("ovsd3.report.benchmark.run_child", refuse)
     monkeypatch.setattr("ovsd3.quantize.calibration.record", refuse)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_sd3, workdir) -> dict[str, Path]:
+    """Two random PEFT adapters on the tiny transformer (rank 4, alpha 8 and rank 4, alpha 4), for the LoRA tests
+    (merged and as branches)."""
+    from diffusers import SD3Transformer2DModel
+
+    from ovsd3.synthetic import save_random_lora
+
+    folder = workdir / "lora"
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    return {"a": save_random_lora(transformer, folder / "a", lora_alpha=8.0, seed=1, std=0.1),
+            "b": save_random_lora(transformer, folder / "b", lora_alpha=4.0, seed=2, std=0.1)}

@@ -17,18 +17,6 @@ CALL = dict(num_inference_steps=4, guidance_scale=3.0, output_type="np", **SIZE)
 MIN_PSNR = 90.0  # float images from the f32 IR against diffusers + PEFT; a wrong scale or layer is far below
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_sd3, tmp_path_factory) -> dict[str, Path]:
-    """Two random PEFT adapters on the tiny transformer (rank 4, alpha 8 and rank 4, alpha 4)."""
-    from diffusers import SD3Transformer2DModel
-
-    from ovsd3.synthetic import save_random_lora
-
-    folder = tmp_path_factory.mktemp("lora")
-    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
-    return {"a": save_random_lora(transformer, folder / "a", lora_alpha=8.0, seed=1, std=0.1),
-            "b": save_random_lora(transformer, folder / "b", lora_alpha=4.0, seed=2, std=0.1)}
-
 
 def diffusers_with(tiny_sd3, chosen: list[tuple[Path, float, float]]):
     """diffusers' pipeline with PEFT adapters loaded and weighted by set_adapters (weight x alpha / r folded in,

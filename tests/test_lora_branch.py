@@ -21,18 +21,6 @@ SAME = 40.0  # dB: branch and merge differ by float rounding only (measured 86 d
 WEIGHTS = {"one": {"a": 1.0}, "two": {"a": 0.7, "b": -0.5}}
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_sd3, tmp_path_factory) -> dict[str, Path]:
-    """Two random PEFT adapters on the tiny transformer (rank 4, alpha 8 and rank 4, alpha 4)."""
-    from diffusers import SD3Transformer2DModel
-
-    from ovsd3.synthetic import save_random_lora
-
-    folder = tmp_path_factory.mktemp("lora-branch")
-    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
-    return {"a": save_random_lora(transformer, folder / "a", lora_alpha=8.0, seed=1, std=0.1),
-            "b": save_random_lora(transformer, folder / "b", lora_alpha=4.0, seed=2, std=0.1)}
-
 
 def _weights_compressed(source: Path, out: Path, **options) -> Path:
     """``source`` with its transformer's weights compressed by NNCF (as `ovsd3 quantize --transformer-weights`)."""
