@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ovsd3 import layout
-from ovsd3.report.full_size import EstimateRequest, _median_seconds, estimate, transformer_inputs
+from ovsd3.report.full_size import EstimateRequest, alternating_medians, estimate, transformer_inputs
 
 
 def whole_calls(folders: dict[str, Path], sizes: tuple[int, ...], repeats: int) -> dict[str, dict[str, float]]:
@@ -37,7 +37,7 @@ def whole_calls(folders: dict[str, Path], sizes: tuple[int, ...], repeats: int) 
         shapes = {name: value.shape for name, value in inputs.items()}
         models = {label: ModelCompiler(folder, CompileOptions(plan=DevicePlan("CPU"), cache_dir=None))
                   .compile(layout.TRANSFORMER, static_shapes=shapes) for label, folder in folders.items()}
-        measured[str(size)] = _median_seconds(models, inputs, repeats)
+        measured[str(size)] = alternating_medians(models, inputs, repeats)
         del models
     return measured
 

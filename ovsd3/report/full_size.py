@@ -130,7 +130,7 @@ def _compiled_pair(folder: Path, inputs: dict, blocks: int, device: str) -> tupl
             compiler.compile_derived(layout.TRANSFORMER, skipped))
 
 
-def _median_seconds(models: dict[str, Callable], inputs: dict, repeats: int) -> dict[str, float]:
+def alternating_medians(models: dict[str, Callable], inputs: dict, repeats: int) -> dict[str, float]:
     """Median seconds of a call of each model, calls alternating so a busy spell hits every model alike."""
     for model in models.values():
         model(inputs)  # the first call repacks weights
@@ -159,7 +159,7 @@ def measure(folders: dict[str, Path], arch, full_layers: int, request: EstimateR
         models = {f"{label} {part}": model for label, folder in folders.items()
                   for part, model in zip(("whole", "skip"), _compiled_pair(folder, inputs, request.blocks,
                                                                            request.device))}
-        seconds = _median_seconds(models, inputs, request.repeats)
+        seconds = alternating_medians(models, inputs, request.repeats)
         del models  # one size's compiled models at a time
         row = {label: _full_step(seconds[f"{label} whole"], seconds[f"{label} skip"], request.blocks, full_layers)
                for label in folders}
