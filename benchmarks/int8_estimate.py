@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ovsd3 import layout
-from ovsd3.report.full_size import EstimateRequest, alternating_medians, estimate, transformer_inputs
+from ovsd3.report.full_size import EstimateRequest, estimate, transformer_inputs
+from ovsd3.timing import alternating_medians
 
 
 def whole_calls(folders: dict[str, Path], sizes: tuple[int, ...], repeats: int) -> dict[str, dict[str, float]]:

@@ -19,7 +19,6 @@ a whole full-size transformer.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from ovsd3 import layout
 from ovsd3.errors import OvsdError
+from ovsd3.timing import alternating_medians
 
 PRESETS = ("sd3-medium", "sd3.5-large")  # the full-size ones with uniform blocks (tests use small presets)
 TEXT_TOKENS = 77 + 256  # CLIP + T5 at diffusers' default max_sequence_length
@@ -128,19 +128,6 @@ def _compiled_pair(folder: Path, inputs: dict, blocks: int, device: str) -> tupl
     reshape_inputs(skipped, _static_shapes(inputs))
     return (compiler.compile(layout.TRANSFORMER, static_shapes=_static_shapes(inputs)),
             compiler.compile_derived(layout.TRANSFORMER, skipped))
-
-
-def alternating_medians(models: dict[str, Callable], inputs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of a call of each model, calls alternating so a busy spell hits every model alike."""
-    for model in models.values():
-        model(inputs)  # the first call repacks weights
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            started = time.perf_counter()
-            model(inputs)
-            seconds[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def _full_step(whole: float, skipped: float, blocks: int, num_layers: int) -> dict:
