@@ -133,12 +133,14 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--vae-decoder", choices=("int8", "weights"), default=None,
                         help="int8: INT8 activations, calibrated on the final latents of the calibration run, "
                              "faster; weights: the --weights mode, as for the encoders (default: what "
-                             "--target-cpu picks, int8 on every CPU measured so far)")
+                             "--target-cpu picks: int8 where INT8 convolutions measure faster)")
     parser.add_argument("--target-cpu", choices=("this", "avx2", "avx512", "vnni", "amx"), default="this",
-                        help="the CPU the formats are chosen for (default this, the CPU quantize runs on): with "
-                             "VNNI or AMX the whole transformer is INT8; on avx2 and avx512 without VNNI only "
-                             "its fully connected layers, its attention staying fused in float. The choice and "
-                             "why go into ovsd3.json; `ovsd3 report` shows them")
+                        help="the CPU the formats are chosen for. this (the default): one layer of each kind "
+                             "timed float against INT8 on the CPU quantize runs on (a few seconds, once per CPU), "
+                             "the attention's inputs and the VAE decoder INT8 only where that is faster. A named "
+                             "level: the table's choice (vnni, amx: the whole transformer INT8; avx2, avx512 "
+                             "without VNNI: its fully connected layers, the attention fused in float). The choice "
+                             "and why go into ovsd3.json; `ovsd3 report` shows them")
     parser.add_argument("--gate-prompts", type=int, default=None,
                         help="held-out prompts the gate draws (default 4; 20 for the digits demo, whose share of "
                              "digits drawn as asked needs that many to see a 15-point drop)")

@@ -232,7 +232,7 @@ CPU_TARGET_FIELDS = (
     Field("target", "text", required=True, choices=("this", *CPU_ISA_LEVELS)),
     Field("isa", "text", required=True, choices=CPU_ISA_LEVELS), Field("cpu", "text"),
     Field("transformer", "text", required=True), Field("vae_decoder", "text", required=True),
-    Field("runtime", "object"), Field("why", "text"))
+    Field("runtime", "object"), Field("why", "text"), Field("measured", "object"))
 # CPU plugin options a folder may ask for per component (cpu_target.runtime.<component>.<option>), and their
 # bounds: a record must not pass OpenVINO anything else.
 CPU_RUNTIME_FIELDS = (Field("DYNAMIC_QUANTIZATION_GROUP_SIZE", "int", low=0, high=1 << 20),)

@@ -54,3 +54,25 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> No
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "never got there"
         time.sleep(0.02)
+
+
+def attention_inputs_quantized(folder: Path, component: str = "transformer") -> bool:
+    """Whether the folder's ``component`` has a quantized attention input (:func:`attention_quantized`)."""
+    import openvino as ov
+
+    from ovsd3 import layout
+
+    return attention_quantized(ov.Core().read_model(layout.model_xml(folder, component)))
+
+
+def attention_quantized(model) -> bool:
+    """Whether any ScaledDotProductAttention of ``model`` reads a FakeQuantize output through the reshapes,
+    transposes and concats between them (not through the projections: a MatMul ends the search)."""
+    def quantized(node, depth=8):
+        producers = [value.get_node() for value in node.input_values()]
+        return depth > 0 and any(producer.get_type_name() == "FakeQuantize" or (
+            producer.get_type_name() != "MatMul" and quantized(producer, depth - 1)) for producer in producers)
+
+    attentions = [op for op in model.get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    assert attentions, "the tiny model has no fused attention to look at"
+    return any(quantized(op) for op in attentions)

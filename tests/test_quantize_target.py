@@ -19,22 +19,7 @@ from ovsd3.quantize import target
 from ovsd3.report.compare import cpu_target_line
 from ovsd3.runtime.devices import CompileOptions, DevicePlan, ModelCompiler
 
-from helpers import quantize
-
-
-def attention_inputs_quantized(folder: Path) -> bool:
-    """Whether any ScaledDotProductAttention of the folder's transformer reads a FakeQuantize output through the
-    reshapes, transposes and concats between them (not through the projections: a MatMul ends the search)."""
-    model = ov.Core().read_model(layout.model_xml(folder, layout.TRANSFORMER))
-
-    def quantized(node, depth=8):
-        producers = [value.get_node() for value in node.input_values()]
-        return depth > 0 and any(producer.get_type_name() == "FakeQuantize" or (
-            producer.get_type_name() != "MatMul" and quantized(producer, depth - 1)) for producer in producers)
-
-    attentions = [op for op in model.get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
-    assert attentions, "the tiny transformer has no fused attention to look at"
-    return any(quantized(op) for op in attentions)
+from helpers import attention_inputs_quantized, attention_quantized, quantize
 
 
 def fake_quantize_count(folder: Path) -> int:
@@ -55,8 +40,63 @@ def test_isa_level_from_cpu_flags(flags, level):
 def test_a_named_level_picks_the_tables_choice(level, transformer):
     choice = target.choose(level)
     assert (choice["isa"], choice["transformer"], choice["vae_decoder"]) == (level, transformer, "int8")
-    assert choice["why"] and choice["target"] == level
-    assert target.choose("this", isa=level)["transformer"] == transformer
+    assert choice["why"] and choice["target"] == level and "measured" not in choice
+
+
+@pytest.mark.parametrize("attention, convolution, transformer, decoder", [
+    (0.78, 1.7, "int8-fc", "int8"), (1.4, 1.9, "int8", "int8"), (1.04, 1.6, "int8-fc", "int8"),
+    (1.1, 0.8, "int8", "weights")])
+def test_this_cpu_picks_what_measures_faster(attention, convolution, transformer, decoder):
+    speedups = {"fully_connected": 1.2, "attention": attention, "convolution": convolution}
+    choice = target.choose("this", isa="avx2", speedups=speedups)
+    assert (choice["transformer"], choice["vae_decoder"]) == (transformer, decoder)
+    assert choice["measured"] == speedups and f"quantized too {attention:.2f}x" in choice["why"]
+    assert f"convolution {convolution:.2f}x float" in choice["why"]
+
+
+def test_probe_times_one_block_of_the_folders_transformer_in_each_form(ov_sd3):
+    """The probe's candidates are the folder's own transformer cut to one block (the other blocks' weights gone),
+    in float, INT8 with the attention in float, and all INT8, as quantize writes them; its decoder candidates one
+    convolution in fp16 and in NNCF's INT8 pattern."""
+    import numpy as np
+
+    from ovsd3.quantize import probe
+
+    whole = ov.Core().read_model(layout.model_xml(ov_sd3, layout.TRANSFORMER))
+    forms, inputs = probe.block_forms(ov_sd3, 64)
+    assert set(forms) == {"float", "int8-fc", "int8"} and inputs["hidden_states"].shape == (1, 16, 8, 8)
+    names = {op.get_friendly_name() for op in forms["float"].get_ops()}
+    assert any(".transformer_blocks.0." in name for name in names)
+    assert not any(f".transformer_blocks.1.{part}" in name for name in names for part in ("attn", "ff"))
+    assert len(forms["float"].get_ops()) < len(whole.get_ops())
+    for form, quantized_attention in (("int8-fc", False), ("int8", True)):
+        count = sum(op.get_type_name() == "FakeQuantize" for op in forms[form].get_ops())
+        assert count > 3 and attention_quantized(forms[form]) == quantized_attention, form
+    assert "FakeQuantize" not in {op.get_type_name() for op in forms["float"].get_ops()}
+    rng = np.random.default_rng(0)
+    assert "FakeQuantize" in {op.get_type_name() for op in probe.convolution_model(True, rng).get_ops()}
+    assert "f16" in {op.get_output_element_type(0).get_type_name()
+                     for op in probe.convolution_model(False, rng).get_ops() if op.get_type_name() == "Constant"}
+
+
+def test_probe_is_measured_once_per_cpu_and_architecture(monkeypatch, tmp_path, ov_sd3, ov_sd35):
+    from ovsd3.quantize import probe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(probe, "measure", lambda folder, size: calls.append(size) or
+                        {key: 1.5 for key in probe.KEYS})
+    expected = {key: 1.5 for key in probe.KEYS}
+    assert probe.speedups(ov_sd3, 64, "cpu A", {"avx2"}) == expected
+    assert probe.speedups(ov_sd3, 64, "cpu A", {"avx2"}) == expected and len(calls) == 1
+    probe.speedups(ov_sd3, 64, "cpu B", {"avx2"})
+    probe.speedups(ov_sd3, 128, "cpu A", {"avx2"})
+    probe.speedups(ov_sd35, 64, "cpu A", {"avx2"})
+    assert len(calls) == 4  # another CPU, size or architecture measures for itself
+    for path in (tmp_path / "ovsd3" / "cpu-probe").iterdir():
+        path.write_text("{not json")
+    probe.speedups(ov_sd3, 64, "cpu A", {"avx2"})
+    assert len(calls) == 5  # a damaged file is measured again, not an error
 
 
 def test_this_cpu_is_detected(monkeypatch, tmp_path):
@@ -96,7 +136,13 @@ def test_the_default_target_is_this_cpu(q_sd3):
     record = layout.FolderRecord.load(q_sd3)  # the session's folder, quantized without --target-cpu
     assert record.cpu_target["target"] == "this"
     assert record.cpu_target["isa"] == target.detect_isa()
-    assert attention_inputs_quantized(q_sd3) == (target.TABLE[target.detect_isa()].transformer == "int8")
+    measured = record.cpu_target["measured"]
+    assert set(measured) == {"fully_connected", "attention", "convolution"}
+    assert all(0.1 < value < 10 for value in measured.values())
+    quantized_attention = measured["attention"] >= target.ATTENTION_MARGIN
+    assert attention_inputs_quantized(q_sd3) == quantized_attention
+    assert record.cpu_target["transformer"] == ("int8" if quantized_attention else "int8-fc")
+    assert record.cpu_target["vae_decoder"] == ("int8" if measured["convolution"] >= 1.0 else "weights")
 
 
 def test_an_explicit_format_overrides_the_table_and_says_so(ov_sd3, tmp_path):

@@ -180,9 +180,10 @@ def quantize_folder(request: QuantizeRequest, log: Callable[[str], None] = print
     output.check()
     if request.calib_cache is not None:
         _check_calib_cache(request.calib_cache, request, model.path)
+    request = _measured_choice(request, model, log)
     choice = request.cpu_choice
     log(f"target CPU: {choice['isa']} ({'this CPU' if choice['target'] == 'this' else '--target-cpu'}): "
-        f"transformer {choice['transformer']}, VAE decoder {choice['vae_decoder']}")
+        f"transformer {choice['transformer']}, VAE decoder {choice['vae_decoder']} ({choice['why']})")
     started = time.perf_counter()
     defaults = model.record.defaults
     plan = calibration.CalibrationPlan(samples=request.calib, size=request.calib_size,
@@ -276,16 +277,31 @@ def _checked(request: QuantizeRequest) -> tuple[QuantizeRequest, layout.ModelFol
     if model.max_size and request.calib_size > model.max_size:
         raise OvsdError(f"--calib-size {request.calib_size} is more than this model draws ({model.max_size})")
     request.weights.check()
-    request = _for_target_cpu(request)
-    request.vae_decoder.check()
-    request.transformer.check()
-    return request, model
+    # the options as the table would resolve them, checked now; `this` is measured after the output check
+    provisional = _for_target_cpu(request, cpu_target.choose(request.target_cpu))
+    provisional.vae_decoder.check()
+    provisional.transformer.check()
+    return (request if request.target_cpu == "this" else provisional), model
 
 
-def _for_target_cpu(request: QuantizeRequest) -> QuantizeRequest:
-    """The request with the formats --target-cpu picks where the user named none, and the choice (for the
-    record) with what the user's own options overrode."""
-    choice = cpu_target.choose(request.target_cpu)
+def _measured_choice(request: QuantizeRequest, model: layout.ModelFolder, log) -> QuantizeRequest:
+    """For ``--target-cpu this``, the request with the formats this CPU measures fastest (ovsd3.quantize.probe;
+    kept per CPU, so a second quantize of the same architecture does not measure again)."""
+    if request.target_cpu != "this" or request.cpu_choice is not None:
+        return request
+    if request.transformer.weights is not None and request.vae_decoder is not None:
+        return _for_target_cpu(request, cpu_target.choose("this"))  # both named: nothing left to choose
+    from ovsd3.quantize import probe
+
+    log(f"choosing the INT8 form for this CPU: one transformer block float and INT8 at {request.calib_size}x"
+        f"{request.calib_size}, one decoder convolution (once per CPU and architecture)")
+    speedups = probe.speedups(model.path, request.calib_size, cpu_target.cpu_name(), cpu_target.cpu_flags())
+    return _for_target_cpu(request, cpu_target.choose("this", speedups=speedups))
+
+
+def _for_target_cpu(request: QuantizeRequest, choice: dict) -> QuantizeRequest:
+    """The request with the formats of ``choice`` (ovsd3.quantize.target.choose) where the user named none, and
+    the choice (for the record) with what the user's own options overrode."""
     transformer, decoder = request.transformer, request.vae_decoder
     if transformer.weights is not None:
         choice["transformer"] = f"{transformer.weights}-weights"

@@ -13,7 +13,10 @@ What decides it is the kernel OpenVINO's CPU plugin has for an INT8 layer on tha
   attention stays in float (fused): 1.13-1.28x per transformer call against 0.99-1.20x for the all-INT8 form
   (busy AVX2 EPYC). INT8 convolutions have a fast AVX2 kernel, so the decoder is INT8 everywhere (1.76x).
 
-``this`` (the default) is the level of the CPU ``ovsd3 quantize`` runs on, from its feature flags.
+``this`` (the default) does not trust the table: it times the candidates on the CPU ``ovsd3 quantize`` runs on
+(:mod:`ovsd3.quantize.probe`: one block of the folder's own transformer, one decoder convolution) and keeps INT8
+attention inputs, and an INT8 VAE decoder, only where they are faster there; the CPU's ISA level (from its
+feature flags) is recorded beside the measurements.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ _VNNI = CpuChoice(
     transformer="int8", vae_decoder="int8",
     why="VNNI/AMX int8 dot products run at about twice bf16's rate: the whole transformer (fully connected "
         "layers and the attention's query and key) and the VAE decoder in INT8, measured 1.6-1.7x over bf16")
+# Quantized attention inputs must win by this much to be chosen: on a busy 2-core machine one block's timing
+# moves by a few percent, and the float attention is also the more accurate one
+ATTENTION_MARGIN = 1.05
 TABLE = {"avx2": _NO_VNNI, "avx512": _NO_VNNI, "vnni": _VNNI, "amx": _VNNI}
 
 
@@ -94,14 +100,32 @@ def cpu_name() -> str:
         return ""
 
 
-def choose(target: str, isa: str | None = None) -> dict:
-    """The record (FolderRecord.cpu_target) of what ``--target-cpu target`` picks; ``isa`` is this CPU's level
-    (detected when None and needed)."""
+def measured_choice(speedups: dict[str, float]) -> CpuChoice:
+    """The formats that are fastest by ``speedups`` (ovsd3.quantize.probe.measure). The fully connected layers
+    are INT8 whatever they measure: the weights' memory halves (on this AVX2 EPYC they measured 0.83-1.28x
+    float depending on the load; with VNNI about 2x)."""
+    attention = speedups["attention"] >= ATTENTION_MARGIN
+    decoder = speedups["convolution"] >= 1.0
+    attention_verdict = "so INT8" if attention else "so kept in float"
+    decoder_verdict = "VAE decoder INT8" if decoder else "VAE decoder weights only"
+    return CpuChoice(
+        transformer="int8" if attention else "int8-fc", vae_decoder="int8" if decoder else "weights",
+        why=f"measured on this CPU: one transformer block with INT8 fully connected layers "
+            f"{speedups['fully_connected']:.2f}x float, with its attention's inputs quantized too "
+            f"{speedups['attention']:.2f}x that ({attention_verdict}); an INT8 convolution "
+            f"{speedups['convolution']:.2f}x float ({decoder_verdict})")
+
+
+def choose(target: str, isa: str | None = None, speedups: dict[str, float] | None = None) -> dict:
+    """The record (FolderRecord.cpu_target) of what ``--target-cpu target`` picks. A named level: the table's
+    formats. ``this`` with ``speedups`` (this CPU's, ovsd3.quantize.probe): the formats they favour; without:
+    the table's for this CPU's level (what a check before any measurement goes by). ``isa``: detected when None."""
     if target not in TARGETS:
         raise OvsdError(f"--target-cpu must be one of {', '.join(TARGETS)} (got {target!r})")
-    level = target if target != "this" else (isa or detect_isa())
-    choice = TABLE[level]
-    record = {"target": target, "isa": level, **asdict(choice)}
-    if target == "this":
-        record["cpu"] = cpu_name()
-    return record
+    if target != "this":
+        return {"target": target, "isa": target, **asdict(TABLE[target])}
+    level = isa or detect_isa()
+    if speedups is None:
+        return {"target": target, "isa": level, **asdict(TABLE[level]), "cpu": cpu_name()}
+    return {"target": target, "isa": level, **asdict(measured_choice(speedups)), "cpu": cpu_name(),
+            "measured": dict(speedups)}
