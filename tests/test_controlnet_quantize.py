@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet_folders import controlnet_source, with_controlnets
-from helpers import quantize
+from helpers import attention_inputs_quantized, quantize
 from ovsd3 import layout
 from ovsd3.metrics import psnr
 from ovsd3.runtime import SD3Pipeline
@@ -25,12 +24,6 @@ CONTROLNET = layout.CONTROLNET
 # that is broken or not run draws the uncontrolled picture, or noise).
 CONTROL_DROP = 3.0
 CONTROL_MARGIN = 4.0
-
-
-@pytest.fixture(scope="module")
-def cn_folder(workdir, tiny_sd3, ov_sd3) -> Path:
-    source = controlnet_source(tiny_sd3, workdir / "cnq-source")
-    return with_controlnets(tiny_sd3, ov_sd3, [source], workdir / "cnq-fp16", "fp16")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +67,13 @@ def test_controlnet_is_int8_except_its_patch_embeddings(q_cn):
     assert not any(fed_by_fake_quantize(by_name[name]) for name in embeddings)
     matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
     assert sum(fed_by_fake_quantize(op) for op in matmuls) >= len(matmuls) // 2
+
+
+def test_controlnet_takes_the_transformers_form(q_cn):
+    """--target-cpu's form holds for the ControlNet too: where the transformer's attention stays in float (CPUs
+    without VNNI), so does the ControlNet's."""
+    form = layout.FolderRecord.load(q_cn).cpu_target["transformer"]
+    assert attention_inputs_quantized(q_cn, CONTROLNET) == attention_inputs_quantized(q_cn) == (form == "int8")
 
 
 def test_record_and_sizes_list_the_controlnet(q_cn, cn_folder):

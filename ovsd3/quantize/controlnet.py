@@ -100,7 +100,9 @@ def quantize_controlnet(model, samples, options: TransformerQuantization):
     preset = None if options.preset is None else nncf.QuantizationPreset(options.preset)
     return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
                          subset_size=options.subset_size, preset=preset,
-                         ignored_scope=nncf.IgnoredScope(names=keep_in_float, validate=False),
+                         # the transformer's form (--target-cpu): on CPUs without VNNI the attention stays float
+                         ignored_scope=nncf.IgnoredScope(names=keep_in_float, types=list(options.ignore_types),
+                                                         validate=False),
                          advanced_parameters=advanced)
 
 
