@@ -147,3 +147,13 @@ def adapters(tiny_sd3, workdir) -> dict[str, Path]:
     transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
     return {"a": save_random_lora(transformer, folder / "a", lora_alpha=8.0, seed=1, std=0.1),
             "b": save_random_lora(transformer, folder / "b", lora_alpha=4.0, seed=2, std=0.1)}
+
+
+@pytest.fixture(scope="session")
+def cn_folder(workdir, tiny_sd3, ov_sd3) -> Path:
+    """The tiny FP16 folder with one random InstantX-kind ControlNet beside its transformer (the quantize, service
+    and report tests read it; none writes into it)."""
+    from controlnet_folders import controlnet_source, with_controlnets
+
+    source = controlnet_source(tiny_sd3, workdir / "cn-source")
+    return with_controlnets(tiny_sd3, ov_sd3, [source], workdir / "cn-fp16", "fp16")

@@ -533,3 +533,47 @@ def test_image_size_in_the_python_api(ov_sd3):
                           ((64, None, 64), "--size is the square shorthand")):
         with pytest.raises(OvsdError, match=expected):
             image_size(*bad, model)
+
+
+def test_report_scores_control_images_through_controlnet_folders(tmp_path, cn_folder, ov_sd3):
+    """With a ControlNet in the first folder and the digits scored, the report draws the demo's control questions
+    through each folder that has one (here random tiny models: the plumbing is what is checked; the demo's own
+    share is in demo/README.md): the control images are the questions' outlines, the pictures are ovsd3's
+    pictures with those control images, the figures are the scorer's verdicts on them."""
+    from ovsd3.demo.control import control_cases, score_control
+    from ovsd3.demo.digits import DigitScorer
+    from ovsd3.runtime import SD3Pipeline
+
+    out = tmp_path / "control"
+    assert main(["report", str(cn_folder), str(ov_sd3), "--digits", "--prompts", "1", "--control-cases", "3",
+                 "--size", "64", "--steps", "2", "--seed", "5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    control, cases = report["control"], control_cases(3)
+    assert control["cases"] == 3 and control["seeds"] == [5, 6, 7]
+    assert [rgb(out / path).astype(np.uint8).tobytes() for path in control["control_images"]] == [
+        case.control.tobytes() for case in cases]
+    drawn, plain = control["folders"]
+    assert plain is None  # the second folder has no ControlNet
+    pipe = SD3Pipeline.load(cn_folder, device="CPU", cache_dir=None)
+    expected = pipe(cases[1].prompt, control_image=Image.fromarray(cases[1].control), seed=6, num_inference_steps=2,
+                    width=64, height=64, guidance_scale=report["settings"]["guidance_scale"]).images[0]
+    assert psnr(rgb(out / drawn["images"][1]), np.asarray(expected, dtype=np.float64), data_range=255.0) > 40
+    verdict = score_control(DigitScorer(), [Image.open(out / path) for path in drawn["images"]], cases).to_json()
+    assert {key: drawn[key] for key in verdict} == verdict
+    check_spread(drawn["step_seconds"], 3 * 2)
+    assert report["folders"][0]["size"]["components"]["controlnet"] == layout.ir_bytes(cn_folder, "controlnet")
+    assert (out / "control.png").exists() and report["files"]["control_grid"] == "control.png"
+    text = (out / "report.md").read_text()
+    assert "## Following a control image (ControlNet)" in text and "![control images" in text
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--control"], "--control scores the digits demo's ControlNet"),
+    (["--digits", "--control"], "none of the folders has a ControlNet"),
+    (["--digits", "--control", "--control-cases", "0"], "--control-cases must be between 1 and 1000"),
+])
+def test_report_control_errors_are_one_line(args, expected, tmp_path, capsys, ov_sd3, cn_folder):
+    folders = [str(ov_sd3), str(ov_sd3)] if "none of" in expected else [str(cn_folder), str(ov_sd3)]
+    assert main(["report", *folders, "--size", "64", "--out", str(tmp_path / "r"), *args]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1 and not (tmp_path / "r").exists()

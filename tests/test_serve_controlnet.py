@@ -14,18 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from controlnet_folders import controlnet_source, with_controlnets
 from ovsd3.metrics import psnr
 from ovsd3.serve.launch import serving
 
 FAST = {"prompt": "a red digit on grey", "num_inference_steps": 3, "size": "64x64", "seed": 7,
         "guidance_scale": 5.0}
-
-
-@pytest.fixture(scope="module")
-def cn_folder(workdir, tiny_sd3, ov_sd3):
-    source = controlnet_source(tiny_sd3, workdir / "cns-source")
-    return with_controlnets(tiny_sd3, ov_sd3, [source], workdir / "cns-fp16", "fp16")
 
 
 @pytest.fixture(scope="module")

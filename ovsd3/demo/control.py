@@ -17,6 +17,10 @@ from ovsd3.demo.digits import COLOURS, IMAGE_SIZE, TEMPLATES, DigitPrompt, Digit
 TRAINING_DIGITS = 1500  # of scikit-learn's 1,797: the last 297 are the held-out control images
 STROKE_THRESHOLD = 0.5  # an enlarged digit's pixels brighter than this are its stroke
 OUTLINE_WIDTH = 2  # pixels of stroke kept inside its edge
+# What the questions of control_cases are, in a sentence (a report prints it above their score)
+CASES_DESCRIPTION = ("control images: outlines of handwritten digits held out of the demo ControlNet's training; "
+                     "every prompt names another digit, so a picture follows the control image only if the "
+                     "ControlNet does the work")
 
 
 def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:

@@ -55,6 +55,13 @@ def _add_report_parser(subparsers) -> None:
     report.add_argument("--digits", action=argparse.BooleanOptionalAction, default=None,
                         help="score the share of images whose digit and colour match the prompt (default: on "
                              "when the first folder is ovsd3's digits demo, whose prompts it then uses)")
+    report.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also draw the digits demo's control images (outlines of held-out digits, prompts "
+                             "naming other digits) through each folder with a ControlNet and score the share that "
+                             "follows them (default: on when the digits are scored and the first folder has a "
+                             "ControlNet)")
+    report.add_argument("--control-cases", type=int, default=20, metavar="N",
+                        help="control images drawn per folder (default 20)")
     report.add_argument("--label", action="append", default=[], help="a column label per folder (repeat)")
     report.add_argument("--cache", action="append", default=None, metavar="MODE",
                         help="step-caching mode, as `ovsd3 run --cache` (repeat: each folder runs with each, "
@@ -118,7 +125,8 @@ def _run_report(args) -> int:
                               width=args.width, height=args.height, device=args.device, clip=args.clip,
                               max_sequence_length=args.max_sequence_length,
                               labels=args.label, caches=args.cache or ["off"], digits=args.digits,
-                              genai=args.genai, full_size=args.full_size,
+                              genai=args.genai, full_size=args.full_size, control=args.control,
+                              control_cases=args.control_cases,
                               overwrite=args.overwrite))
     return 0
 

@@ -25,6 +25,7 @@ from ovsd3 import __version__, layout
 from ovsd3.atomic import AtomicOutput, scratch_folder
 from ovsd3.demo.digits import DigitScorer, evaluation_prompts
 from ovsd3.errors import OvsdError
+from ovsd3.report import control as control_section
 from ovsd3.report import figures, machine
 from ovsd3.report.children import run_child
 from ovsd3.report.settings import MAX_PROMPTS, check_count, check_settings, image_size
@@ -54,6 +55,8 @@ class ReportRequest:
     digits: bool | None = None  # score digits and colours (the demo model); None: when the first folder is the demo
     genai: bool = False  # also openvino.genai on the first folder, TaylorSeer caching off and on
     full_size: str | None = None  # a preset whose INT8 gain at full size is estimated (ovsd3.report.full_size)
+    control: bool | None = None  # score the demo ControlNet (None: when digits are scored and folder 1 has one)
+    control_cases: int = 20  # control images drawn through each column that has a ControlNet
     overwrite: bool = False
 
 
@@ -91,7 +94,8 @@ def report_columns(request: ReportRequest) -> list[Column]:
 
 
 def component_sizes(folder: Path) -> dict[str, int]:
-    return {component: layout.ir_bytes(folder, component) for component in layout.MODEL_COMPONENTS
+    return {component: layout.ir_bytes(folder, component)
+            for component in (*layout.MODEL_COMPONENTS, *layout.controlnet_components(folder))
             if layout.model_xml(folder, component).exists()}
 
 
@@ -198,7 +202,6 @@ def _mean(values: list[float]) -> float:
 def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> dict:
     models = [layout.ModelFolder.open(folder) for folder in request.folders]
     columns = report_columns(request)
-    labels = [column.label for column in columns]
     digits = request.digits if request.digits is not None else models[0].record.demo == "digits"
     scorer_of_digits = DigitScorer() if digits else None
     prompts = _prompts(request, digits)
@@ -208,17 +211,18 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
     settings = _settings(request)
     check_settings(settings)
     scorer = ClipScorer(request.clip) if request.clip else None  # fail before the slow part, not after
+    control = control_section.wanted(request.control, digits, request.folders)
+    if control:
+        check_count("--control-cases", request.control_cases, MAX_PROMPTS)
     estimate_request = _estimate_request(request)
     output = AtomicOutput(request.out, command="report", overwrite=request.overwrite,
                           inputs=(*request.folders, request.prompt_file, request.clip))
     output.check()
     with output as staging:
         folders = _measure_columns(columns, prompts, seeds, settings, request.device, staging, log)
-        clip_scores = [scorer.scores(folder["images"], prompts) for folder in folders] if scorer else None
-        digit_scores = None if scorer_of_digits is None else [
-            scorer_of_digits.score([Image.open(path) for path in folder["images"]], prompts).to_json()
-            for folder in folders]
-        _relative(folders, folders[0], clip_scores, digit_scores)
+        _score(folders, prompts, scorer, scorer_of_digits)
+        control_scores = control_section.measure(columns, request.control_cases, request.seed, settings,
+                                                 request.device, staging, log) if control else None
         for folder in folders:  # paths inside the report folder, relative, so the folder can be moved
             folder["images"] = [str(Path(path).relative_to(staging)) for path in folder["images"]]
         report = {
@@ -230,24 +234,47 @@ def make_report(request: ReportRequest, log: Callable[[str], None] = print) -> d
             "folders": folders,
             "files": {"markdown": "report.md", "grid": "grid.png", "chart": "chart.png"},
         }
+        if control_scores is not None:
+            control_section.relative_paths(control_scores, staging)
+            report["control"] = control_scores
         if estimate_request is not None:
             report["full_size"] = _full_size_estimate(estimate_request, log)
         for folder in folders:
             folder.pop("machine")
-        grid = figures.image_grid([[str(staging / folder["images"][row]) for folder in folders]
-                                   for row in range(len(prompts))], prompts, labels, staging / "grid.png")
-        report["grid"] = grid.to_json()
-        figures.report_chart(labels, [folder["speed"]["step_seconds"] for folder in folders],
-                             [{name: size / 1e6 for name, size in folder["size"]["components"].items()}
-                              for folder in folders],
-                             staging / "chart.png", f"{settings['width']}x{settings['height']}, "
-                                                    f"{report['machine']['processor']}")
+        _draw_figures(report, staging)
         text = markdown(report)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "report.md").write_text(text)
     log(text)
     log(f"wrote {request.out}")
     return report
+
+
+def _score(folders: list[dict], prompts: list[str], clip: ClipScorer | None, digits: DigitScorer | None) -> None:
+    """Each folder's CLIP scores and digit scores (where asked for), and what it is against the first."""
+    clip_scores = [clip.scores(folder["images"], prompts) for folder in folders] if clip else None
+    digit_scores = None if digits is None else [
+        digits.score([Image.open(path) for path in folder["images"]], prompts).to_json() for folder in folders]
+    _relative(folders, folders[0], clip_scores, digit_scores)
+
+
+def _draw_figures(report: dict, staging: Path) -> None:
+    """grid.png (a row per prompt, a column per folder), chart.png (step time and size), and with control
+    images control.png; their layouts recorded in ``report``."""
+    folders, settings = report["folders"], report["settings"]
+    labels, prompts = [folder["label"] for folder in folders], settings["prompts"]
+    grid = figures.image_grid([[str(staging / folder["images"][row]) for folder in folders]
+                               for row in range(len(prompts))], prompts, labels, staging / "grid.png")
+    report["grid"] = grid.to_json()
+    figures.report_chart(labels, [folder["speed"]["step_seconds"] for folder in folders],
+                         [{name: size / 1e6 for name, size in folder["size"]["components"].items()}
+                          for folder in folders],
+                         staging / "chart.png", f"{settings['width']}x{settings['height']}, "
+                                                f"{report['machine']['processor']}")
+    if "control" in report:
+        report["files"]["control_grid"] = "control.png"
+        report["control_grid"] = control_section.grid(report["control"], labels, staging,
+                                                      staging / "control.png").to_json()
 
 
 def _estimate_request(request: ReportRequest):
@@ -357,7 +384,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| CLIP score ({settings['clip_model']}) | " + " | ".join(
             f"{folder['quality']['mean_clip_score']:.2f}" for folder in folders) + " |")
     lines += ["", "![images](grid.png)", "", "![speed and size](chart.png)"]
-    return "\n".join(lines + _small_images_note(report) + _full_size_lines(report) + [""])
+    return "\n".join(lines + control_section.markdown(report) + _small_images_note(report) + _full_size_lines(report)
+                     + [""])
 
 
 # Below this many pixels a transformer block has so little arithmetic that INT8's quantize/dequantize

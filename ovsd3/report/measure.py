@@ -25,13 +25,26 @@ def _settings(task: dict) -> dict:
                 cache=task.get("cache"))
 
 
+def _control(path: str | None) -> dict:
+    if path is None:
+        return {}
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return {"control_image": image.convert("RGB")}
+
+
 def generate(task: dict) -> dict:
-    """Load without a model cache (first start, compiling), then draw each prompt once, timing each part."""
+    """Load without a model cache (first start, compiling), then draw each prompt once, timing each part; with
+    ``task["control_images"]`` (a file per prompt), each prompt with its control image."""
     settings = _settings(task)
+    # timed_generations draws the prompts in order: the control images are taken in the same order
+    controls = iter(task.get("control_images") or [])
 
     def draw(pipe: SD3Pipeline, prompt: str, seed: int):
+        control = next(controls, None)
         started = time.perf_counter()
-        job = pipe.prepare(prompt, seed=seed, **settings)
+        job = pipe.prepare(prompt, seed=seed, **settings, **_control(control))
         text_done = time.perf_counter()
         step_seconds, last = [], text_done
         for _ in pipe.steps(job):
