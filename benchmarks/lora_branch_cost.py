@@ -8,14 +8,15 @@ benchmarks make theirs (``benchmarks/convert_full_size.py``, then ``ovsd3 quanti
 the FP16 folder to start from). Each adapter has random weights on every attention and feed-forward Linear of
 every block (image and text streams: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out, ff(.context).net.0.proj
 and net.2), as a real SD3 LoRA targets them, and is applied with ``lora_mode="branch"``. A step is one
-transformer call at batch 2 (classifier-free guidance), median of --repeats after a warm-up; the adapter
-weight is changed once between the warm-up and the timed calls (no compile: the scale is an input).
+transformer call at batch 2 (classifier-free guidance), median of --repeats after a warm-up, the plain
+pipeline and one with branches loaded at once and called in turn; the adapter weight is changed once between
+the warm-up and the timed calls (no compile: the scale is an input).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import gc
 import subprocess
 import sys
 import time
@@ -74,27 +75,24 @@ def inputs(folder: Path, batch: int, size: int) -> dict[str, np.ndarray]:
             "pooled_projections": rng.standard_normal((batch, config["pooled_projection_dim"]), dtype=np.float32)}
 
 
-def step_seconds(folder: Path, adapter: Path | None, repeats: int, size: int) -> tuple[float, float]:
-    """(median seconds of one transformer call, seconds to load and compile)."""
+def loaded(folder: Path, adapter: Path | None, size: int):
+    """(the pipeline's transformer call, seconds to load and compile), warmed up, the adapter weight changed
+    once after the warm-up (the scale is an input: no recompile)."""
     from ovsd3.runtime import SD3Pipeline
 
     started = time.perf_counter()
     pipe = SD3Pipeline.load(folder, device="CPU", cache_dir=None, lora_mode="branch" if adapter else None,
                             adapters=[(adapter, 1.0)] if adapter else None)
     load = time.perf_counter() - started
-    feed = inputs(folder, 2, size)
-    pipe.transformer(feed)  # warm-up: the first call at a shape
+    pipe.transformer(inputs(folder, 2, size))  # warm-up: the first call at a shape
     if adapter:
         pipe.set_adapters([adapter], adapter_weights=[0.8])
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        pipe.transformer(feed)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), load
+    return pipe.transformer, load
 
 
 def main() -> None:
+    from ovsd3.timing import alternating_medians
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/ovsd3-cluster-bench/sd3-medium-int8-ov"))
     parser.add_argument("--source-fp16", type=Path, default=None)
@@ -105,12 +103,20 @@ def main() -> None:
     args = parser.parse_args()
     ensure_folder(args.folder, args.source_fp16)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base, load = step_seconds(args.folder, None, args.repeats, args.size)
-    print(f"no adapter: {base:.2f} s a step (load {load:.0f} s)", flush=True)
+    base, load = loaded(args.folder, None, args.size)
+    print(f"no adapter: loaded and compiled in {load:.0f} s", flush=True)
+    feed = inputs(args.folder, 2, args.size)
     for rank in args.ranks:
         adapter = random_adapter(args.folder, args.workdir / f"rank{rank}.safetensors", rank, seed=rank)
-        seconds, load = step_seconds(args.folder, adapter, args.repeats, args.size)
-        print(f"rank {rank} branches: {seconds:.2f} s a step, x{seconds / base:.2f} (load {load:.0f} s)", flush=True)
+        branched, load = loaded(args.folder, adapter, args.size)
+        # two pipelines at once (a third does not fit in 24 GB), called in turn, so that a busy spell or a
+        # drifting clock hits both alike
+        seconds = alternating_medians({"plain": base, "branches": branched}, feed, args.repeats)
+        print(f"rank {rank} branches: {seconds['branches']:.2f} s a step against {seconds['plain']:.2f} s without "
+              f"(median of {args.repeats}, alternating), x{seconds['branches'] / seconds['plain']:.2f}; loaded and "
+              f"compiled in {load:.0f} s", flush=True)
+        del branched
+        gc.collect()
 
 
 if __name__ == "__main__":
