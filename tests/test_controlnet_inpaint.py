@@ -26,7 +26,9 @@ from ovsd3.errors import InvalidRequest
 from ovsd3.metrics import psnr
 from ovsd3.runtime import SD3Pipeline
 
-MIN_PSNR = 35.0  # the issue's bar, as tests/test_controlnet.py
+# The issue's bar is 35 dB; with diffusers' T5 kept (as ovsd3 runs it) the pictures agree to float precision:
+# measured 127-131 dB. Without the global draws of a net ahead in the folder, 13.5 dB.
+MIN_PSNR = 100.0
 CALL = dict(prompt="a red digit on grey", num_inference_steps=3, guidance_scale=4.0, output_type="np",
             width=64, height=64)
 GLOBAL_SEED, SEED = 11, 3  # torch's global generator (the posteriors), the request's generator (the latents)
@@ -110,8 +112,7 @@ def diffusers_images(tiny_sd3: Path, nets: list[Path], inpainting: bool = True, 
 
     models = [SD3ControlNetModel.from_pretrained(folder) for folder in nets]
     kind = StableDiffusion3ControlNetInpaintingPipeline if inpainting else StableDiffusion3ControlNetPipeline
-    pipe = kind.from_pretrained(tiny_sd3, controlnet=models if len(models) > 1 else models[0],
-                                text_encoder_3=None, tokenizer_3=None)
+    pipe = kind.from_pretrained(tiny_sd3, controlnet=models if len(models) > 1 else models[0])  # with T5, as ovsd3
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(GLOBAL_SEED)
     if draws_before is not None:
@@ -131,7 +132,7 @@ def test_an_inpainting_controlnet_draws_diffusers_pictures(pipes, sources, tiny_
     expected = diffusers_images(tiny_sd3, [sources["a"]], **call)
     assert got.shape == expected.shape == (2, 64, 64, 3)
     assert db(expected, got) >= MIN_PSNR
-    plain = ovsd3_images(pipes("inpaint"), **call, controlnet_conditioning_scale=0.0)
+    plain = ovsd3_images(pipes("inpaint"), **{**call, "controlnet_conditioning_scale": 0.0})
     assert db(plain, got) < 30.0  # the control counts
 
 
@@ -208,7 +209,7 @@ masks = st.one_of(
     st.none(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
     st.builds(lambda shape, fill: np.full(shape, fill, np.float32),
               st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple),
-              st.floats(-1, 2, allow_nan=True)),
+              st.sampled_from([0.0, 0.3, 0.5, 1.0, -0.5, 2.0, float("nan"), float("inf")])),
     st.builds(lambda side, mode: Image.new(mode, (side, side)), st.integers(1, 80),
               st.sampled_from(["L", "1", "RGB", "RGBA", "F", "CMYK"])))
 
@@ -236,14 +237,14 @@ def test_cli_runs_with_a_control_mask_and_refuses_bad_ones(folders, tmp_path, ca
     assert main(run + ["--control-mask", str(tmp_path / "m.png")]) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
     assert main(run) == 2
-    assert "give control_mask" in last_line(capsys)
+    assert "without --control-mask, but controlnet/ of" in last_line(capsys)
     assert main(run + ["--control-mask", str(tmp_path / "missing.png")]) == 2
     assert "cannot read --control-mask" in last_line(capsys)
     assert main(run[:-2] + ["--control-mask", str(tmp_path / "m.png")]) == 2
     assert last_line(capsys).endswith("control_mask needs a control_image")
     plain = ["run", str(folders["plain"]), *run[2:]]
     assert main(plain + ["--control-mask", str(tmp_path / "m.png")]) == 2
-    assert "no ControlNet of" in last_line(capsys)
+    assert "--control-mask given, but no ControlNet of" in last_line(capsys)
 
 
 def png_base64(image: Image.Image) -> str:

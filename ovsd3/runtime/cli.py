@@ -128,6 +128,14 @@ def _check_control(args, model) -> None:
     if images and len(images) != count:
         raise OvsdError(f"--control-image given {len(images)} time(s) for {count} ControlNet(s) in {model.path}: "
                         f"give one per ControlNet")
+    takers = [component for component, config in zip(controlnet_components(model.path), model.controlnet_configs)
+              if int(config.get("extra_conditioning_channels", 0)) == 1]  # inpainting ControlNets take the mask
+    if images and takers and args.control_mask is None:
+        raise OvsdError(f"--control-image given without --control-mask, but {takers[0]}/ of {model.path} is an "
+                        f"inpainting ControlNet (it takes a mask)")
+    if images and args.control_mask is not None and not takers:
+        raise OvsdError(f"--control-mask given, but no ControlNet of {model.path} takes a mask (an inpainting "
+                        f"ControlNet has extra_conditioning_channels 1)")
 
 
 def _add_compile_options(parser) -> None:
