@@ -271,3 +271,21 @@ def test_the_service_takes_a_control_mask(folders):
                            timeout=120)
         assert alone.status_code == 400, alone.text
         assert alone.json()["error"]["message"] == "control_mask: needs a control_image"
+        files = [("image", ("s.png", base64.b64decode(body["control_image"]), "image/png")),
+                 ("control_image", ("c.png", base64.b64decode(body["control_image"]), "image/png")),
+                 ("control_mask", ("m.png", base64.b64decode(png_base64(control_mask())), "image/png"))]
+        fields = {"prompt": "a cat", "num_inference_steps": "2", "size": "64x64", "strength": "0.8"}
+        edit = httpx.post(f"{base}/v3/images/edits", files=files, data=fields, timeout=120)
+        assert edit.status_code == 200, edit.text
+        text_mask = httpx.post(f"{base}/v3/images/edits", files=files[:2],
+                               data={**fields, "control_mask": png_base64(control_mask())}, timeout=120)
+        assert text_mask.status_code == 400 and "control_mask" in text_mask.json()["error"]["message"]
+
+
+def test_the_broker_record_carries_the_control_mask():
+    from ovsd3.serve.jobs import GenerationRequest
+
+    mask = base64.b64decode(png_base64(control_mask()))
+    request = GenerationRequest(prompt="a", control_image=[mask], control_mask=mask)
+    assert GenerationRequest.from_record(json.loads(json.dumps(request.to_record()))) == request
+    assert np.array_equal(np.asarray(request.pipeline_settings()["control_mask"]), np.asarray(control_mask()))
