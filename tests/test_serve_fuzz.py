@@ -199,11 +199,12 @@ def in_chunks(body: bytes):
 @pytest.mark.parametrize("extra_files, extra_size, chunked, status, message", [
     # six extra 15 MB parts: refused from the declared length, before a byte is read ...
     (6, 15 * 2**20, False, 413, "the request body is larger than this server takes ({cap} bytes)"),
-    # ... and without one, at the fifth file part (image, mask, two control images: after about 60 MB, not 90)
-    (6, 15 * 2**20, True, 400, "multipart form: Too many files. Maximum number of files is 4."),
-    # one 70 MB part, streamed: refused once the sum passes the cap
-    (1, 70 * 2**20, True, 413, "the request body is larger than this server takes ({cap} bytes)"),
-], ids=["6x15MB-declared", "6x15MB-chunked", "70MB-chunked"])
+    # ... and without one, at the sixth file part (image, mask, two control images, a control mask: after about
+    # 60 MB, not 90)
+    (6, 15 * 2**20, True, 400, "multipart form: Too many files. Maximum number of files is 5."),
+    # one 90 MB part, streamed: refused once the sum passes the cap (5 x 16 MB + the text fields)
+    (1, 90 * 2**20, True, 413, "the request body is larger than this server takes ({cap} bytes)"),
+], ids=["6x15MB-declared", "6x15MB-chunked", "90MB-chunked"])
 def test_an_edit_is_bounded_as_a_whole(service, extra_files, extra_size, chunked, status, message):
     """Each part below the upload limit, their sum far above what an edit can hold."""
     import httpx
@@ -218,16 +219,16 @@ def test_an_edit_is_bounded_as_a_whole(service, extra_files, extra_size, chunked
     assert answer.json()["error"]["message"].startswith(message.format(cap=LIMITS.max_form_bytes)), answer.text
 
 
-def test_a_fifth_file_part_is_refused_by_name(service):
+def test_a_sixth_file_part_is_refused_by_name(service):
     import httpx
 
     base, _ = service
-    body, content_type = edit_parts(4, 10)  # image + 4 more: five files (image, mask, two control images)
+    body, content_type = edit_parts(5, 10)  # image + 5 more: six files (image, mask, two control images, a mask)
     answer = httpx.post(f"{base}/v3/images/edits", content=body, headers={"content-type": content_type},
                         timeout=REQUEST_TIMEOUT)
     assert answer.status_code == 400
     assert answer.json()["error"]["message"].startswith("multipart form: Too many files. Maximum number of files "
-                                                        "is 4.")
+                                                        "is 5.")
 
 
 def test_a_json_body_past_1_mib_is_refused(service):

@@ -20,6 +20,7 @@ RULES = {"model_dir": path_fits, "output": path_fits, "image": path_fits, "mask"
          "lora": path_fits, "strength": number(0, 1),
          "padding_mask_crop": integer(0, MAX_PADDING_MASK_CROP), "skip_layer_scale": number(0, MAX_GUIDANCE),
          "skip_layer_start": number(0, 1), "skip_layer_stop": number(0, 1), "control_image": path_fits,
+         "control_mask": path_fits,
          "controlnet_scale": number(0, 100), "control_start": number(0, 1), "control_end": number(0, 1)}
 
 
@@ -87,6 +88,10 @@ def _add_control_options(parser) -> None:
     """ControlNet: diffusers' control_image, controlnet_conditioning_scale, control_guidance_start/end."""
     parser.add_argument("--control-image", type=Path, action="append", default=None, metavar="FILE",
                         help="a control image for the folder's ControlNet (repeat: one per ControlNet, in order)")
+    parser.add_argument("--control-mask", type=Path, default=None, metavar="FILE",
+                        help="for an inpainting ControlNet (extra_conditioning_channels 1, as alimama-creative's "
+                             "SD3-Controlnet-Inpainting): white is redrawn in its --control-image (diffusers' "
+                             "control_mask; one mask for every such ControlNet of the folder)")
     parser.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="S",
                         help="controlnet_conditioning_scale (default 1; repeat for one per ControlNet)")
     parser.add_argument("--control-start", type=float, action="append", default=None, metavar="A",
@@ -97,7 +102,8 @@ def _add_control_options(parser) -> None:
 
 def _control(args) -> dict:
     """The ControlNet keywords of a run (none without --control-image); one value each, or one per ControlNet."""
-    keywords = {"control_image": args.control_image and [str(path) for path in args.control_image]}
+    keywords = {"control_image": args.control_image and [str(path) for path in args.control_image],
+                "control_mask": args.control_mask and str(args.control_mask)}
     for option, keyword in (("controlnet_scale", "controlnet_conditioning_scale"),
                             ("control_start", "control_guidance_start"), ("control_end", "control_guidance_end")):
         values = getattr(args, option)
@@ -114,12 +120,22 @@ def _check_control(args, model) -> None:
     for path in images:
         if not path.is_file():
             raise OvsdError(f"cannot read --control-image {path}: no such file")
+    if args.control_mask is not None and not args.control_mask.is_file():
+        raise OvsdError(f"cannot read --control-mask {args.control_mask}: no such file")
     count = len(controlnet_components(model.path))
     if images and not count:
         raise OvsdError(f"--control-image given, but {model.path} has no ControlNet (convert with --controlnet)")
     if images and len(images) != count:
         raise OvsdError(f"--control-image given {len(images)} time(s) for {count} ControlNet(s) in {model.path}: "
                         f"give one per ControlNet")
+    takers = [component for component, config in zip(controlnet_components(model.path), model.controlnet_configs)
+              if int(config.get("extra_conditioning_channels", 0)) == 1]  # inpainting ControlNets take the mask
+    if images and takers and args.control_mask is None:
+        raise OvsdError(f"--control-image given without --control-mask, but {takers[0]}/ of {model.path} is an "
+                        f"inpainting ControlNet (it takes a mask)")
+    if images and args.control_mask is not None and not takers:
+        raise OvsdError(f"--control-mask given, but no ControlNet of {model.path} takes a mask (an inpainting "
+                        f"ControlNet has extra_conditioning_channels 1)")
 
 
 def _add_compile_options(parser) -> None:
@@ -240,7 +256,8 @@ def _check_cache_dir(args) -> None:
 
     if args.no_cache:
         return
-    inputs = (args.model_dir, args.image, args.mask, *(args.control_image or ()), *_lora_paths(args.lora))
+    inputs = (args.model_dir, args.image, args.mask, *(args.control_image or ()), args.control_mask,
+              *_lora_paths(args.lora))
     check_cache_apart(args.cache_dir or default_cache_dir(), "--cache-dir", inputs=inputs,
                       outputs=(args.output,) if args.cache_dir else ())
 

@@ -12,6 +12,13 @@
   c counts when neither ``i/n < start`` nor ``(i+1)/n > end``.
 - ``controlnet_pooled_projections``: the ControlNets' pooled input (zeros for those with
   ``force_zeros_for_pooled_projection``; the prompt's pooled embeddings when not given).
+- ``control_mask`` (diffusers' ``StableDiffusion3ControlNetInpaintingPipeline``, for inpainting ControlNets such
+  as alimama-creative/SD3-Controlnet-Inpainting: ``extra_conditioning_channels`` 1): white is to be redrawn. A
+  net with that one extra channel takes ``[masked latents, 1 - mask]``: its control image with -1 wherever the
+  mask is above 0.5, encoded with the VAE shift always applied (one posterior sample per image, the same for both
+  halves of guidance), and the mask taken at latent resolution by nearest sampling; its pooled input is zeros
+  unless ``controlnet_pooled_projections`` is given. One mask serves every such net of the folder; nets without
+  extra channels keep the plain path.
 
 Each step runs every ControlNet (the step cache skips or runs them with the transformer), maps each one's block
 samples to the transformer's blocks with diffusers' rule (block k takes sample ``int(k / (blocks / samples))``),
@@ -60,6 +67,7 @@ class ControlSettings:
     start: float | tuple[float, ...]
     end: float | tuple[float, ...]
     pooled: np.ndarray | None
+    mask: object = None  # control_mask as image_input gives it back; None without
 
     @classmethod
     def of(cls, request) -> "ControlSettings | None":
@@ -69,8 +77,10 @@ class ControlSettings:
         pooled = as_array(request.controlnet_pooled_projections, "controlnet_pooled_projections", 2)
         values = {name: _numbers(getattr(request, name), name, 0.0, MAX_SCALE if name.endswith("scale") else 1.0)
                   for name in CONTROL_KEYWORDS}
+        mask = image_input(request.control_mask, "control_mask", mask=True)
         if request.control_image is None:
-            given = [name for name in CONTROL_KEYWORDS if values[name] != DEFAULTS[name]]
+            given = ["control_mask"] if mask is not None else []
+            given += [name for name in CONTROL_KEYWORDS if values[name] != DEFAULTS[name]]
             given += ["controlnet_pooled_projections"] if pooled is not None else []
             if given:
                 raise InvalidRequest(f"{given[0]} needs a control_image")
@@ -82,7 +92,7 @@ class ControlSettings:
         checked = tuple(image_input(image, f"control_image[{index}]" if listed else "control_image")
                         for index, image in enumerate(images))
         settings = cls(checked, values["controlnet_conditioning_scale"], values["control_guidance_start"],
-                       values["control_guidance_end"], pooled)
+                       values["control_guidance_end"], pooled, mask)
         settings._check_windows()
         return settings
 
@@ -126,6 +136,11 @@ class ControlNet:
     @property
     def extra_channels(self) -> int:
         return int(self.config.get("extra_conditioning_channels", 0))
+
+    @property
+    def takes_mask(self) -> bool:
+        """An inpainting ControlNet: its one extra conditioning channel is the (inverted) control_mask."""
+        return self.extra_channels == 1
 
     def clone(self, requests: InferRequests) -> "ControlNet":
         twin = object.__new__(ControlNet)
@@ -180,7 +195,7 @@ class ControlJob:
     starts: list[float]
     ends: list[float]
     pooled: np.ndarray | None  # given controlnet_pooled_projections, the transformer's full batch
-    zero_pooled: bool = True  # the first ControlNet's force_zeros_for_pooled_projection, for all (diffusers)
+    zero_pooled: list[bool] | None = None  # per net: its pooled input is zeros (None: zeros for all)
     seconds: float = 0.0
 
     def step_scales(self, step: int, steps: int) -> list[float]:
@@ -198,13 +213,14 @@ class ControlJob:
         rows = inputs["hidden_states"].shape[0]  # the conditional half alone where a guidance interval drops CFG
         started = time.perf_counter()
         samples = []
-        for net, latents, scale in zip(self.nets, self.latents, scales):
+        zeros = self.zero_pooled or [True] * len(self.nets)
+        for net, latents, scale, zero_pooled in zip(self.nets, self.latents, scales, zeros):
             if scale == 0.0:
                 samples.append(None)
                 continue
             pooled = inputs["pooled_projections"] if self.pooled is None else self.pooled[-rows:]
             samples.append(net({**inputs, "controlnet_cond": latents[-rows:],
-                                "pooled_projections": np.zeros_like(pooled) if self.zero_pooled else pooled}))
+                                "pooled_projections": np.zeros_like(pooled) if zero_pooled else pooled}))
         self.seconds += time.perf_counter() - started
         return block_residuals(samples, scales, block_count)
 
@@ -222,10 +238,7 @@ def _check_fit(pipe, settings: ControlSettings, rows: int, batch: int) -> None:
                                                                             settings.start),
                         ("control_guidance_end", settings.end)):
         ControlSettings.per_net(value, name, len(nets))
-    extra = [net for net in nets if net.extra_channels]
-    if extra:
-        raise InvalidRequest(f"{extra[0].component} takes {extra[0].extra_channels} extra conditioning channel(s) "
-                             f"(an inpainting ControlNet), which ovsd3 does not feed")
+    _check_mask_fit(nets, pipe.folder, settings.mask)
     if pipe.static is not None:
         raise InvalidRequest("ControlNet is not available with static shapes (--static)")
     if pipe.vae_encoder is None:
@@ -236,31 +249,76 @@ def _check_fit(pipe, settings: ControlSettings, rows: int, batch: int) -> None:
                              f"({batch}, ...) for both halves of guidance), got {pooled.shape}")
 
 
+def _check_mask_fit(nets: list[ControlNet], folder, mask) -> None:
+    """Inpainting ControlNets (one extra conditioning channel) need control_mask; a mask needs one of them."""
+    for net in nets:
+        if net.extra_channels not in (0, 1):
+            raise InvalidRequest(f"{net.component} takes {net.extra_channels} extra conditioning channels: ovsd3 "
+                                 f"feeds one extra channel, the mask (an inpainting ControlNet's control_mask)")
+    takers = [net for net in nets if net.takes_mask]
+    if takers and mask is None:
+        raise InvalidRequest(f"{takers[0].component} is an inpainting ControlNet (one extra conditioning channel): "
+                             f"give control_mask, white where its control_image is to be redrawn")
+    if mask is not None and not takers:
+        raise InvalidRequest(f"control_mask given, but no ControlNet of {folder} takes a mask (an inpainting "
+                             f"ControlNet has extra_conditioning_channels 1)")
+
+
 def _encoded(pipe, image, rows: int, width: int, height: int, noise, shift: float) -> np.ndarray:
     """One control image as diffusers encodes it: its rows' posterior samples drawn at once, then shifted and
     scaled."""
     from ovsd3.runtime import images as image_io
 
-    moments = pipe._infer("vae", pipe.vae_encoder, {"sample": image_io.load_image(image, width, height)})
+    return _encoded_pixels(pipe, image_io.load_image(image, width, height), rows, noise, shift)
+
+
+def _encoded_pixels(pipe, pixels: np.ndarray, rows: int, noise, shift: float) -> np.ndarray:
+    moments = pipe._infer("vae", pipe.vae_encoder, {"sample": pixels})
     mean, logvar = np.split(moments, 2, axis=1)
     std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
     sample = mean + std * noise((rows, *mean.shape[1:]))
     return ((sample - np.float32(shift)) * np.float32(pipe.scaling_factor)).astype(np.float32)
 
 
+def _masked(pipe, image, mask: np.ndarray, rows: int, guided: bool, width: int, height: int,
+            noise) -> np.ndarray:
+    """An inpainting ControlNet's input as diffusers' prepare_image_with_mask makes it: the control image with
+    -1 where the mask is above 0.5, encoded (``rows`` posterior samples, the VAE shift always applied), then
+    ``1 - mask`` at latent resolution as the last channel; repeated for the unconditional half when guiding."""
+    from ovsd3.runtime import images as image_io
+
+    pixels = np.where(mask > 0.5, np.float32(-1.0), image_io.load_image(image, width, height))
+    latents = _encoded_pixels(pipe, pixels.astype(np.float32), rows, noise, pipe.shift_factor)
+    factor = pipe.vae_scale_factor
+    kept = np.float32(1.0) - mask[:, :, ::factor, ::factor]  # torch's nearest at an exact 1/factor
+    if kept.shape[-2:] != latents.shape[-2:]:
+        raise InvalidRequest(f"control_mask {mask.shape[-2:]} does not fit the control latents "
+                             f"{latents.shape[-2:]}")
+    control = np.concatenate([latents, np.broadcast_to(kept, (rows, 1, *kept.shape[-2:]))], axis=1)
+    return np.concatenate([control, control]) if guided else control
+
+
 def prepare_control(pipe, settings: ControlSettings, rows: int, guided: bool, width: int, height: int,
                     noise) -> ControlJob:
     """The request's ControlJob: every image encoded for the transformer's batch (``rows`` images, twice
-    that when guiding). As in diffusers, the first ControlNet's ``force_zeros_for_pooled_projection`` decides
-    for all of them whether the VAE shift is applied and whether their pooled input is zeros."""
+    that when guiding), in the folder's order (the order diffusers draws their posteriors in). As in diffusers,
+    the first plain ControlNet's ``force_zeros_for_pooled_projection`` decides for all plain ones whether the
+    VAE shift is applied and whether their pooled input is zeros; inpainting ones (``_masked``) always take the
+    shift, and zeros unless controlnet_pooled_projections is given."""
+    from ovsd3.runtime.inpaint import load_mask
+
     nets, batch = pipe.controlnets, rows * (2 if guided else 1)
     _check_fit(pipe, settings, rows, batch)
-    zero_pooled = nets[0].force_zeros
-    latents = [_encoded(pipe, image, batch, width, height, noise, 0.0 if zero_pooled else pipe.shift_factor)
-               for image in settings.images]
+    plain = [net for net in nets if not net.takes_mask]
+    plain_zeros = plain[0].force_zeros if plain else True
+    mask = None if settings.mask is None else load_mask(settings.mask, width, height, name="control_mask")
+    latents = [_masked(pipe, image, mask, rows, guided, width, height, noise) if net.takes_mask else
+               _encoded(pipe, image, batch, width, height, noise, 0.0 if plain_zeros else pipe.shift_factor)
+               for net, image in zip(nets, settings.images)]
     pooled = settings.pooled
     if pooled is not None and pooled.shape[0] != batch:
         pooled = np.concatenate([pooled, pooled])
+    zero_pooled = [pooled is None if net.takes_mask else plain_zeros for net in nets]
     count = len(nets)
     return ControlJob([net for net in nets], latents,
                       ControlSettings.per_net(settings.scale, "controlnet_conditioning_scale", count),

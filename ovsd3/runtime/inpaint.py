@@ -32,7 +32,7 @@ def _pil_mask(mask, width: int, height: int) -> np.ndarray:
     return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
 
 
-def _array_mask(mask, width: int, height: int) -> np.ndarray:
+def _array_mask(mask, width: int, height: int, name: str = "mask_image") -> np.ndarray:
     """A (H, W), (1, H, W), (H, W, 1) or (1, 1, H, W) array of values in [0, 1], resized by nearest sampling."""
     array = np.asarray(mask, dtype=np.float32)
     if array.ndim in (3, 4) and array.shape[0] == 1 and (array.ndim == 3 or array.shape[1] == 1):
@@ -40,7 +40,7 @@ def _array_mask(mask, width: int, height: int) -> np.ndarray:
     elif array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]  # (H, W, 1)
     if array.ndim != 2:
-        raise InvalidRequest(f"mask_image must be one grey mask (H, W) with values in [0, 1], got shape "
+        raise InvalidRequest(f"{name} must be one grey mask (H, W) with values in [0, 1], got shape "
                              f"{np.shape(mask)}")
     rows = (np.arange(height) * array.shape[0] // height)
     columns = (np.arange(width) * array.shape[1] // width)
@@ -65,24 +65,25 @@ def _size_of(image) -> tuple[int, int] | None:
     return None
 
 
-def load_mask(mask, width: int, height: int, image=None) -> np.ndarray:
+def load_mask(mask, width: int, height: int, image=None, name: str = "mask_image") -> np.ndarray:
     """A mask image (a path, a PIL image or an array) -> (1, 1, height, width) of 0 (keep) and 1 (redraw).
-    A PIL mask must be as large as ``image`` (when that is a picture) and in a grey-readable mode."""
+    A PIL mask must be as large as ``image`` (when that is a picture) and in a grey-readable mode. ``name``:
+    the keyword the errors name (mask_image, or ControlNet's control_mask)."""
     from PIL import Image
 
     if isinstance(mask, (str, Path)):
-        mask = open_image(mask, "mask")  # with the input images' pixel bound
+        mask = open_image(mask, "mask" if name == "mask_image" else name)  # with the input images' pixel bound
     if isinstance(mask, Image.Image):
         if mask.mode not in MASK_MODES:
-            raise InvalidRequest(f"mask_image has mode {mask.mode}: give a grey (L), black-and-white (1), RGB or "
+            raise InvalidRequest(f"{name} has mode {mask.mode}: give a grey (L), black-and-white (1), RGB or "
                                  "RGBA mask")
         image_size = _size_of(image) if image is not None else None
         if image_size is not None and mask.size != image_size:
-            raise InvalidRequest(f"mask_image is {mask.size[0]}x{mask.size[1]} but the image is "
+            raise InvalidRequest(f"{name} is {mask.size[0]}x{mask.size[1]} but the image is "
                                  f"{image_size[0]}x{image_size[1]}: they must be the same size")
         grey = _pil_mask(mask, width, height)
     else:
-        grey = _array_mask(mask, width, height)
+        grey = _array_mask(mask, width, height, name)
     return (grey >= 0.5).astype(np.float32)[None, None]
 
 

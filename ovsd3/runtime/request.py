@@ -12,8 +12,9 @@
 and ``skip_layer_guidance_scale`` / ``_start`` / ``_stop`` (skip-layer guidance),
 plus ovsd3's own: ``image`` and ``strength`` (image-to-image), ``seed`` and ``noise`` (where random numbers
 come from without a torch generator), ``cache`` (step caching) and ``callback`` (sees every :class:`Step`).
-ControlNet: ``control_image``, ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end`` and
-``controlnet_pooled_projections`` (:mod:`ovsd3.runtime.controlnet`). ``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
+ControlNet: ``control_image``, ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end``,
+``controlnet_pooled_projections`` and, for an inpainting ControlNet, ``control_mask``
+(:mod:`ovsd3.runtime.controlnet`). ``num_images`` is the older name of ``num_images_per_prompt``. Arrays may be numpy arrays or anything
 ``numpy.asarray`` reads (CPU torch tensors too). Invalid values raise :class:`InvalidRequest`, a ``ValueError``.
 """
 
@@ -231,6 +232,7 @@ class Request:
     num_images: int | None = None  # the older name of num_images_per_prompt
     # ControlNet (diffusers' StableDiffusion3ControlNetPipeline; ovsd3.runtime.controlnet): one image per ControlNet
     control_image: Any = None
+    control_mask: Any = None  # an inpainting ControlNet's mask (StableDiffusion3ControlNetInpaintingPipeline)
     controlnet_conditioning_scale: Any = 1.0  # a number, or one per ControlNet
     control_guidance_start: Any = 0.0
     control_guidance_end: Any = 1.0

@@ -171,6 +171,8 @@ def edit_form_schema() -> dict:
                           "description": "inpainting: white (or transparent) is redrawn"}
     properties["control_image"] = {"type": "array", "items": {"type": "string", "format": "binary"},
                                    "description": "ControlNet: one control image per ControlNet of the folder"}
+    properties["control_mask"] = {"type": "string", "format": "binary",
+                                  "description": "an inpainting ControlNet's mask: white is redrawn"}
     return {"type": "object", "required": ["prompt", "image"], "properties": properties,
             "additionalProperties": False}
 
@@ -258,22 +260,24 @@ async def edits(request: Request):
         if refused.status_code != 400:
             raise
         raise BadRequest(f"multipart form: {refused.detail} (an edit is text fields, one 'image' file, at most "
-                         f"one 'mask' file and {limits.max_control_images} 'control_image' files; each text field "
+                         f"one 'mask' file, {limits.max_control_images} 'control_image' files and one "
+                         f"'control_mask' file; each text field "
                          f"at most {limits.max_field_bytes} bytes)") from None
     data = await _upload(form, limits)
     mask = await _mask_upload(form, limits)
     controls = await _control_uploads(form, limits)
+    control_mask = await _control_mask_upload(form, limits)
     fields = _form_fields(form)
     try:
         body = EditBody.model_validate({key: value for key, value in fields.items() if value != ""})
     except ValidationError as invalid_form:
         raise BadRequest(_first_problem(invalid_form.errors())) from None
     job = await asyncio.to_thread(state.submit, body, previews=False, image=data, mask=mask, strength=body.strength,
-                                  control_image=controls)
+                                  control_image=controls, control_mask=control_mask)
     return images_response(await finished(job, request), state.backend)
 
 
-FILE_FIELDS = ("image", "image[]", "mask", "control_image", "control_image[]")
+FILE_FIELDS = ("image", "image[]", "mask", "control_image", "control_image[]", "control_mask")
 LIST_FIELDS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
 
@@ -285,7 +289,8 @@ def _form_fields(form) -> dict:
         if key in FILE_FIELDS:
             continue
         if not isinstance(value, str):
-            raise BadRequest(f"{key}: not a file field (an edit's files are 'image', 'mask' and 'control_image')")
+            raise BadRequest(f"{key}: not a file field (an edit's files are 'image', 'mask', 'control_image' and "
+                             f"'control_mask')")
         values = [item for item in form.getlist(key) if item != ""]
         if values:
             fields[key] = values if key in LIST_FIELDS and len(values) > 1 else values[-1]
@@ -307,6 +312,18 @@ async def _control_uploads(form, limits: Limits) -> list[bytes] | None:
         check_image(data, limits, f"control_image[{index}]" if len(uploads) > 1 else "control_image")
         images.append(data)
     return images
+
+
+async def _control_mask_upload(form, limits: Limits) -> bytes | None:
+    """An inpainting ControlNet's mask (multipart field ``control_mask``), one file; None without."""
+    uploads = [value for value in form.getlist("control_mask") if value != ""]
+    if not uploads:
+        return None
+    if len(uploads) > 1 or isinstance(uploads[0], str):
+        raise BadRequest("control_mask: one mask image file (multipart field 'control_mask')")
+    data = await uploads[0].read()
+    check_image(data, limits, "control_mask")
+    return data
 
 
 async def _upload(form, limits: Limits) -> bytes:

@@ -12,8 +12,10 @@ generation request and OpenAI's, read into one :class:`~ovsd3.serve.jobs.Generat
 - diffusers': skip-layer guidance's fields; on edits with a mask, ``padding_mask_crop``.
 - diffusers' ControlNet keywords, for a folder converted with ``--controlnet``: ``control_image`` (base64 in JSON,
   a string or one per ControlNet; files of that name on ``/v3/images/edits``), ``controlnet_conditioning_scale``,
-  ``control_guidance_start`` and ``control_guidance_end`` (a number, or one per ControlNet). Each control image
-  is held to the upload limits (bytes and pixels); an edit takes at most ``max_control_images`` of them.
+  ``control_guidance_start`` and ``control_guidance_end`` (a number, or one per ControlNet); for an inpainting
+  ControlNet, ``control_mask`` (base64 in JSON, a file of that name on edits; white is redrawn). Each control
+  image and the control mask is held to the upload limits (bytes and pixels); an edit takes at most
+  ``max_control_images`` control images and one control mask.
 
 Any other field is refused (400), as a typo should be.
 """
@@ -47,17 +49,19 @@ class Limits:
     max_field_bytes: int = 64 * 1024  # one text field of an edit's multipart form
     max_form_fields: int = 64  # text fields of an edit (its body has about 35 names)
     max_control_images: int = 2  # control_image files of an edit or images of a body, each an upload
+    # (and at most one control_mask, an upload too)
     retry_after_seconds: int = 5
 
     @property
     def max_form_bytes(self) -> int:
-        """A whole edit: the image, the mask and the control images at their limit, and the text fields."""
-        return (2 + self.max_control_images) * self.max_upload_bytes + self.max_form_fields * self.max_field_bytes
+        """A whole edit: the image, the mask, the control images and control mask at their limit, and the text
+        fields."""
+        return (3 + self.max_control_images) * self.max_upload_bytes + self.max_form_fields * self.max_field_bytes
 
     @property
     def max_files(self) -> int:
-        """The file parts of an edit: image, mask, control images."""
-        return 2 + self.max_control_images
+        """The file parts of an edit: image, mask, control images, control mask."""
+        return 3 + self.max_control_images
 
 
 LIMITS = Limits()  # the defaults, which the request schema (and so /openapi.json) states
@@ -154,6 +158,8 @@ class GenerationBody(BaseModel):
     skip_layer_guidance_stop: Fraction = 0.2
     # diffusers' ControlNet keywords (a folder converted with --controlnet); one value, or one per ControlNet
     control_image: str | list[str] | None = Field(None, description="base64 PNG/JPEG/WebP, one per ControlNet")
+    control_mask: str | None = Field(None, description="base64 PNG/JPEG/WebP: an inpainting ControlNet's mask, "
+                                                       "white where its control_image is redrawn")
     controlnet_conditioning_scale: ControlScale | Annotated[list[ControlScale], Field(min_length=1,
                                                                                      max_length=8)] = 1.0
     control_guidance_start: Fraction | Annotated[list[Fraction], Field(min_length=1, max_length=8)] = 0.0
@@ -170,7 +176,7 @@ class GenerationBody(BaseModel):
         except CacheSettingError as problem:
             raise BadRequest(f"cache: {problem}") from None
         seed = self.rng_seed if self.rng_seed is not None else self.seed
-        extra.update(self._control(limits, extra.pop("control_image", None)))
+        extra.update(self._control(limits, extra.pop("control_image", None), extra.pop("control_mask", None)))
         return GenerationRequest(
             prompt=self.prompt, prompt_2=self.prompt_2, prompt_3=self.prompt_3, negative_prompt=self.negative_prompt,
             negative_prompt_2=self.negative_prompt_2, negative_prompt_3=self.negative_prompt_3,
@@ -217,18 +223,24 @@ class GenerationBody(BaseModel):
         if self.strength is not None and self.strength != 1.0:
             raise BadRequest("strength: text-to-image runs at 1.0; send an image to /v3/images/edits to use it")
 
-    def _control(self, limits: Limits, uploads: list[bytes] | None) -> dict:
-        """The control keywords for the request: ``uploads`` (an edit's files) or the body's base64 images,
-        each checked as an upload; keywords without an image refused."""
+    def _control(self, limits: Limits, uploads: list[bytes] | None, mask_upload: bytes | None = None) -> dict:
+        """The control keywords for the request: ``uploads`` and ``mask_upload`` (an edit's files) or the
+        body's base64 images, each checked as an upload; keywords without an image refused."""
         images = uploads if uploads is not None else self._decoded_control_images(limits)
+        mask = mask_upload if mask_upload is not None else self._decoded_control_mask(limits)
         if not images:
-            given = [name for name, default in CONTROL_DEFAULTS.items() if getattr(self, name) != default]
+            given = ["control_mask"] if mask is not None else []
+            given += [name for name, default in CONTROL_DEFAULTS.items() if getattr(self, name) != default]
             if given:
                 raise BadRequest(f"{given[0]}: needs a control_image")
             return {}
         if len(images) > limits.max_control_images:
             raise BadRequest(f"control_image: at most {limits.max_control_images} per request (got {len(images)})")
-        return {"control_image": images, **{name: getattr(self, name) for name in CONTROL_DEFAULTS}}
+        return {"control_image": images, "control_mask": mask,
+                **{name: getattr(self, name) for name in CONTROL_DEFAULTS}}
+
+    def _decoded_control_mask(self, limits: Limits) -> bytes | None:
+        return None if self.control_mask is None else decoded_upload(self.control_mask, limits, "control_mask")
 
     def _decoded_control_images(self, limits: Limits) -> list[bytes]:
         if self.control_image is None:
@@ -239,18 +251,8 @@ class GenerationBody(BaseModel):
             raise BadRequest("control_image: an empty list (give one image per ControlNet)")
         if len(texts) > limits.max_control_images:
             raise BadRequest(f"control_image: at most {limits.max_control_images} per request (got {len(texts)})")
-        images = []
-        for index, text in enumerate(texts):
-            name = f"control_image[{index}]" if listed else "control_image"
-            if len(text) > (limits.max_upload_bytes + 2) // 3 * 4 + 4:  # before decoding it
-                raise BadRequest(f"{name}: larger than {limits.max_upload_bytes} bytes", status=413)
-            try:
-                data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
-            except (binascii.Error, ValueError):
-                raise BadRequest(f"{name}: not base64 (give the image file's bytes in base64)") from None
-            check_image(data, limits, name)
-            images.append(data)
-        return images
+        return [decoded_upload(text, limits, f"control_image[{index}]" if listed else "control_image")
+                for index, text in enumerate(texts)]
 
     def _images(self) -> int | None:
         return self.n if self.n is not None else self.num_images_per_prompt
@@ -289,6 +291,18 @@ class EditBody(GenerationBody):
 
 
 CONTROL_DEFAULTS = {"controlnet_conditioning_scale": 1.0, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
+
+
+def decoded_upload(text: str, limits: Limits, name: str) -> bytes:
+    """A base64 image of a JSON body (``name`` the field; a data: URL too), held to the upload limits."""
+    if len(text) > (limits.max_upload_bytes + 2) // 3 * 4 + 4:  # before decoding it
+        raise BadRequest(f"{name}: larger than {limits.max_upload_bytes} bytes", status=413)
+    try:
+        data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{name}: not base64 (give the image file's bytes in base64)") from None
+    check_image(data, limits, name)
+    return data
 
 
 def check_image(data: bytes, limits: Limits, name: str = "image") -> None:

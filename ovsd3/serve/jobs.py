@@ -71,6 +71,7 @@ class GenerationRequest:
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
     control_image: list[bytes] | None = None  # ControlNet: one picture (PNG/JPEG bytes) per ControlNet
+    control_mask: bytes | None = None  # an inpainting ControlNet's mask (white is redrawn; diffusers' meaning)
     controlnet_conditioning_scale: float | list[float] = 1.0
     control_guidance_start: float | list[float] = 0.0
     control_guidance_end: float | list[float] = 1.0
@@ -104,7 +105,8 @@ class GenerationRequest:
         from PIL import Image
 
         images = [Image.open(io.BytesIO(data)).convert("RGB") for data in self.control_image]
-        return dict(control_image=images[0] if len(images) == 1 else images,
+        mask = None if self.control_mask is None else Image.open(io.BytesIO(self.control_mask))
+        return dict(control_image=images[0] if len(images) == 1 else images, control_mask=mask,
                     controlnet_conditioning_scale=self.controlnet_conditioning_scale,
                     control_guidance_start=self.control_guidance_start,
                     control_guidance_end=self.control_guidance_end)
@@ -116,7 +118,7 @@ class GenerationRequest:
     def to_record(self) -> dict:
         """As JSON takes it (uploads in base64), for the broker."""
         record = dataclasses.asdict(self)
-        for name in ("image", "mask"):
+        for name in ("image", "mask", "control_mask"):
             if record[name] is not None:
                 record[name] = base64.b64encode(record[name]).decode("ascii")
         if record["control_image"] is not None:
@@ -126,7 +128,7 @@ class GenerationRequest:
     @classmethod
     def from_record(cls, record: dict) -> GenerationRequest:
         record = dict(record)
-        for name in ("image", "mask"):
+        for name in ("image", "mask", "control_mask"):
             if record.get(name) is not None:
                 record[name] = base64.b64decode(record[name])
         if record.get("control_image") is not None:
