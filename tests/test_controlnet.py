@@ -23,7 +23,7 @@ from ovsd3.metrics import psnr
 from ovsd3.runtime import SD3Pipeline
 from ovsd3.runtime.controlnet import block_residuals
 
-MIN_PSNR = 35.0  # the issue's bar; measured 131-132 dB
+MIN_PSNR = 100.0  # the issue asks 35 dB; measured 127-132 dB against diffusers with the same T5
 CALL = dict(prompt="a red digit on grey", num_inference_steps=3, guidance_scale=4.0, output_type="np",
             width=64, height=64)
 
@@ -92,7 +92,7 @@ def diffusers_images(tiny_sd3: Path, controlnet_folders: list[Path], **call) -> 
 
     nets = [SD3ControlNetModel.from_pretrained(folder) for folder in controlnet_folders]
     pipe = StableDiffusion3ControlNetPipeline.from_pretrained(
-        tiny_sd3, controlnet=nets if len(nets) > 1 else nets[0], text_encoder_3=None, tokenizer_3=None)
+        tiny_sd3, controlnet=nets if len(nets) > 1 else nets[0])
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(11)
     return pipe(generator=torch.Generator().manual_seed(3), **{**CALL, **call}).images
