@@ -133,3 +133,40 @@ def test_control_samples_come_from_the_recorded_calls(q_cn, cn_folder, workdir):
         assert np.isfinite(sample["controlnet_cond"]).all() and sample["controlnet_cond"].std() > 0.1
     assert np.array_equal(samples[0]["controlnet_cond"], samples[2]["controlnet_cond"])  # one prompt's picture
     assert not np.array_equal(samples[0]["hidden_states"], samples[2]["hidden_states"])  # at two steps
+
+
+@pytest.fixture(scope="module")
+def inpaint_folders(workdir, tiny_sd3, ov_sd3) -> tuple[Path, Path]:
+    """A tiny FP16 folder with an inpainting ControlNet (one extra conditioning channel: the mask), and its INT8
+    quantization."""
+    from controlnet_folders import with_controlnets
+    from test_controlnet_inpaint import inpainting_controlnet
+
+    source = inpainting_controlnet(tiny_sd3, workdir / "cnq-inpaint-source", 4)
+    fp16 = with_controlnets(tiny_sd3, ov_sd3, [source], workdir / "cnq-inpaint-fp16", "fp16")
+    int8 = workdir / "cnq-inpaint-int8"
+    assert quantize(fp16, int8) == 0
+    return fp16, int8
+
+
+def test_an_inpainting_controlnet_is_calibrated_and_gated_with_a_mask(inpaint_folders, workdir):
+    """Its calibration samples carry the inverted centre-square mask as their last channel; the gate drew with
+    control_mask; the INT8 folder draws close to FP16 with the same control image and mask."""
+    from ovsd3.quantize.controlnet import calibration_mask, control_samples
+
+    fp16, int8 = inpaint_folders
+    model = layout.ModelFolder.open(fp16)
+    sample = next(iter(control_samples(model, model.controlnet_configs[0], workdir / "cnq-inpaint-int8-calib", 1)))
+    side = sample["hidden_states"].shape[-1]
+    assert sample["controlnet_cond"].shape[1] == 17
+    assert (sample["controlnet_cond"][:, -1] == 1.0 - calibration_mask(side, side)).all()
+    assert not sample["pooled_projections"].any()
+    record = layout.FolderRecord.load(int8)
+    assert record.quantization["sizes"][CONTROLNET]["format"] == "INT8" and record.quantization["gate"]["control_psnr"]
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 8:40] = 1.0
+    control = dict(control_image=_control_image(), control_mask=mask)
+    fp16_picture, plain_fp16 = _draw(fp16, **control), _draw(fp16)
+    with_control = psnr(fp16_picture, _draw(int8, **control), data_range=1.0)
+    assert with_control >= psnr(plain_fp16, _draw(int8), data_range=1.0) - CONTROL_DROP
+    assert with_control >= psnr(fp16_picture, plain_fp16, data_range=1.0) + CONTROL_MARGIN

@@ -8,7 +8,8 @@ the VAE encodes that picture: diffusers' ``(sample - shift) * scaling``, the shi
 ``force_zeros_for_pooled_projection``), repeated over the call's batch; the pooled input is zeros where the
 first ControlNet forces it (as the runtime feeds it) and the prompt's pooled embeddings otherwise. A picture
 of the prompt's own subject is what a tile ControlNet sees, and its latents have the ranges of real control
-images' (the demo has no outline maker to draw edges from).
+images' (the demo has no outline maker to draw edges from). An inpainting ControlNet (one extra conditioning
+channel) gets the same latents with the inverted centre-square mask (:func:`calibration_mask`) as that channel.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class RecordedControlSamples:
     ``text``: the ControlNet takes ``encoder_hidden_states``."""
 
     def __init__(self, cache_dir: Path, count: int, *, scaling: float, shift: float, zero_pooled: bool,
-                 text: bool):
+                 text: bool, mask: bool = False):
         self.cache_dir, self.count = cache_dir, count
         self.scaling, self.shift, self.zero_pooled, self.text = scaling, shift, zero_pooled, text
+        self.mask = mask  # an inpainting ControlNet: its last channel is the inverted mask (CALIBRATION_MASK)
 
     def _control_latents(self, decoder_input: np.ndarray) -> np.ndarray:
         # decoder_input = latents / scaling + shift is the VAE's sample of the drawn picture
@@ -57,6 +59,9 @@ class RecordedControlSamples:
     def _sample(self, call: dict[str, np.ndarray], control: np.ndarray) -> dict[str, np.ndarray]:
         batch = call["hidden_states"].shape[0]
         pooled = call["pooled_projections"]
+        if self.mask:
+            kept = 1.0 - calibration_mask(*control.shape[2:])  # diffusers feeds 1 - mask
+            control = np.concatenate([control, kept[None, None]], axis=1)
         sample = {"hidden_states": call["hidden_states"], "controlnet_cond": np.repeat(control, batch, axis=0),
                   "timestep": call["timestep"],
                   "pooled_projections": np.zeros_like(pooled) if self.zero_pooled else pooled}
@@ -73,10 +78,22 @@ def control_samples(model: layout.ModelFolder, config: dict, cache_dir: Path, co
     pooled input and the VAE shift for all of them, as diffusers' pipeline (and ovsd3's runtime) does."""
     first = model.controlnet_configs[0]
     zero_pooled = bool(first.get("force_zeros_for_pooled_projection", True))
+    inpainting = config.get("extra_conditioning_channels", 0) == 1
     vae = model.vae_config
-    return RecordedControlSamples(cache_dir, count, scaling=float(vae.get("scaling_factor", 1.5305)),
-                                  shift=0.0 if zero_pooled else float(vae.get("shift_factor", 0.0609)),
-                                  zero_pooled=zero_pooled, text=config.get("joint_attention_dim") is not None)
+    # an inpainting ControlNet's latents are always taken against the shift, its pooled input zeros (as the
+    # runtime feeds it, after diffusers' StableDiffusion3ControlNetInpaintingPipeline)
+    shift = float(vae.get("shift_factor", 0.0609)) if inpainting or not zero_pooled else 0.0
+    return RecordedControlSamples(cache_dir, count, scaling=float(vae.get("scaling_factor", 1.5305)), shift=shift,
+                                  zero_pooled=zero_pooled or inpainting,
+                                  text=config.get("joint_attention_dim") is not None, mask=inpainting)
+
+
+def calibration_mask(height: int, width: int) -> np.ndarray:
+    """The mask an inpainting ControlNet is calibrated and gated with: 1 (redraw) on the centre half of each
+    side, 0 around it, as (height, width) float32. What is masked sets the ranges, not the content."""
+    mask = np.zeros((height, width), dtype=np.float32)
+    mask[height // 4:height - height // 4, width // 4:width - width // 4] = 1.0
+    return mask
 
 
 def patch_embeddings(model) -> list[str]:

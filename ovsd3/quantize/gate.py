@@ -77,14 +77,24 @@ def _generate(folder: Path, settings: GateSettings, controls: list | None = None
         count = min(settings.control_prompts, len(settings.prompts))
         controls = controls or [Image.fromarray(image.astype(np.uint8)) for image in images[:count]]
         nets = len(pipe.controlnets)
+        mask = _control_mask(pipe, settings.size)
         for index, (prompt, control) in enumerate(zip(settings.prompts, controls)):
             result = pipe(prompt, width=settings.size, height=settings.size, num_inference_steps=settings.steps,
                           guidance_scale=settings.guidance_scale, seed=settings.seed + index,
-                          control_image=[control] * nets if nets > 1 else control)
+                          control_image=[control] * nets if nets > 1 else control, **mask)
             controlled.append(np.asarray(result.images[0], dtype=np.float64))
     del pipe
     gc.collect()  # one pipeline in memory at a time
     return images, outputs, controlled, controls
+
+
+def _control_mask(pipe, size: int) -> dict:
+    """``control_mask=`` for a folder with an inpainting ControlNet: the centre square it was calibrated with."""
+    if not any(net.takes_mask for net in pipe.controlnets):
+        return {}
+    from ovsd3.quantize.controlnet import calibration_mask
+
+    return {"control_mask": calibration_mask(size, size)}
 
 
 def _plain(pipe, settings: GateSettings) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
