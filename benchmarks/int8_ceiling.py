@@ -112,8 +112,11 @@ def main() -> int:
     parser.add_argument("int8", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--precisions", choices=("both", "default"), default="both",
+                        help="default: only the CPU's default precision (on a CPU without bf16 it is f32 already)")
     args = parser.parse_args()
-    for precision, label in ((None, "the CPU's default precision"), ("f32", "f32")):
+    precisions = ((None, "the CPU's default precision"), ("f32", "f32"))
+    for precision, label in precisions[:1] if args.precisions == "default" else precisions:
         images = [image_breakdown(folder, precision, args.repeats, args.size) for folder in (args.fp16, args.int8)]
         print_ratios(f"one Flash image ({STEPS} steps, {args.size}x{args.size}), {label}", *images)
         kinds = [op_kinds(folder, precision, args.size) for folder in (args.fp16, args.int8)]
