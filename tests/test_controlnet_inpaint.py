@@ -289,3 +289,26 @@ def test_the_broker_record_carries_the_control_mask():
     request = GenerationRequest(prompt="a", control_image=[mask], control_mask=mask)
     assert GenerationRequest.from_record(json.loads(json.dumps(request.to_record()))) == request
     assert np.array_equal(np.asarray(request.pipeline_settings()["control_mask"]), np.asarray(control_mask()))
+
+
+def test_control_mask_composes_with_image_to_image_inpainting_and_step_caching(pipes):
+    """The inpainting ControlNet's mask is its own input, apart from the pipeline's image and mask_image: with
+    image-to-image and inpainting the control still changes the picture, and a step cache skips the ControlNet
+    with the transformer (a cached run near the uncached one, with fewer whole calls)."""
+    pipe, image = pipes("inpaint"), control_image()
+    control = dict(control_image=image, control_mask=control_mask())
+    start, region = control_image(seed=9), Image.new("L", (64, 64), 255)
+    for extra in (dict(image=start, strength=0.8), dict(image=start, mask_image=region, strength=0.8)):
+        with_control = ovsd3_images(pipe, **control, **extra)
+        assert np.isfinite(with_control).all()
+        assert db(ovsd3_images(pipe, control_image=image, control_mask=control_mask(), **extra,
+                               controlnet_conditioning_scale=0.0), with_control) < 30.0
+    steps = {**control, "num_inference_steps": 8}
+    exact = ovsd3_images(pipe, **steps)
+    torch.manual_seed(GLOBAL_SEED)  # the same posterior sample of the masked image as the exact run's
+    cached = pipe(generator=torch.Generator().manual_seed(SEED), cache="taylorseer:interval=2,before=1,after=-1",
+                  **{**CALL, **steps})
+    assert cached.cache_stats.full_calls < cached.cache_stats.steps
+    uncontrolled = ovsd3_images(pipe, **steps, controlnet_conditioning_scale=0.0)
+    assert db(exact, cached.images) > db(exact, uncontrolled) + 3.0, (db(exact, cached.images),
+                                                                      db(exact, uncontrolled))
