@@ -22,7 +22,8 @@ import numpy as np
 
 from ovsd3 import layout
 from ovsd3.quantize import calibration
-from ovsd3.quantize.transformer import TransformerQuantization, compress_transformer, patch_embedding_convolution
+from ovsd3.quantize.transformer import (TransformerQuantization, compress_transformer, nncf_int8,
+                                        patch_embedding_convolution)
 
 CONTROL_SOURCE = "the calibration images' own VAE latents (each prompt's final latents)"
 
@@ -102,25 +103,10 @@ def patch_embeddings(model) -> list[str]:
 
 
 def quantize_controlnet(model, samples, options: TransformerQuantization):
-    """``model`` (a ControlNet's ov.Model) with INT8 activations calibrated on ``samples``. Quantized whole: a
+    """``model`` (a ControlNet's ov.Model) with INT8 activations calibrated on ``samples``, by the transformer's
+    NNCF call (its form included: on CPUs without VNNI the attention stays in float). Quantized whole: a
     full-size InstantX ControlNet (6 blocks, 1.2 GB in FP16) is about one of the transformer's slices."""
-    import nncf
-    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
-                                                       AdvancedSmoothQuantParameters)
-
-    advanced = None
-    if options.smooth_quant_alpha is not None:
-        advanced = AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha))
-    known = {op.get_friendly_name() for op in model.get_ops()}
-    keep_in_float = sorted({*patch_embeddings(model), *(name for name in options.ignore if name in known)})
-    preset = None if options.preset is None else nncf.QuantizationPreset(options.preset)
-    return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=options.subset_size, preset=preset,
-                         # the transformer's form (--target-cpu): on CPUs without VNNI the attention stays float
-                         ignored_scope=nncf.IgnoredScope(names=keep_in_float, types=list(options.ignore_types),
-                                                         validate=False),
-                         advanced_parameters=advanced)
+    return nncf_int8(model, samples, options, {*patch_embeddings(model), *options.ignore})
 
 
 def quantize_controlnets(core, model: layout.ModelFolder, staging: Path, options: TransformerQuantization,

@@ -64,33 +64,41 @@ def patch_embedding_convolution(model, input_name: str = "hidden_states") -> str
     raise OvsdError(f"no Convolution is fed by {input_name}: is this an SD3 transformer?")
 
 
-def quantize_transformer(model, samples, options: TransformerQuantization, weight_bytes: int = 0,
-                         log=print):
-    """``model`` (ov.Model) quantized to INT8 with ``samples`` (an iterable of input dicts), in slices of
-    blocks when it is too big to quantize whole in this machine's memory (see ovsd3.quantize.slicing)."""
+def nncf_int8(model, samples, options: TransformerQuantization, keep_in_float: set[str]):
+    """``model`` with INT8 activations and weights from NNCF, calibrated on ``samples``: the one call the
+    transformer, its slices and the ControlNets are quantized with, so that ``options`` (preset, SmoothQuant,
+    the operation types --target-cpu keeps in float) mean the same for all. ``keep_in_float``: node names, those
+    not in ``model`` (another slice's) left out."""
     import nncf
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
                                                        AdvancedSmoothQuantParameters)
 
+    advanced = None
+    if options.smooth_quant_alpha is not None:
+        advanced = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha))
+    preset = None if options.preset is None else nncf.QuantizationPreset(options.preset)
+    names = sorted(set(keep_in_float) & {op.get_friendly_name() for op in model.get_ops()})
+    return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=options.subset_size, preset=preset,
+                         ignored_scope=nncf.IgnoredScope(names=names, types=list(options.ignore_types),
+                                                         validate=False),
+                         advanced_parameters=advanced)
+
+
+def quantize_transformer(model, samples, options: TransformerQuantization, weight_bytes: int = 0,
+                         log=print):
+    """``model`` (ov.Model) quantized to INT8 with ``samples`` (an iterable of input dicts), in slices of
+    blocks when it is too big to quantize whole in this machine's memory (see ovsd3.quantize.slicing)."""
     patch_embedding = patch_embedding_convolution(model)
     known = {op.get_friendly_name() for op in model.get_ops()}
     unknown = [name for name in options.ignore if name not in known]
     if unknown:
         raise OvsdError(f"--ignore: the transformer has no node named {unknown[0]!r}")
     keep_in_float = {patch_embedding, *options.ignore}
-    advanced = None
-    if options.smooth_quant_alpha is not None:
-        advanced = AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha))
-    preset = None if options.preset is None else nncf.QuantizationPreset(options.preset)
 
     def quantize(piece, piece_samples, index=0):
-        names = sorted(keep_in_float & {op.get_friendly_name() for op in piece.get_ops()})
-        return nncf.quantize(piece, nncf.Dataset(piece_samples), model_type=nncf.ModelType.TRANSFORMER,
-                             subset_size=options.subset_size, preset=preset,
-                             ignored_scope=nncf.IgnoredScope(names=names, types=list(options.ignore_types),
-                                                             validate=False),
-                             advanced_parameters=advanced)
+        return nncf_int8(piece, piece_samples, options, keep_in_float)
 
     slices = options.slices or slice_count(weight_bytes)
     if slices <= 1:
