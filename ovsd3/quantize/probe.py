@@ -71,13 +71,13 @@ def block_inputs(config: dict, size: int, rng: np.random.Generator) -> dict[str,
             "pooled_projections": rng.standard_normal((1, config["pooled_projection_dim"]), dtype=np.float32)}
 
 
-def _one_block(folder: Path):
+def _one_block(folder: layout.ModelFolder):
     import openvino as ov
 
     from ovsd3.ir.skip_blocks import skip_blocks
 
-    model = ov.Core().read_model(layout.model_xml(folder, layout.TRANSFORMER))
-    blocks = layout.ModelFolder.open(folder).block_count
+    model = ov.Core().read_model(layout.model_xml(folder.path, layout.TRANSFORMER))
+    blocks = folder.block_count
     return skip_blocks(model, list(range(1, blocks)), blocks) if blocks > 1 else model
 
 
@@ -87,12 +87,12 @@ def block_forms(folder: Path, size: int) -> tuple[dict, dict[str, np.ndarray]]:
     from ovsd3.quantize.target import TRANSFORMER_FORMS
     from ovsd3.quantize.transformer import TransformerQuantization, quantize_transformer
 
-    config = layout.ModelFolder.open(folder).transformer_config
+    opened = layout.ModelFolder.open(folder)
     rng = np.random.default_rng(0)
-    inputs = block_inputs(config, size, rng)
+    inputs = block_inputs(opened.transformer_config, size, rng)
     samples = [{name: value + np.float32(0.1) * rng.standard_normal(value.shape, dtype=np.float32)
                 if value.ndim > 1 else value for name, value in inputs.items()} for _ in range(SAMPLES)]
-    model = _one_block(folder)
+    model = _one_block(opened)
     forms = {"float": model}
     for form, ignore_types in TRANSFORMER_FORMS.items():
         options = TransformerQuantization(subset_size=SAMPLES, slices=1, ignore_types=ignore_types)

@@ -28,10 +28,10 @@ import numpy as np
 
 from ovsd3 import layout
 from ovsd3.errors import OvsdError
+from ovsd3.quantize.probe import TEXT_TOKENS  # CLIP + T5 at diffusers' default max_sequence_length
 from ovsd3.timing import alternating_medians
 
 PRESETS = ("sd3-medium", "sd3.5-large")  # the full-size ones with uniform blocks (tests use small presets)
-TEXT_TOKENS = 77 + 256  # CLIP + T5 at diffusers' default max_sequence_length
 # Calibration only sets the scales, which timing does not depend on: small random inputs keep it quick.
 CALIBRATION_SIZE = 128
 
@@ -84,13 +84,11 @@ def _export(arch, out: Path) -> None:
 
 
 def transformer_inputs(arch, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One image's transformer call at ``size`` x ``size`` pixels (no guidance: a guided step is a batch of 2)."""
-    side = size // 8
-    return {"hidden_states": rng.standard_normal((1, arch.in_channels, side, side), dtype=np.float32),
-            "timestep": np.array([500.0], dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((1, TEXT_TOKENS, arch.joint_attention_dim),
-                                                         dtype=np.float32),
-            "pooled_projections": rng.standard_normal((1, arch.pooled_projection_dim), dtype=np.float32)}
+    """One image's transformer call at ``size`` x ``size`` pixels (no guidance: a guided step is a batch of 2),
+    as `ovsd3 quantize`'s probe times one (TEXT_TOKENS text tokens)."""
+    from ovsd3.quantize.probe import block_inputs
+
+    return block_inputs(arch.diffusers_config(), size, rng)
 
 
 def _quantize(fp16: Path, int8: Path, arch, request: EstimateRequest) -> str:
